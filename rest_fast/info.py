@@ -1,0 +1,54 @@
+"""What is built and available: versions, the native extension, Triton, CUDA, DALI.
+
+``rest-fast info`` prints :func:`collect`; tests and bug reports read the same dict.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is information here
+        return f"not available ({type(exc).__name__}: {exc})".splitlines()[0]
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def collect() -> dict[str, object]:
+    """Return a flat, JSON-serialisable description of the environment."""
+    from rest_fast import __version__
+    from rest_fast import cache
+
+    info: dict[str, object] = {
+        "rest_fast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "native extension": "loaded (rest_fast._C)" if cache.NATIVE_AVAILABLE else f"not loaded: {cache.NATIVE_ERROR}",
+        "caption cache backend": cache.CaptionCache.__module__ + "." + cache.CaptionCache.__qualname__,
+    }
+    for name in ("numpy", "torch", "triton", "transformers", "open_clip", "av", "faiss"):
+        info[name] = _version(name)
+    info["triton interpreter (TRITON_INTERPRET)"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            devs = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            info["cuda devices"] = ", ".join(devs)
+        else:
+            info["cuda devices"] = "none"
+        info["torch cuda build"] = str(torch.version.cuda)
+    except Exception as exc:  # noqa: BLE001
+        info["cuda devices"] = f"unknown ({exc})"
+    info["dali"] = _version("nvidia.dali")
+    return info
+
+
+def format_info(info: dict[str, object]) -> str:
+    width = max(len(k) for k in info)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in info.items())

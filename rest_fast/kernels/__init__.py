@@ -1,0 +1,1 @@
+"""``@triton.jit`` kernels only; launchers and public entry points live in :mod:`rest_fast.ops`."""

@@ -1,0 +1,1 @@
+"""``nn.Module`` wrappers around :mod:`rest_fast.ops`."""

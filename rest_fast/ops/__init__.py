@@ -1,0 +1,6 @@
+"""Fused ops (Triton on CUDA, references on CPU), importable into other models.
+
+Dispatch rule shared by every op here: CUDA tensors use the Triton kernels; CPU tensors use the
+Triton kernels through the interpreter when ``TRITON_INTERPRET=1`` is set (how the tests exercise
+the real kernels without a GPU), and the pure-torch reference otherwise.
+"""
