@@ -19,6 +19,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rest_fast.train.command import run_train
+
+    return run_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rest-fast",
@@ -29,12 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, native extension, Triton, CUDA devices, DALI")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_info.set_defaults(func=_cmd_info)
+
+    from rest_fast.train.command import add_train_arguments
+
+    p_train = sub.add_parser("train", help="REST self-training (Algorithm 1); the CPU demo without --data")
+    add_train_arguments(p_train)
+    p_train.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `train` takes key=value overrides anywhere among its flags: argparse alone accepts positionals
+    # only in one run, so the ones it leaves over are handed to the command (which validates them).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) != "train" or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -4,3 +4,7 @@ Dispatch rule shared by every op here: CUDA tensors use the Triton kernels; CPU 
 Triton kernels through the interpreter when ``TRITON_INTERPRET=1`` is set (how the tests exercise
 the real kernels without a GPU), and the pure-torch reference otherwise.
 """
+
+from rest_fast.ops.dwconv3d import temporal_dwconv3d, temporal_dwconv3d_ref
+
+__all__ = ["temporal_dwconv3d", "temporal_dwconv3d_ref"]

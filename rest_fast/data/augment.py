@@ -1,0 +1,163 @@
+"""Clip augmentations (REST paper, Table 10): one random draw per clip, applied to all its T frames.
+
+Train (:func:`draw_train_params`), in this order:
+
+* multi-scale crop: ``base = min(H, W)``; crop width and height are ``base * s`` for scales
+  ``(1.0, 0.875, 0.75, 0.66)``, chosen as a pair of scale positions at most one apart (so aspect
+  ratios stay near 1, as in TSN's multi-scale crop); the crop is placed uniformly at random, then
+  resized to ``S x S``;
+* horizontal flip with p = 0.5;
+* colour jitter with p = 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1 (the common
+  SimCLR / X-CLIP setting; factors uniform in ``[1-b, 1+b]``, hue shift uniform in ``[-h, h]``), the four
+  adjustments applied in a random order, with torchvision's formulas;
+* grayscale with p = 0.2 (ITU-R 601 luma, replicated to three channels).
+
+Eval (:func:`eval_params`): the central ``min(H, W)`` square resized to ``S x S`` — the same pixels as
+"resize the shorter side to S, then centre crop", in one resampling.
+
+Every random number is drawn, in a fixed order, whether or not its branch is taken, so a seed gives
+the same parameters on any backend. :func:`apply` is the PyAV path's implementation (torch, on CPU);
+the DALI pipeline applies the same :class:`ClipParams`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SCALES = (1.0, 0.875, 0.75, 0.66)
+FLIP_P = 0.5
+JITTER_P = 0.8
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+GRAY_P = 0.2
+_LUMA = (0.299, 0.587, 0.114)
+
+__all__ = ["ClipParams", "draw_train_params", "eval_params", "apply", "SCALES", "JITTER"]
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    """What to do to one clip. ``crop`` = (x, y, w, h) in source pixels; ``jitter`` = None or
+    (brightness, contrast, saturation, hue) factors with ``order`` a permutation of 0..3 (that order)."""
+
+    crop: tuple[int, int, int, int]
+    flip: bool = False
+    jitter: tuple[float, float, float, float] | None = None
+    order: tuple[int, int, int, int] = (0, 1, 2, 3)
+    gray: bool = False
+
+
+def eval_params(height: int, width: int) -> ClipParams:
+    side = min(height, width)
+    return ClipParams(crop=((width - side) // 2, (height - side) // 2, side, side))
+
+
+def draw_train_params(rng: np.random.Generator, height: int, width: int,
+                      scales: tuple[float, ...] = SCALES) -> ClipParams:
+    """Random :class:`ClipParams` for a ``height x width`` clip, drawn from ``rng`` (see module doc)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"frame size must be positive, got {height}x{width}")
+    base = min(height, width)
+    sizes = [max(1, int(base * s)) for s in scales]
+    pairs = [(i, j) for i in range(len(sizes)) for j in range(len(sizes)) if abs(i - j) <= 1]
+    pi = int(rng.integers(len(pairs)))
+    cw, ch = min(sizes[pairs[pi][0]], width), min(sizes[pairs[pi][1]], height)
+    x = int(rng.integers(width - cw + 1))
+    y = int(rng.integers(height - ch + 1))
+    flip = bool(rng.random() < FLIP_P)
+    do_jitter = bool(rng.random() < JITTER_P)
+    b, c, s, h = JITTER
+    factors = (float(rng.uniform(max(0.0, 1 - b), 1 + b)), float(rng.uniform(max(0.0, 1 - c), 1 + c)),
+               float(rng.uniform(max(0.0, 1 - s), 1 + s)), float(rng.uniform(-h, h)))
+    order = tuple(int(v) for v in rng.permutation(4))
+    gray = bool(rng.random() < GRAY_P)
+    return ClipParams(crop=(x, y, cw, ch), flip=flip, jitter=factors if do_jitter else None, order=order, gray=gray)
+
+
+# ------------------------------------------------------------------------------------- colour functions
+# All take float [..., 3, H, W] in [0, 1] and return the same; they follow torchvision's definitions
+# (tests compare against torchvision.transforms.v2.functional).
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(-3)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(-3)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, f: float) -> torch.Tensor:
+    return (f * a + (1.0 - f) * b).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, f: float) -> torch.Tensor:
+    return (x * f).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, f: float) -> torch.Tensor:
+    mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)  # per frame, as torchvision does per image
+    return _blend(x, mean, f)
+
+
+def adjust_saturation(x: torch.Tensor, f: float) -> torch.Tensor:
+    return _blend(x, grayscale(x), f)
+
+
+def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) through HSV."""
+    r, g, b = x.unbind(-3)
+    maxc, _ = x.max(dim=-3)
+    minc, _ = x.min(dim=-3)
+    v = maxc
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    h = (h + shift) % 1.0
+    # back to RGB
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    sel = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out_r, out_g, out_b = torch.zeros_like(v), torch.zeros_like(v), torch.zeros_like(v)
+    for k, (cr, cg, cb) in enumerate(sel):
+        m = i == k
+        out_r = torch.where(m, cr, out_r)
+        out_g = torch.where(m, cg, out_g)
+        out_b = torch.where(m, cb, out_b)
+    return torch.stack([out_r, out_g, out_b], dim=-3)
+
+
+_COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def apply(frames: torch.Tensor, params: ClipParams, size: int) -> torch.Tensor:
+    """Apply ``params`` to uint8 frames [T, H, W, 3]; returns uint8 [T, size, size, 3].
+
+    Crop, then bilinear resize with antialiasing (computed in float32 on [T, 3, h, w]), flip, colour.
+    """
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    x0, y0, w, h = params.crop
+    _, fh, fw, _ = frames.shape
+    if not (0 <= x0 and 0 <= y0 and w >= 1 and h >= 1 and x0 + w <= fw and y0 + h <= fh):
+        raise ValueError(f"crop {params.crop} outside a {fw}x{fh} frame")
+    x = frames[:, y0:y0 + h, x0:x0 + w].permute(0, 3, 1, 2).float()
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if params.flip:
+        x = x.flip(-1)
+    if params.jitter is not None or params.gray:
+        x = (x / 255.0).clamp_(0.0, 1.0)
+        if params.jitter is not None:
+            for k in params.order:
+                x = _COLOUR_OPS[k](x, params.jitter[k])
+        if params.gray:
+            x = grayscale(x).expand(-1, 3, -1, -1)
+        x = x * 255.0
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

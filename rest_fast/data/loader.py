@@ -1,0 +1,197 @@
+"""PyAV clip loader: a torch DataLoader with workers, deterministic per-sample seeds, bad-file recovery."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
+from rest_fast.data.clip import read_clip
+from rest_fast.data.decode import VideoDecodeError
+from rest_fast.data.index import VideoIndex
+
+__all__ = ["ClipBatch", "ClipDataset", "PyAVClipLoader", "sample_seed", "normalize_clips"]
+
+_RESAMPLE_TAG = 0x5E5A  # separates the resample stream from the per-sample stream
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed ``read_clip`` gets for dataset entry ``index`` in ``epoch``: independent of worker count,
+    batch size and order, so the same (seed, epoch) reads the same frames and augmentations."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def resample_index(seed: int, epoch: int, index: int, attempt: int, n: int) -> int:
+    """Deterministic replacement for a bad entry (``attempt`` = 1, 2, ...)."""
+    ss = np.random.SeedSequence([seed, epoch, index, _RESAMPLE_TAG, attempt])
+    return int(np.random.default_rng(ss).integers(n))
+
+
+def normalize_clips(clips: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, T, S, S, 3] -> ``dtype`` [B, T, 3, S, S], ``(x / 255 - mean) / std`` per channel, on ``device``.
+
+    The uint8 tensor is moved first (4x fewer bytes over PCIe), then converted there.
+    """
+    if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+        raise ValueError(f"clips must be uint8 [B, T, S, S, 3], got {clips.dtype} {tuple(clips.shape)}")
+    dev = torch.device(device) if device is not None else clips.device
+    x = clips.to(dev, non_blocking=True).permute(0, 1, 4, 2, 3).to(dtype)
+    m = torch.as_tensor(mean, dtype=dtype, device=dev).view(1, 1, 3, 1, 1) * 255.0
+    s = torch.as_tensor(std, dtype=dtype, device=dev).view(1, 1, 3, 1, 1) * 255.0
+    return ((x - m) / s).contiguous()
+
+
+class ClipBatch(NamedTuple):
+    """One batch. ``clips``: float [B, T, 3, S, S] normalised, on the loader's device; ``labels``: int64
+    [B] (-1 when the index is unlabelled); ``index``: int64 [B], the dataset entries actually read (a bad
+    entry's replacement, so captions/labels must be looked up with it); ``frame_indices``: int64 [B, T]."""
+
+    clips: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    frame_indices: torch.Tensor
+
+
+class _EpochSampler(Sampler):
+    """Yields ``(epoch, entry)``: the order is a permutation seeded by (seed, epoch) when shuffling,
+    sharded over ``world_size`` ranks (padded by wrapping so every rank gets the same count)."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int):
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 7]).generate_state(1)[0]))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = len(self) * self.world_size
+        order = (order * math.ceil(total / max(1, len(order))))[:total]
+        return iter([(self.epoch, i) for i in order[self.rank::self.world_size]])
+
+
+class ClipDataset(Dataset):
+    """Map-style dataset over a :class:`VideoIndex`; items are keyed by ``(epoch, entry)``.
+
+    A bad entry (``VideoDecodeError``) is replaced by :func:`resample_index` (up to ``max_retries``
+    tries) and every failure is returned with the item, so the main process can report it.
+    """
+
+    def __init__(self, index: VideoIndex, *, num_frames: int = 8, size: int = 224, train: bool = False,
+                 seed: int = 0, max_retries: int = 10, method: str = "auto"):
+        if len(index) == 0:
+            raise ValueError("index is empty")
+        self.index, self.num_frames, self.size, self.train = index, num_frames, size, train
+        self.seed, self.max_retries, self.method = seed, max_retries, method
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        epoch, entry = key if isinstance(key, tuple) else (0, key)
+        bad: list[tuple[str, str]] = []
+        j = entry
+        for attempt in range(self.max_retries + 1):
+            path, label = self.index[j]
+            try:
+                clip, idx = read_clip(path, self.num_frames, size=self.size, train=self.train,
+                                      seed=sample_seed(self.seed, epoch, j), return_indices=True, method=self.method)
+                return {"clip": clip, "label": -1 if label is None else label, "index": j,
+                        "frame_indices": torch.tensor(idx, dtype=torch.int64), "bad": bad}
+            except VideoDecodeError as e:
+                bad.append((e.path, e.reason))
+            j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
+        raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable; "
+                              f"last: {bad[-1][0]}: {bad[-1][1]}")
+
+
+def _collate(items):
+    return {
+        "clips": torch.stack([it["clip"] for it in items]),
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+        "frame_indices": torch.stack([it["frame_indices"] for it in items]),
+        "bad": [b for it in items for b in it["bad"]],
+    }
+
+
+class PyAVClipLoader:
+    """Batches of normalised clips decoded by PyAV in DataLoader worker processes.
+
+    Args:
+        index: the clips (:class:`VideoIndex`).
+        batch_size, num_frames (T), size (S): output [B, T, 3, S, S].
+        mean, std: per-channel normalisation in [0, 1] units (the model's, e.g. CLIP's
+            ``(0.4815, 0.4578, 0.4082)`` / ``(0.2686, 0.2613, 0.2758)``).
+        train: random offsets + augmentations (and, by default, shuffling and drop_last).
+        seed: base seed; call :meth:`set_epoch` each epoch. Entry ``i`` in epoch ``e`` is read with
+            ``sample_seed(seed, e, i)``, so results do not depend on workers or batch composition.
+        device: where batches land (uint8 is moved, then normalised there).
+        num_workers: DataLoader worker processes (0 = in the main process).
+        max_bad_fraction: iteration stops with :class:`TooManyBadFiles` once more than this fraction of
+            the index is known bad (missing files from ``VideoIndex(skip_missing=True)`` count too).
+        rank, world_size: shard the epoch for distributed training.
+
+    ``loader.bad_files`` is the :class:`BadFilesReport` (``loader.bad_files.write(run_dir)``).
+    """
+
+    def __init__(self, index: VideoIndex, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
+                 num_frames: int = 8, size: int = 224, train: bool = False, seed: int = 0,
+                 device: str | torch.device = "cpu", num_workers: int = 2, shuffle: bool | None = None,
+                 drop_last: bool | None = None, max_bad_fraction: float = 0.05, rank: int = 0, world_size: int = 1,
+                 prefetch_factor: int = 2, max_retries: int = 10, method: str = "auto",
+                 dtype: torch.dtype = torch.float32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std must have 3 entries (std > 0), got {mean!r}, {std!r}")
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.index, self.mean, self.std = index, tuple(mean), tuple(std)
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_files = BadFilesReport()
+        for p in index.missing:
+            self.bad_files.add(p, "missing file")
+        self.dataset = ClipDataset(index, num_frames=num_frames, size=size, train=train, seed=seed,
+                                   max_retries=max_retries, method=method)
+        self.sampler = _EpochSampler(len(index), shuffle=train if shuffle is None else shuffle, seed=seed,
+                                     rank=rank, world_size=world_size)
+        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
+        self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                  collate_fn=_collate, drop_last=train if drop_last is None else drop_last,
+                                  pin_memory=self.device.type == "cuda", **kw)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def _check_bad(self) -> None:
+        total = len(self.index) + len(self.index.missing)
+        if len(self.bad_files) > self.max_bad_fraction * total:
+            raise TooManyBadFiles(
+                f"{len(self.bad_files)} of {total} files are bad (> max_bad_fraction={self.max_bad_fraction}); "
+                f"{self.bad_files.summary()}")
+
+    def __iter__(self):
+        self._check_bad()
+        for b in self._loader:
+            for path, reason in b["bad"]:
+                self.bad_files.add(path, reason)
+            self._check_bad()
+            clips = normalize_clips(b["clips"], self.mean, self.std, self.device, self.dtype)
+            yield ClipBatch(clips, b["labels"].to(self.device), b["index"], b["frame_indices"])

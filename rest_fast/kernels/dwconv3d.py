@@ -1,0 +1,185 @@
+"""Triton kernels for the depth-wise 3D convolution of the temporal adapter (``@triton.jit`` only).
+
+Layout: the input is a channels-last video ``[B, T, H, W, C]`` read through its five strides, seen as
+``N = B*T*H*W`` rows of ``C`` channels. A program owns a tile of ``BLOCK_P`` consecutive rows ×
+``BLOCK_C`` channels. Every tap ``(kt, kh, kw)`` of the odd ``KT×KH×KW`` kernel is a *constant* pointer
+offset ``(kt-RT)*s_t + (kh-RH)*s_h + (kw-RW)*s_w`` from the centre row, so a tap costs one masked load
+(the mask encodes the zero "same" padding at the borders) and one FMA per element; the row → (b, t, h, w)
+decomposition is done once per tile. Taps are unrolled (``tl.static_range``), so neighbouring taps hit
+L1/L2 for the rows they share with the previous tap: HBM sees each input byte about once.
+
+Launchers (grid, tile choice, partial-sum reduction) live in :mod:`rest_fast.ops.dwconv3d`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows_to_bthw(o_p, T, H, W, OFF64: tl.constexpr):
+    """Split flat row ids ``o_p`` into (b, t, h, w); int64 when offsets may pass 2**31."""
+    if OFF64:
+        o_p = o_p.to(tl.int64)
+    i_w = o_p % W
+    r = o_p // W
+    i_h = r % H
+    r = r // H
+    i_t = r % T
+    i_b = r // T
+    return i_b, i_t, i_h, i_w
+
+
+@triton.jit
+def dwconv3d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, T, H, W, C,
+    s_xb, s_xt, s_xh, s_xw, s_xc,
+    s_wc, s_wt, s_wh, s_ww,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, FLIP: tl.constexpr,
+    ACC_FP64: tl.constexpr, OFF64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``y[p, c] = sum_k w[c, k] * x[p + k - r, c] (+ bias[c]) (+ x[p, c] if RESIDUAL)``.
+
+    ``FLIP`` reads the weight mirrored along all three axes: with ``x := dy`` this is exactly the
+    input gradient of the convolution, so the same kernel serves the backward ``dx`` on its own.
+    ``y`` is written contiguous ``[N, C]``.
+    """
+    i_p = tl.program_id(0)
+    i_c = tl.program_id(1)
+    RT: tl.constexpr = KT // 2
+    RH: tl.constexpr = KH // 2
+    RW: tl.constexpr = KW // 2
+
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_p = o_p < N
+    m_c = o_c < C
+    i_b, i_t, i_h, i_w = _rows_to_bthw(o_p, T, H, W, OFF64)
+    if OFF64:
+        o_c = o_c.to(tl.int64)
+    # Pointers of the centre rows; every tap adds one scalar offset to this block.
+    p_x = x_ptr + (i_b * s_xb + i_t * s_xt + i_h * s_xh + i_w * s_xw)[:, None] + (o_c * s_xc)[None, :]
+    p_w = w_ptr + o_c * s_wc
+
+    if ACC_FP64:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+
+    for kt in tl.static_range(KT):
+        t2 = i_t + (kt - RT)
+        m_t = m_p & (t2 >= 0) & (t2 < T)
+        for kh in tl.static_range(KH):
+            h2 = i_h + (kh - RH)
+            m_th = m_t & (h2 >= 0) & (h2 < H)
+            for kw in tl.static_range(KW):
+                w2 = i_w + (kw - RW)
+                m_thw = m_th & (w2 >= 0) & (w2 < W)
+                if FLIP:
+                    off_w = (KT - 1 - kt) * s_wt + (KH - 1 - kh) * s_wh + (KW - 1 - kw) * s_ww
+                else:
+                    off_w = kt * s_wt + kh * s_wh + kw * s_ww
+                b_w = tl.load(p_w + off_w, mask=m_c, other=0.0).to(acc.dtype)
+                off_x = (kt - RT) * s_xt + (kh - RH) * s_xh + (kw - RW) * s_xw
+                b_x = tl.load(p_x + off_x, mask=m_thw[:, None] & m_c[None, :], other=0.0).to(acc.dtype)
+                acc += b_x * b_w[None, :]
+                if RESIDUAL:
+                    if kt == RT and kh == RH and kw == RW:
+                        acc += b_x
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(acc.dtype)[None, :]
+
+    if OFF64:
+        o_p = o_p.to(tl.int64)
+    p_y = y_ptr + o_p[:, None] * C + o_c[None, :]
+    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_p[:, None] & m_c[None, :])
+
+
+@triton.jit
+def dwconv3d_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, dx_ptr, part_ptr,
+    N, T, H, W, C, BLOCKS_PER_PROG,
+    s_gb, s_gt, s_gh, s_gw, s_gc,
+    s_xb, s_xt, s_xh, s_xw, s_xc,
+    s_wc, s_wt, s_wh, s_ww,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    RESIDUAL: tl.constexpr, NEED_DX: tl.constexpr, ACC_FP64: tl.constexpr, OFF64: tl.constexpr,
+    TAPS_P2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Fused backward: ``dx`` and per-program partial sums of ``dw`` and ``db`` in one pass over ``dy``.
+
+    Program ``(i_s, i_c)`` walks ``BLOCKS_PER_PROG`` consecutive row blocks. For each block it loads the
+    ``dy`` tile once and, per tap ``k`` (shift ``d = k - r``):
+      ``dx[q]     += w[c, K-1-k] * dy[q + d]``   (the convolution with the mirrored kernel)
+      ``dw[c, k]  += sum_q dy[q] * x[q + d]``     (the correlation of ``dy`` with ``x``)
+    Both use the same shifted rows and border mask. ``dw`` is kept as a ``[TAPS_P2, BLOCK_C]`` fp32
+    accumulator (tap ``k`` in row ``k``, ``db`` in row ``KT*KH*KW``) and written once to
+    ``part[i_s, :, c]``; the launcher sums ``part`` over ``i_s`` in a fixed order. No atomics, so
+    ``dw``/``db`` are bit-identical run to run for a given shape and tile configuration.
+    ``dx`` is written contiguous ``[N, C]`` (skipped when not ``NEED_DX``).
+    """
+    i_s = tl.program_id(0)
+    i_c = tl.program_id(1)
+    RT: tl.constexpr = KT // 2
+    RH: tl.constexpr = KH // 2
+    RW: tl.constexpr = KW // 2
+    TAPS: tl.constexpr = KT * KH * KW
+
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    if OFF64:
+        o_c = o_c.to(tl.int64)
+    o_k = tl.arange(0, TAPS_P2)
+    p_w = w_ptr + o_c * s_wc
+    if ACC_FP64:
+        acc_w = tl.zeros([TAPS_P2, BLOCK_C], dtype=tl.float64)
+    else:
+        acc_w = tl.zeros([TAPS_P2, BLOCK_C], dtype=tl.float32)
+
+    for j in range(0, BLOCKS_PER_PROG):
+        o_p = (i_s * BLOCKS_PER_PROG + j) * BLOCK_P + tl.arange(0, BLOCK_P)
+        m_p = o_p < N
+        i_b, i_t, i_h, i_w = _rows_to_bthw(o_p, T, H, W, OFF64)
+        p_g = dy_ptr + (i_b * s_gb + i_t * s_gt + i_h * s_gh + i_w * s_gw)[:, None] + (o_c * s_gc)[None, :]
+        p_x = x_ptr + (i_b * s_xb + i_t * s_xt + i_h * s_xh + i_w * s_xw)[:, None] + (o_c * s_xc)[None, :]
+        m_pc = m_p[:, None] & m_c[None, :]
+        b_g = tl.load(p_g, mask=m_pc, other=0.0).to(acc_w.dtype)
+        acc_w += tl.where(o_k[:, None] == TAPS, tl.sum(b_g, axis=0)[None, :], 0.0)
+        if RESIDUAL:
+            acc_x = b_g
+        else:
+            acc_x = tl.zeros_like(b_g)
+
+        for kt in tl.static_range(KT):
+            t2 = i_t + (kt - RT)
+            m_t = m_p & (t2 >= 0) & (t2 < T)
+            for kh in tl.static_range(KH):
+                h2 = i_h + (kh - RH)
+                m_th = m_t & (h2 >= 0) & (h2 < H)
+                for kw in tl.static_range(KW):
+                    w2 = i_w + (kw - RW)
+                    m_thw = m_th & (w2 >= 0) & (w2 < W)
+                    m_s = m_thw[:, None] & m_c[None, :]
+                    # dw: dy at the centre row times x at the shifted row.
+                    off_x = (kt - RT) * s_xt + (kh - RH) * s_xh + (kw - RW) * s_xw
+                    b_x = tl.load(p_x + off_x, mask=m_s, other=0.0).to(acc_w.dtype)
+                    acc_w += tl.where(o_k[:, None] == (kt * KH + kh) * KW + kw, tl.sum(b_g * b_x, axis=0)[None, :], 0.0)
+                    if NEED_DX:
+                        # dx: dy at the shifted row times the mirrored tap.
+                        off_g = (kt - RT) * s_gt + (kh - RH) * s_gh + (kw - RW) * s_gw
+                        b_gs = tl.load(p_g + off_g, mask=m_s, other=0.0).to(acc_w.dtype)
+                        off_w = (KT - 1 - kt) * s_wt + (KH - 1 - kh) * s_wh + (KW - 1 - kw) * s_ww
+                        b_w = tl.load(p_w + off_w, mask=m_c, other=0.0).to(acc_w.dtype)
+                        acc_x += b_gs * b_w[None, :]
+
+        if NEED_DX:
+            if OFF64:
+                o_p = o_p.to(tl.int64)
+            tl.store(dx_ptr + o_p[:, None] * C + o_c[None, :], acc_x.to(dx_ptr.dtype.element_ty), mask=m_pc)
+
+    p_part = part_ptr + i_s * (TAPS_P2 * C) + o_k[:, None] * C + o_c[None, :]
+    tl.store(p_part, acc_w, mask=(o_k[:, None] <= TAPS) & m_c[None, :])

@@ -1,0 +1,104 @@
+"""``@triton.jit`` kernels for exact inner-product top-k (launchers and the cost model: :mod:`rest_fast.ops.topk`).
+
+Two passes over score tiles ``Q @ K^T`` computed with ``tl.dot`` (fp32 accumulation), never stored:
+
+* :func:`group_max_kernel` — per query, the maximum score of each of ``NG`` key *groups* (group ``g`` holds
+  keys ``g, g + J_STRIDE, g + 2 J_STRIDE, …``, ``G`` of them). The k-th largest group maximum is a score
+  reached by k distinct keys, so it is a lower bound of the true k-th score: the threshold of pass 2.
+* :func:`filter_kernel` — every score tile is compared with the query's threshold; survivors are appended to
+  a per-query candidate buffer (row-wise prefix sum inside the tile, one ``atomic_add`` per row for the base
+  slot). The counter keeps counting past the buffer capacity so the launcher can see an overflow.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def group_max_kernel(Q, K, EX, OUT, M, N, D, NG, G, J_STRIDE,
+                     s_qm, s_qd, s_kn, s_kd, s_om,
+                     HAS_EX: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
+    i_m = tl.program_id(0)
+    i_g = tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_g = i_g * BG + tl.arange(0, BG)
+    m_m = o_m < M
+    m_g = o_g < NG
+    if HAS_EX:
+        b_ex = tl.load(EX + o_m, mask=m_m, other=-1)
+    b_max = tl.full([BM, BG], float("-inf"), tl.float32)
+    for j in range(0, G):
+        o_n = o_g + j * J_STRIDE
+        m_n = m_g & (o_n < N)
+        acc = tl.zeros([BM, BG], dtype=tl.float32)
+        for d0 in range(0, D, BK):
+            o_d = d0 + tl.arange(0, BK)
+            m_d = o_d < D
+            p_q = Q + o_m[:, None].to(tl.int64) * s_qm + o_d[None, :] * s_qd
+            p_k = K + o_n[None, :].to(tl.int64) * s_kn + o_d[:, None] * s_kd
+            b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+            b_k = tl.load(p_k, mask=m_n[None, :] & m_d[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(b_q, b_k, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b_q, b_k, acc)
+        m_v = m_m[:, None] & m_n[None, :]
+        if HAS_EX:
+            m_v = m_v & (o_n[None, :] != b_ex[:, None])
+        b_max = tl.maximum(b_max, tl.where(m_v, acc, float("-inf")))
+    p_o = OUT + o_m[:, None].to(tl.int64) * s_om + o_g[None, :]
+    tl.store(p_o, b_max, mask=m_m[:, None] & m_g[None, :])
+
+
+@triton.jit
+def filter_kernel(Q, K, EX, TAU, CNT, CS, CI, M, N, D, CAP,
+                  s_qm, s_qd, s_kn, s_kd,
+                  HAS_EX: tl.constexpr, IEEE: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped program order: GROUP_M query tiles sweep the keys together, so key tiles are reused from L2.
+    pid = tl.program_id(0)
+    n_pm = tl.cdiv(M, BM)
+    n_pn = tl.cdiv(N, BN)
+    width = GROUP_M * n_pn
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(n_pm - first_m, GROUP_M)
+    i_m = first_m + (pid % width) % size_m
+    i_n = (pid % width) // size_m
+
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_m = o_m < M
+    m_n = o_n < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for d0 in range(0, D, BK):
+        o_d = d0 + tl.arange(0, BK)
+        m_d = o_d < D
+        p_q = Q + o_m[:, None].to(tl.int64) * s_qm + o_d[None, :] * s_qd
+        p_k = K + o_n[None, :].to(tl.int64) * s_kn + o_d[:, None] * s_kd
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_k = tl.load(p_k, mask=m_n[None, :] & m_d[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(b_q, b_k, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(b_q, b_k, acc)
+
+    # Invalid rows get +inf thresholds, so they never produce candidates.
+    b_tau = tl.load(TAU + o_m, mask=m_m, other=float("inf"))
+    m_hit = (acc >= b_tau[:, None]) & m_n[None, :]
+    if HAS_EX:
+        b_ex = tl.load(EX + o_m, mask=m_m, other=-1)
+        m_hit = m_hit & (o_n[None, :] != b_ex[:, None])
+    c_hit = m_hit.to(tl.int32)
+    n_hit = tl.sum(c_hit, axis=1)
+    # Most tiles of a good threshold hold few survivors; skip the compaction when none survive.
+    if tl.sum(n_hit, axis=0) > 0:
+        pre = tl.cumsum(c_hit, axis=1)
+        base = tl.atomic_add(CNT + o_m, n_hit, mask=m_m & (n_hit > 0))
+        pos = base[:, None] + pre - 1
+        m_st = m_hit & (pos < CAP)
+        off = o_m[:, None].to(tl.int64) * CAP + pos
+        tl.store(CS + off, acc, mask=m_st)
+        tl.store(CI + off, tl.broadcast_to(o_n[None, :], (BM, BN)), mask=m_st)

@@ -1,0 +1,414 @@
+"""Depth-wise 3D convolution over channels-last video tokens: the temporal adapter's hot op.
+
+Public entry point :func:`temporal_dwconv3d`; float reference :func:`temporal_dwconv3d_ref` (the CPU
+kernel when the Triton interpreter is off, the test oracle, the benchmark baseline).
+
+Layers (see ``STYLE.md``):
+
+* ``rest_fast.kernels.dwconv3d`` — the ``@triton.jit`` kernels (forward; fused backward ``dx`` + ``dw`` +
+  ``db``).
+* :func:`dwconv3d_fwd`, :func:`dwconv3d_bwd` — launchers: allocate outputs, pick tiles, compute the grid,
+  reduce the ``dw``/``db`` partial sums. Callable directly (tests run them on CPU tensors under
+  ``TRITON_INTERPRET=1``).
+* ``torch.ops.rest_fast.temporal_dwconv3d`` / ``temporal_dwconv3d_backward`` — custom ops (CUDA: Triton;
+  CPU: Triton interpreted when ``TRITON_INTERPRET=1``, else the reference), with fake kernels and
+  autograd, so ``torch.compile(fullgraph=True)`` keeps them as single opaque nodes.
+
+Determinism: ``dw``/``db`` are reduced without atomics — each backward program writes its partial sums to a
+``[programs, taps + 1, C]`` buffer that is then summed in a fixed order — and the backward tile
+configuration is a fixed function of ``(C, device)``, never autotuned (timing noise would otherwise change
+the partition and so the rounding). Two runs on the same device give bit-identical ``dw``/``db``. The
+forward kernel is autotuned: every output element sums its taps in the same order whatever the tile, so
+its result does not depend on the chosen configuration.
+
+Double backward is not supported (the backward op has no autograd formula).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rest_fast.ops._dispatch import triton_interpret, use_triton
+
+__all__ = [
+    "temporal_dwconv3d",
+    "temporal_dwconv3d_ref",
+    "temporal_dwconv3d_backward_ref",
+    "dwconv3d_fwd",
+    "dwconv3d_bwd",
+    "triton_available",
+]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_K = 7
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """Raise a clear error naming the argument when the inputs break the shape/dtype/device contract."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"x must be [B, T, H, W, C] (5-D, channels-last), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be [C, kt, kh, kw] (4-D), got shape {tuple(weight.shape)}")
+    C = x.shape[-1]
+    if weight.shape[0] != C:
+        raise ValueError(f"weight has {weight.shape[0]} channels but x has C={C} (weight must be [C, kt, kh, kw])")
+    ks = tuple(weight.shape[1:])
+    if any(k % 2 == 0 or not 1 <= k <= _MAX_K for k in ks):
+        raise ValueError(f"weight kernel sizes (kt, kh, kw) must be odd and in 1..{_MAX_K}, got {ks}")
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise ValueError(f"bias must be [C] = [{C}], got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from x dtype {x.dtype}; cast them to one dtype")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x dtype must be one of float16, bfloat16, float32, float64; got {x.dtype}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference (pure torch)
+# ----------------------------------------------------------------------------------------------------
+
+
+def temporal_dwconv3d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                          residual: bool = False) -> Tensor:
+    """Float reference of :func:`temporal_dwconv3d` via ``F.conv3d(groups=C)``.
+
+    x: ``[B, T, H, W, C]``; weight: ``[C, kt, kh, kw]`` (odd sizes); bias: ``[C]`` or None.
+    Computes in ``promote_types(dtype, float32)`` (float64 stays float64), zero "same" padding, stride 1;
+    returns ``[B, T, H, W, C]`` contiguous in ``x.dtype``. Differentiable.
+    """
+    _check_inputs(x, weight, bias)
+    cd = _compute_dtype(x.dtype)
+    C, kt, kh, kw = weight.shape
+    xc = x.to(cd)
+    y = F.conv3d(xc.permute(0, 4, 1, 2, 3), weight.to(cd).unsqueeze(1),
+                 None if bias is None else bias.to(cd), padding=(kt // 2, kh // 2, kw // 2), groups=C)
+    y = y.permute(0, 2, 3, 4, 1)
+    if residual:
+        y = y + xc
+    return y.to(x.dtype).contiguous()
+
+
+def temporal_dwconv3d_backward_ref(dy: Tensor, x: Tensor, weight: Tensor, *,
+                                   residual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Explicit gradients of :func:`temporal_dwconv3d_ref`: ``(dx, dw, db)``.
+
+    ``dx`` is the depth-wise convolution of ``dy`` with the kernel mirrored along all three axes (plus
+    ``dy`` when ``residual``); ``dw`` the correlation of ``dy`` with ``x``; ``db`` the sum of ``dy``.
+    Shapes: dx like x (contiguous), dw like weight (contiguous), db ``[C]``; dtypes follow x.
+    """
+    cd = _compute_dtype(x.dtype)
+    C, kt, kh, kw = weight.shape
+    dx = temporal_dwconv3d_ref(dy.to(cd), weight.to(cd).flip(1, 2, 3), residual=residual).to(x.dtype)
+    g = dy.to(cd).permute(0, 4, 1, 2, 3)
+    dw = torch.nn.grad.conv3d_weight(x.to(cd).permute(0, 4, 1, 2, 3), (C, 1, kt, kh, kw), g,
+                                     padding=(kt // 2, kh // 2, kw // 2), groups=C)
+    dw = dw.reshape(C, kt, kh, kw).to(weight.dtype).contiguous()
+    db = g.sum(dim=(0, 2, 3, 4)).to(weight.dtype)
+    return dx.contiguous(), dw, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers (Triton)
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """Import the Triton kernels once; ``None`` (with the error kept) when Triton is unusable."""
+    try:
+        from rest_fast.kernels import dwconv3d as k
+    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton path"
+        _IMPORT_ERROR.append(repr(e))
+        return None
+    return k
+
+
+_IMPORT_ERROR: list[str] = []
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import; if not, :data:`_IMPORT_ERROR` says why and the reference serves."""
+    return _kernels() is not None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _needs_int64(*tensors: Tensor) -> bool:
+    """True when some element offset may not fit in int32."""
+    lim = 2**31 - 1
+    for t in tensors:
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if span > lim or t.numel() > lim:
+            return True
+    return False
+
+
+def _fwd_configs():
+    import triton
+
+    cfgs = []
+    for bp in (16, 32, 64, 128):
+        for bc in (32, 64, 128):
+            for nw in (2, 4, 8):
+                if 1024 <= bp * bc <= 8192 and bp * bc // (32 * nw) >= 4:
+                    cfgs.append(triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw, num_stages=1))
+    return cfgs
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    # A channel tile much wider than C only burns masked lanes.
+    cap = max(32, _next_pow2(int(named_args["C"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= cap]
+    return kept or configs[:1]
+
+
+@functools.lru_cache(maxsize=1)
+def _fwd_autotuned():
+    import triton
+
+    # Keyed on C and the kernel size (the shapes that change the best tile); Triton adds the dtypes.
+    return triton.autotune(configs=_fwd_configs(), key=["C", "KT", "KH", "KW", "HAS_BIAS"],
+                           prune_configs_by={"early_config_prune": _prune_fwd})(_kernels().dwconv3d_fwd_kernel)
+
+
+def _interp_block_c(C: int) -> int:
+    # The interpreter costs per op, not per element: large tiles, few programs.
+    return min(64, max(16, _next_pow2(C)))
+
+
+def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: bool = False,
+                 flip: bool = False, block_p: int | None = None, block_c: int | None = None,
+                 num_warps: int = 4) -> Tensor:
+    """Launch the Triton forward: ``y = conv(x, weight) (+ bias) (+ x)``, ``[B, T, H, W, C]`` contiguous.
+
+    ``flip=True`` mirrors the kernel (then ``dwconv3d_fwd(dy, w, flip=True)`` is the input gradient).
+    Tiles: given ``block_p``/``block_c`` win; else autotuned on CUDA, fixed large tiles under the
+    interpreter. Inputs must already satisfy the contract of :func:`temporal_dwconv3d`.
+    """
+    k = _kernels()
+    B, T, H, W, C = x.shape
+    KT, KH, KW = weight.shape[1:]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    N = B * T * H * W
+    if N == 0 or C == 0:
+        return y
+    args = (x, weight, bias if bias is not None else weight, y, N, T, H, W, C, *x.stride(), *weight.stride())
+    flags = dict(KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual, FLIP=flip,
+                 ACC_FP64=x.dtype == torch.float64, OFF64=_needs_int64(x, y))
+    if block_p is None and block_c is None and x.device.type == "cuda" and not triton_interpret():
+        import triton
+
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+        _fwd_autotuned()[grid](*args, **flags)
+        return y
+    if block_c is None:
+        block_c = _interp_block_c(C) if x.device.type != "cuda" else min(64, max(32, _next_pow2(C)))
+    if block_p is None:
+        block_p = 256 if x.device.type != "cuda" else max(16, 4096 // block_c)
+    grid = (-(-N // block_p), -(-C // block_c))
+    k.dwconv3d_fwd_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    return y
+
+
+def _bwd_config(C: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """``(BLOCK_P, BLOCK_C, programs along rows, num_warps)`` for the fused backward: a fixed function of
+    the shape and device (see the module docstring on determinism)."""
+    if device.type == "cuda":
+        block_c = min(64, max(16, _next_pow2(C)))
+        block_p = 32
+        num_warps = 4
+        # Enough programs to fill every SM a few times over (tail effect < ~1/8), few enough that the
+        # partial-sum buffer stays a few MB: programs ≈ 8 × SMs in total.
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        progs = max(1, (8 * sms) // -(-C // block_c))
+    else:
+        block_c, block_p, num_warps = _interp_block_c(C), 128, 4
+        progs = 2  # two row programs so the interpreted tests cover the cross-program reduction
+    return block_p, block_c, progs, num_warps
+
+
+def dwconv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, *, residual: bool = False, need_dx: bool = True,
+                 need_dw: bool = True, block_p: int | None = None, block_c: int | None = None,
+                 programs: int | None = None, num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the Triton backward; returns ``(dx, dw, db)``.
+
+    dy, x: ``[B, T, H, W, C]`` (any strides); weight ``[C, kt, kh, kw]``. ``dx`` is ``[B, T, H, W, C]``
+    contiguous (or ``[0]`` when ``need_dx=False``); ``dw`` ``[C, kt, kh, kw]`` and ``db`` ``[C]`` in
+    weight's dtype (both ``[0]`` when ``need_dw=False``). With ``need_dw`` the fused kernel produces all
+    three in one pass over ``dy``; without it, ``dx`` comes from the forward kernel with the mirrored
+    kernel (no ``x`` reads). ``programs`` = row programs (partial-sum rows) of the fused kernel.
+    """
+    k = _kernels()
+    B, T, H, W, C = x.shape
+    KT, KH, KW = weight.shape[1:]
+    taps = KT * KH * KW
+    N = B * T * H * W
+    empty = x.new_empty((0,))
+    if not need_dw:
+        dx = dwconv3d_fwd(dy, weight, residual=residual, flip=True, block_p=block_p, block_c=block_c) \
+            if need_dx else empty
+        return dx, weight.new_empty((0,)), weight.new_empty((0,))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else empty
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if N == 0 or C == 0:
+        return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format), weight.new_zeros((C,))
+    bp, bc, progs, nw = _bwd_config(C, N, x.device)
+    bp, bc, progs, nw = block_p or bp, block_c or bc, programs or progs, num_warps or nw
+    n_blocks = -(-N // bp)
+    per_prog = -(-n_blocks // min(progs, n_blocks))
+    progs = -(-n_blocks // per_prog)
+    taps_p2 = _next_pow2(taps + 1)  # row `taps` carries db
+    part = torch.empty((progs, taps_p2, C), dtype=acc_dtype, device=x.device)
+    grid = (progs, -(-C // bc))
+    k.dwconv3d_bwd_kernel[grid](
+        dy, x, weight, dx if need_dx else dy, part,
+        N, T, H, W, C, per_prog,
+        *dy.stride(), *x.stride(), *weight.stride(),
+        KT=KT, KH=KH, KW=KW, RESIDUAL=residual, NEED_DX=need_dx, ACC_FP64=acc_dtype == torch.float64,
+        OFF64=_needs_int64(dy, x), TAPS_P2=taps_p2, BLOCK_P=bp, BLOCK_C=bc, num_warps=nw,
+    )
+    # Fixed-order reduction of the per-program partials (torch's sum is deterministic, no atomics).
+    red = part[:, : taps + 1].sum(dim=0)
+    dw = red[:taps].t().reshape(C, KT, KH, KW).to(weight.dtype).contiguous()
+    db = red[taps].to(weight.dtype, copy=True)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------------
+
+
+def _triton_ok(*tensors: Tensor) -> bool:
+    return use_triton(*tensors) and triton_available()
+
+
+@torch.library.custom_op("rest_fast::temporal_dwconv3d", mutates_args=(), device_types="cuda")
+def _temporal_dwconv3d_op(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool) -> Tensor:
+    if _triton_ok(x, weight):
+        return dwconv3d_fwd(x, weight, bias, residual=residual)
+    return temporal_dwconv3d_ref(x, weight, bias, residual=residual)
+
+
+@_temporal_dwconv3d_op.register_kernel("cpu")
+def _temporal_dwconv3d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool) -> Tensor:
+    # Interpreted Triton when TRITON_INTERPRET=1 (how tests exercise the real kernels), else the reference.
+    if _triton_ok(x, weight):
+        return dwconv3d_fwd(x, weight, bias, residual=residual)
+    return temporal_dwconv3d_ref(x, weight, bias, residual=residual)
+
+
+@_temporal_dwconv3d_op.register_fake
+def _temporal_dwconv3d_fake(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _bwd_impl(dy, x, weight, residual, need_dx, need_dw):
+    if _triton_ok(dy, x, weight):
+        return dwconv3d_bwd(dy, x, weight, residual=residual, need_dx=need_dx, need_dw=need_dw)
+    dx, dw, db = temporal_dwconv3d_backward_ref(dy, x, weight, residual=residual)
+    if not need_dx:
+        dx = x.new_empty((0,))
+    if not need_dw:
+        dw, db = weight.new_empty((0,)), weight.new_empty((0,))
+    return dx, dw, db
+
+
+@torch.library.custom_op("rest_fast::temporal_dwconv3d_backward", mutates_args=(), device_types="cuda")
+def _temporal_dwconv3d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, residual: bool, need_dx: bool,
+                                   need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dy, x, weight, residual, need_dx, need_dw)
+
+
+@_temporal_dwconv3d_backward_op.register_kernel("cpu")
+def _temporal_dwconv3d_backward_cpu(dy: Tensor, x: Tensor, weight: Tensor, residual: bool, need_dx: bool,
+                                    need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(dy, x, weight, residual, need_dx, need_dw)
+
+
+@_temporal_dwconv3d_backward_op.register_fake
+def _temporal_dwconv3d_backward_fake(dy: Tensor, x: Tensor, weight: Tensor, residual: bool, need_dx: bool,
+                                     need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    dw = weight.new_empty(weight.shape) if need_dw else weight.new_empty((0,))
+    db = weight.new_empty((weight.shape[0],)) if need_dw else weight.new_empty((0,))
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.residual = residual
+
+
+def _backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+    dx, dw, db = torch.ops.rest_fast.temporal_dwconv3d_backward(dy, x, weight, ctx.residual, need_dx, need_dw)
+    return (dx if need_dx else None, dw if ctx.needs_input_grad[1] else None,
+            db if ctx.has_bias and ctx.needs_input_grad[2] else None, None)
+
+
+_temporal_dwconv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def temporal_dwconv3d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: bool = False) -> Tensor:
+    """Depth-wise 3D convolution of a channels-last video, "same" zero padding, stride 1.
+
+    Args:
+        x: ``[B, T, H, W, C]``, float16 / bfloat16 / float32 (float64 accepted, accumulated in float64).
+            Any strides: the kernels read ``x`` through its strides, so views (a slice of a wider tensor,
+            the patch tokens of ``[B*T, 1+H*W, C]`` viewed as ``[B, T, H, W, C]``, a permuted NCDHW
+            tensor) cost no copy. Loads are vectorised along ``C`` only when ``x.stride(-1) == 1``;
+            with a strided ``C`` (e.g. an NCDHW tensor permuted to channels-last) every load is a
+            gather, several times slower, but still correct and copy-free.
+        weight: ``[C, kt, kh, kw]``, odd kernel sizes in 1..7 (``(3, 3, 3)`` for the adapter), x's dtype.
+        bias: ``[C]`` or None, x's dtype.
+        residual: return ``x + conv(x)`` computed in the same pass (one read of ``x``).
+
+    Returns:
+        ``[B, T, H, W, C]`` in ``x.dtype``, always contiguous (channels-last). Accumulation is fp32
+        (fp64 for fp64 inputs) whatever the input dtype.
+
+    Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them through the Triton interpreter
+    when ``TRITON_INTERPRET=1`` and :func:`temporal_dwconv3d_ref` otherwise; other devices use the
+    reference. Differentiable in x, weight and bias (deterministic ``dw``/``db``); compiles with
+    ``torch.compile(fullgraph=True)`` as one opaque op.
+    """
+    _check_inputs(x, weight, bias)
+    if x.device.type in ("cuda", "cpu"):
+        return torch.ops.rest_fast.temporal_dwconv3d(x, weight, bias, residual)
+    return temporal_dwconv3d_ref(x, weight, bias, residual=residual)

@@ -1,0 +1,406 @@
+"""Exact inner-product top-k similarity without materialising the ``M × N`` score matrix.
+
+Public entry point :func:`topk_similarity`; blocked reference :func:`topk_similarity_ref` (the CPU path when
+the Triton interpreter is off, the test oracle and the benchmark baseline); Triton launcher
+:func:`topk_similarity_triton`.
+
+Ordering and ties
+-----------------
+Results are ordered by score descending and, among *equal* fp32 scores, by key index ascending (lower index
+first). Both paths implement this with one exact total order: each (score, index) pair is packed into an
+``int64`` key ``(ordered_bits(score) << 32) | (2**32 - 1 - index)`` and selected with ``torch.topk`` on those
+keys, so the result is deterministic whatever order candidates were produced in. ``-0.0`` ranks as ``+0.0``.
+Scores are computed with fp32 accumulation; the Triton kernel and the reference may differ in the last bits
+of a score (summation order), so two keys that tie in one may not tie in the other.
+
+Triton design and cost model
+----------------------------
+Notation: ``M`` queries, ``N`` keys, dimension ``d``, ``k`` neighbours. The GEMM floor is ``2·M·N·d`` flops.
+
+1. **Threshold pass** (``group_max_kernel``): keys are split into ``NG = 2k`` groups of ``G`` keys spread
+   over the whole key range (group ``g`` = keys ``g + j·⌊N/G⌋``), covering ``S = NG·G ≈ f·N`` keys
+   (``f`` = ``sample_fraction``, default 0.5). For each query the kernel writes the ``NG`` group maxima
+   (``M·NG`` floats); ``torch.topk`` takes their k-th largest, ``τ``. Since the k largest group maxima are
+   scores of k *distinct* eligible keys, ``τ ≤`` the true k-th score: exact, whatever the data.
+   Cost: ``f`` GEMMs + reading ``M·2k`` floats.
+2. **Filter pass** (``filter_kernel``): the full GEMM; each score tile is compared with ``τ - ε`` (``ε``
+   covers the rounding difference between the two passes, ``d·2⁻²¹·‖q‖·max‖k‖``, four times the fp32
+   summation bound) and survivors are appended to a ``[M, CAP]`` candidate buffer. For i.i.d. scores the
+   expected number of survivors per query is ``(N/S)·NG·ln(NG/(NG-k)) ≈ 1.39·k/f`` (≈ 5.5k for ``f`` = 0.5);
+   ``CAP`` is twice that. Cost: 1 GEMM + ``M·cand·8`` bytes written.
+3. **Select**: ``torch.topk`` on the packed keys of ``[M, CAP]`` — ``O(M·CAP)`` memory traffic plus the
+   final ``k``-sort that every exact method pays.
+4. **Overflow**: the counters count past ``CAP``; rows that overflowed (clustered data, massive ties) are
+   re-filtered with a buffer as wide as their exact count, so the result stays exact, only slower.
+
+Total ≈ ``(1 + f)`` GEMMs plus ``O(M·k)`` memory traffic, against chunked ``mm`` + ``topk``, which writes and
+re-reads all ``M·N`` scores and runs a radix select over each full row. Queries are processed in chunks so
+that buffers stay within a memory budget. When ``N`` is too small for the threshold to pay off
+(``N < 16·k``), pass 1 is skipped and every eligible key is a candidate (``CAP = N``).
+
+The CPU reference uses the same idea with torch ops: fp32 matmul blocks, a running per-query threshold (the
+current k-th best), ``torch.topk`` only on the block's survivors, and packed-key merges on
+``[M, k + survivors]`` buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from rest_fast.ops._dispatch import use_triton
+
+try:  # triton is optional at import time: the reference serves without it
+    import triton
+except Exception:  # noqa: BLE001
+    triton = None
+
+__all__ = [
+    "topk_similarity",
+    "topk_similarity_ref",
+    "topk_similarity_triton",
+    "triton_available",
+    "pack_keys",
+    "unpack_scores",
+    "unpack_indices",
+]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_REF_DTYPES = _DTYPES + (torch.float64,)
+_LOW32 = 0xFFFFFFFF
+_KEY_MIN = torch.iinfo(torch.int64).min
+
+
+# ----------------------------------------------------------------------------------------------------
+# packed (score, index) keys: one exact total order for both paths
+# ----------------------------------------------------------------------------------------------------
+
+
+def pack_keys(scores: Tensor, indices: Tensor) -> Tensor:
+    """Pack fp32 ``scores`` and non-negative ``indices`` (< 2**32) into int64 keys.
+
+    Larger key = larger score, then smaller index. ``-0.0`` is packed as ``+0.0``.
+    """
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits.to(torch.int64) << 32) | (_LOW32 - indices.to(torch.int64))
+
+
+def unpack_scores(keys: Tensor) -> Tensor:
+    """Inverse of :func:`pack_keys` for the score part (float32)."""
+    hi = (keys >> 32).to(torch.int32)
+    return torch.where(hi < 0, hi ^ 0x7FFFFFFF, hi).view(torch.float32)
+
+
+def unpack_indices(keys: Tensor) -> Tensor:
+    """Inverse of :func:`pack_keys` for the index part (int64)."""
+    return _LOW32 - (keys & _LOW32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None,
+                  dtypes: tuple[torch.dtype, ...] = _DTYPES) -> Tensor | None:
+    """Validate the contract; return ``exclude`` as int64 (or None). Raises naming the argument."""
+    for name, t in (("queries", queries), ("keys", keys)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D ([rows, d]), got shape {tuple(t.shape)}")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries has d={queries.shape[1]} but keys has d={keys.shape[1]}")
+    if queries.device != keys.device:
+        raise ValueError(f"keys is on {keys.device} but queries is on {queries.device}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    M, N = queries.shape[0], keys.shape[0]
+    if exclude is not None:
+        if not isinstance(exclude, Tensor):
+            raise TypeError(f"exclude must be a torch.Tensor or None, got {type(exclude).__name__}")
+        if exclude.shape != (M,):
+            raise ValueError(f"exclude must be [M] = [{M}], got shape {tuple(exclude.shape)}")
+        if exclude.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"exclude must be int64 (or int32), got {exclude.dtype}")
+        if exclude.device != queries.device:
+            raise ValueError(f"exclude is on {exclude.device} but queries is on {queries.device}")
+        exclude = exclude.to(torch.int64)
+        if M and (int(exclude.min()) < -1 or int(exclude.max()) >= N):
+            raise ValueError(f"exclude values must be -1 (none) or key indices in [0, {N}), "
+                             f"got range [{int(exclude.min())}, {int(exclude.max())}]")
+    eligible = N - (int((exclude >= 0).any()) if (exclude is not None and M) else 0)
+    if k > eligible:
+        raise ValueError(f"k={k} exceeds the number of eligible keys per query ({eligible}: N={N}"
+                         f"{' minus the excluded key' if eligible < N else ''})")
+    for name, t in (("queries", queries), ("keys", keys)):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+    return exclude
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference: blocked matmul + running threshold + packed-key merges
+# ----------------------------------------------------------------------------------------------------
+
+
+def _mask_excluded(s: Tensor, ex: Tensor | None, n0: int) -> None:
+    """Set ``s[r, ex[r] - n0] = -inf`` for rows whose excluded key lies in this block (in place)."""
+    if ex is None:
+        return
+    local = ex - n0
+    rows = torch.nonzero((local >= 0) & (local < s.shape[1])).squeeze(1)
+    if rows.numel():
+        s[rows, local[rows]] = float("-inf")
+
+
+def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None = None,
+                        block_m: int = 4096, block_n: int = 4096) -> tuple[Tensor, Tensor]:
+    """Blocked exact top-k by inner product (pure torch, any device); see :func:`topk_similarity`.
+
+    Computes in ``torch.promote_types(dtype, float32)`` (float64 inputs are accepted here; their scores are
+    rounded to float32 before ranking). Memory is ``O(block_m · (block_n + k))``, never ``M × N``.
+    Per query block it keeps a pool of packed keys and the current k-th best score ``τ``; each key block's
+    scores are compared with ``τ`` and only the survivors (``torch.topk`` with the block's largest survivor
+    count) are packed and pooled; the pool is cut back to ``k`` when it reaches ``2k``.
+    """
+    exclude = _check_inputs(queries, keys, k, exclude, _REF_DTYPES)
+    M, N = queries.shape[0], keys.shape[0]
+    device = queries.device
+    out_s = torch.empty(M, k, dtype=torch.float32, device=device)
+    out_i = torch.empty(M, k, dtype=torch.int64, device=device)
+    if M == 0:
+        return out_s, out_i
+    ct = torch.promote_types(torch.promote_types(queries.dtype, keys.dtype), torch.float32)
+    block_n = max(block_n, 1)
+    block_m = max(block_m, 1)
+    key_blocks = None
+    for m0 in range(0, M, block_m):
+        q = queries[m0:m0 + block_m].to(ct)
+        ex = exclude[m0:m0 + block_m] if exclude is not None else None
+        mb = q.shape[0]
+        tau = torch.full((mb,), float("-inf"), dtype=torch.float32, device=device)
+        pool: list[Tensor] = []
+        width = 0
+        if key_blocks is None and keys.dtype != ct and M > block_m:
+            key_blocks = [keys[n0:n0 + block_n].to(ct) for n0 in range(0, N, block_n)]  # convert once
+        for bi, n0 in enumerate(range(0, N, block_n)):
+            kb = key_blocks[bi] if key_blocks is not None else keys[n0:n0 + block_n].to(ct)
+            s = (q @ kb.T).float()
+            _mask_excluded(s, ex, n0)
+            nb = s.shape[1]
+            if width == 0 and nb >= k:
+                # Seed the threshold from the first block wide enough: its k-th best score.
+                v, li = torch.topk(s, k, dim=1, sorted=False)
+                tau = v.min(1).values
+                cmax = int(torch.count_nonzero(s >= tau[:, None], dim=1).max())
+                if cmax > k:  # ties at the k-th score: keep the whole tie group
+                    v, li = torch.topk(s, cmax, dim=1, sorted=False)
+            else:
+                cmax = int(torch.count_nonzero(s >= tau[:, None], dim=1).max())
+                if cmax == 0:
+                    continue
+                if cmax < nb:
+                    # Every entry >= tau is among its row's top-cmax, so nothing that can still rank is lost;
+                    # the extra entries of rows with fewer survivors lose the next merge.
+                    v, li = torch.topk(s, cmax, dim=1, sorted=False)
+                else:
+                    v, li = s, torch.arange(nb, device=device).expand(mb, -1)
+            pool.append(pack_keys(v, li + n0))
+            width += pool[-1].shape[1]
+            if width >= 2 * k:
+                merged = torch.topk(torch.cat(pool, 1), k, dim=1, sorted=False).values
+                pool, width = [merged], k
+                tau = unpack_scores(merged.min(1).values)
+        best = torch.topk(torch.cat(pool, 1), k, dim=1, sorted=True).values
+        out_s[m0:m0 + mb] = unpack_scores(best)
+        out_i[m0:m0 + mb] = unpack_indices(best)
+    return out_s, out_i
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """Import the Triton kernels once; ``None`` (with the error kept) when Triton is unusable."""
+    try:
+        from rest_fast.kernels import topk as kern
+    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton path"
+        _IMPORT_ERROR.append(repr(e))
+        return None
+    return kern
+
+
+_IMPORT_ERROR: list[str] = []
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels import; if not, :data:`_IMPORT_ERROR` says why and the reference serves."""
+    return _kernels() is not None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _plan(N: int, k: int, sample_fraction: float) -> tuple[int, int, int, int]:
+    """(NG, G, J_STRIDE, CAP) for the threshold pass; NG == 0 means "no threshold, CAP = N"."""
+    ng = 2 * k
+    G = int(sample_fraction * N) // ng
+    if N < 16 * k or G < 2:
+        return 0, 0, 0, N
+    expected = (N / (ng * G)) * ng * math.log(ng / (ng - k))
+    cap = min(N, -(-int(2 * expected + 64) // 64) * 64)
+    return ng, G, N // G, cap
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(256 << 20, min(free // 4, 8 << 30))
+    return 256 << 20
+
+
+def _tiles(device: torch.device, D: int) -> dict:
+    if device.type == "cuda":
+        return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, BG=64)
+    # Interpreter: cost is per op, so few large tiles.
+    return dict(BM=64, BN=64, BK=min(128, max(16, _next_pow2(D))), GROUP_M=4, num_warps=4, num_stages=1, BG=64)
+
+
+def _filter_select(kern, q: Tensor, keys: Tensor, ex: Tensor | None, tau: Tensor, k: int, cap: int,
+                   t: dict, ieee: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the filter kernel with buffer width ``cap``; return (scores, indices, count) of the selection.
+
+    Rows whose count exceeds ``cap`` (or, defensively, falls under ``k``) hold garbage and are redone by
+    the caller.
+    """
+    M, D = q.shape
+    N = keys.shape[0]
+    dev = q.device
+    cnt = torch.zeros(M, dtype=torch.int32, device=dev)
+    cs = torch.empty(M, cap, dtype=torch.float32, device=dev)
+    ci = torch.empty(M, cap, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),)
+    kern.filter_kernel[grid](
+        q, keys, ex if ex is not None else cnt, tau, cnt, cs, ci, M, N, D, cap,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        HAS_EX=ex is not None, IEEE=ieee, BM=t["BM"], BN=t["BN"], BK=t["BK"], GROUP_M=t["GROUP_M"],
+        num_warps=t["num_warps"], num_stages=t["num_stages"])
+    valid = torch.arange(cap, device=dev)[None, :] < cnt[:, None].to(torch.int64)
+    packed = torch.where(valid, pack_keys(cs, ci.clamp_min(0)), _KEY_MIN)
+    kk = min(k, cap)
+    best = torch.topk(packed, kk, dim=1, sorted=True).values
+    return unpack_scores(best), unpack_indices(best), cnt
+
+
+def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None = None,
+                           sample_fraction: float = 0.5, cap: int | None = None,
+                           memory_budget: int | None = None) -> tuple[Tensor, Tensor]:
+    """Triton launcher for :func:`topk_similarity` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``sample_fraction`` sets the share of keys scored by the threshold pass; ``cap`` overrides the candidate
+    buffer width (tests use a tiny one to exercise the overflow path); ``memory_budget`` (bytes) bounds the
+    per-chunk buffers. See the module docstring for the algorithm.
+    """
+    exclude = _check_inputs(queries, keys, k, exclude)
+    kern = _kernels()
+    if kern is None:
+        raise RuntimeError(f"Triton kernels unavailable: {_IMPORT_ERROR}")
+    M, D = queries.shape
+    N = keys.shape[0]
+    dev = queries.device
+    out_s = torch.empty(M, k, dtype=torch.float32, device=dev)
+    out_i = torch.empty(M, k, dtype=torch.int64, device=dev)
+    if M == 0:
+        return out_s, out_i
+    dt = torch.promote_types(queries.dtype, keys.dtype)
+    q_all, keys = queries.to(dt), keys.to(dt)
+    ieee = dt == torch.float32
+    t = _tiles(dev, D)
+    ng, G, jstride, cap_auto = _plan(N, k, sample_fraction)
+    cap = min(N, max(k, cap)) if cap is not None else cap_auto
+    # Rounding margin between the two passes (see module docstring).
+    if ng:
+        kmax = float(keys.float().norm(dim=1).max())
+        eps_all = q_all.float().norm(dim=1) * (D * 2.0**-21 * kmax)
+    budget = memory_budget or _memory_budget(dev)
+    per_row = cap * 32 + ng * 8 + 64
+    mc = max(t["BM"], (budget // per_row) // t["BM"] * t["BM"])
+    for m0 in range(0, M, mc):
+        q = q_all[m0:m0 + mc]
+        ex = exclude[m0:m0 + mc].contiguous() if exclude is not None else None
+        mb = q.shape[0]
+        if ng:
+            gmax = torch.empty(mb, ng, dtype=torch.float32, device=dev)
+            grid = (triton.cdiv(mb, t["BM"]), triton.cdiv(ng, t["BG"]))
+            kern.group_max_kernel[grid](
+                q, keys, ex if ex is not None else gmax, gmax, mb, N, D, ng, G, jstride,
+                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), gmax.stride(0),
+                HAS_EX=ex is not None, IEEE=ieee, BM=t["BM"], BG=t["BG"], BK=t["BK"],
+                num_warps=t["num_warps"], num_stages=t["num_stages"])
+            tau = torch.topk(gmax, k, dim=1, sorted=False).values.min(1).values - eps_all[m0:m0 + mb]
+            del gmax
+        else:
+            tau = torch.full((mb,), float("-inf"), dtype=torch.float32, device=dev)
+        s, i, cnt = _filter_select(kern, q, keys, ex, tau, k, cap, t, ieee)
+        bad = torch.nonzero((cnt > cap) | (cnt < k)).squeeze(1)
+        if bad.numel():
+            # Overflow (or a threshold that let fewer than k through — impossible by construction, kept as
+            # a safety net): redo those rows with a buffer as wide as their exact count, or no threshold.
+            tau_b = torch.where(cnt[bad] < k, float("-inf"), tau[bad])
+            cap_b = N if bool((cnt[bad] < k).any()) else int(cnt[bad].max())
+            qb = q[bad]
+            exb = ex[bad] if ex is not None else None
+            step = max(1, budget // (cap_b * 32 + 64))
+            for r0 in range(0, bad.numel(), step):
+                sl = slice(r0, r0 + step)
+                sb, ib, _ = _filter_select(kern, qb[sl], keys, exb[sl] if exb is not None else None,
+                                           tau_b[sl].contiguous(), k, cap_b, t, ieee)
+                s[bad[sl]] = sb
+                i[bad[sl]] = ib
+        out_s[m0:m0 + mb] = s
+        out_i[m0:m0 + mb] = i
+    return out_s, out_i
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
+                    exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact top-k keys by inner product for every query.
+
+    Args:
+        queries: ``[M, d]`` float32 / float16 / bfloat16 (any strides).
+        keys: ``[N, d]`` same family of dtypes, same device. Accumulation is fp32.
+        k: neighbours per query, ``1 ≤ k ≤`` eligible keys (tested up to 4096 and beyond).
+        exclude: optional int64 ``[M]``: one key index per query to skip (``-1`` = none), e.g. the
+            self-match when ``queries`` and ``keys`` are the same set.
+
+    Returns:
+        ``(scores, indices)``: float32 ``[M, k]`` sorted descending and int64 ``[M, k]``; among equal
+        scores the lower key index comes first.
+
+    Raises:
+        ValueError: bad shapes / dtypes / devices, ``k`` larger than the number of eligible keys, or NaN/inf
+            in ``queries`` or ``keys``.
+
+    Dispatch: CUDA → Triton; CPU with ``TRITON_INTERPRET=1`` → Triton (interpreted); else the blocked
+    reference :func:`topk_similarity_ref`. ``M × N`` scores are never materialised.
+    """
+    if isinstance(queries, Tensor) and isinstance(keys, Tensor) and use_triton(queries, keys) \
+            and triton_available():
+        return topk_similarity_triton(queries, keys, k, exclude=exclude)
+    return topk_similarity_ref(queries, keys, k, exclude=exclude)

@@ -1,0 +1,98 @@
+"""``rest-fast train``: arguments derived from :class:`~rest_fast.train.config.TrainConfig`, and the command.
+
+Every config field is a kebab-case flag (``--num-frames 8``), a ``key=value`` positional override
+(``num_frames=8``) and a YAML key, with the field's documentation as its help. Imports stay light
+(no torch) so ``rest-fast --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from rest_fast.train.config import DEMO_PRESET, TrainConfig, config_fields, parse_key_values, resolve_config
+
+_DESCRIPTION = """\
+REST self-training (Algorithm 1): initial BLIP captions per frame and prompt, frozen-CLIP retrieval
+of pseudo-captions among the H nearest videos, R epochs of captioning loss, a new caption per video
+by beam search, re-ranking, ... until `epochs` epochs. Without --data it runs the built-in demo (tiny
+random BLIP and CLIP on synthetic clips: it shows the pipeline, not accuracy).
+
+Precedence: defaults < demo preset (no --data) < --config FILE.yaml < flags and key=value overrides.
+Under torchrun (`torchrun --nproc-per-node N -m rest_fast train ...`) it trains with DDP."""
+
+_EPILOG = """\
+examples:
+  rest-fast train                                   # the CPU demo, run dir runs/demo
+  rest-fast train --data train.txt data_root=/videos --blip Salesforce/blip-image-captioning-base \\
+      --clip ViT-B-16 --out runs/k400
+  rest-fast train --out runs/k400 --resume auto     # continue after the last complete epoch
+"""
+
+
+def _is_list(tp) -> bool:
+    return typing.get_origin(tp) is list
+
+
+def _is_bool(tp) -> bool:
+    return tp is bool
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config``, ``--resume``, the ``key=value`` positional and one flag per config field."""
+    parser.description = _DESCRIPTION
+    parser.epilog = _EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. epochs=20 prompts='[a video of, someone is]'")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto': continue the run in --out from its last complete epoch (or start it); "
+                             "PATH: a run directory or one of its checkpoints/epoch_XXXX folders")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in config_fields():
+        g = f.metadata.get("group", "config")
+        if g not in groups:
+            groups[g] = parser.add_argument_group(f"{g} options")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        demo = f"; demo: {DEMO_PRESET[f.name]!r}" if f.name in DEMO_PRESET else ""
+        help_ = f"{f.metadata.get('help', '')} (default: {default!r}{demo})".replace("%", "%%")
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        dest = f"cfg__{f.name}"
+        if _is_bool(tp):
+            groups[g].add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=help_)
+        elif _is_list(tp):
+            groups[g].add_argument(flag, dest=dest, nargs="+", metavar="V", default=argparse.SUPPRESS, help=help_)
+        else:
+            groups[g].add_argument(flag, dest=dest, metavar=f.name.upper(), default=argparse.SUPPRESS, help=help_)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolve the config: defaults, demo preset, ``--config``, then flags and ``key=value`` overrides."""
+    overrides: dict = parse_key_values(list(args.overrides or []))
+    for k, v in vars(args).items():
+        if k.startswith("cfg__"):
+            overrides[k[5:]] = v
+    return resolve_config(yaml_file=args.config, overrides=overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"rest-fast train: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from rest_fast.train.loop import train
+
+    train(cfg, resume=args.resume)
+    return 0

@@ -1,0 +1,138 @@
+"""Multi-process training: ``torchrun --nproc-per-node N -m rest_fast train ...``.
+
+Work is sharded by video: each rank takes one contiguous block of video indices (so gathering the
+blocks in rank order restores the global order) for initial captioning, CLIP features, caption
+generation, text embedding and re-ranking; self-training wraps the model in DDP. Every rank keeps an
+identical replica of the caption cache: results are all-gathered and applied in the same order, so
+interned caption ids agree everywhere. Rank 0 alone writes the run directory. NCCL on CUDA, gloo on
+CPU (how the tests run two processes on one machine).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: ``rank`` of ``world_size``, and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, n: int) -> np.ndarray:
+        """This rank's block of ``range(n)`` (blocks differ in size by at most one)."""
+        return shard_range(n, self.rank, self.world_size)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Indices ``[lo, hi)`` of block ``rank`` when ``range(n)`` is cut into ``world_size`` near-equal blocks."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    lo = (n * rank) // world_size
+    hi = (n * (rank + 1)) // world_size
+    return np.arange(lo, hi, dtype=np.int64)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE`` > 1), else a 1-process env."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def broadcast_object(env: DistEnv, obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(env: DistEnv, obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_list(env: DistEnv, items: list) -> list:
+    """Concatenate every rank's list in rank order (the shards of :func:`shard_range` back in global order)."""
+    return [x for part in all_gather_objects(env, items) for x in part]
+
+
+def gather_rows(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``t`` [n_r, ...] along dim 0 in rank order; sizes may differ per rank."""
+    if not env.distributed:
+        return t
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(env.world_size)]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s.item()) for s in sizes]
+    m = max(sizes_i)
+    padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_i)], dim=0)
+
+
+def all_reduce_mean(env: DistEnv, value: float) -> float:
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / env.world_size
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (when ``enabled``); a no-op context on CPU, where fp32 is kept."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)

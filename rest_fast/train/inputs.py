@@ -1,0 +1,228 @@
+"""What the trainer reads: the video index, the two models, and clip batches for each pass.
+
+Three kinds of passes read clips, all through :class:`rest_fast.data.PyAVClipLoader` (PyAV decoding in
+DataLoader workers, deterministic per-sample seeds, bad files replaced and reported):
+
+* ``eval_batches("clip")`` — un-augmented clips at CLIP's size and normalisation (video features);
+* ``eval_batches("blip")`` — un-augmented clips at S with BLIP's normalisation (initial captions and
+  each round's generation);
+* ``train_batches(epoch)`` — augmented clips (Table 10) for self-training, a permutation seeded by
+  (seed, epoch), sharded over ranks with equal counts (DDP needs the same number of steps everywhere).
+
+Eval passes give each rank one contiguous block of videos (``DistEnv.shard``), yielded in order, so
+gathering in rank order restores the global order. A video that cannot be decoded is replaced by the
+loader's deterministic resample, so it takes that video's features and captions; it is listed in
+``bad_files.tsv``/``bad_files.json`` and the run stops when more than ``bad_files_threshold`` of the
+files are bad.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rest_fast.train.config import TrainConfig
+from rest_fast.train.distributed import DistEnv, all_gather_objects
+
+TINY = "tiny"  # model name of the tiny random-init BLIP / CLIP (demo and tests)
+DEMO_WORDS = ("moving left right growing shrinking spinning changing colour color shape square disc circle "
+              "triangle blue red green yellow").split()
+
+
+def build_index(data: str, data_root: str | None):
+    """A ``VideoIndex`` from a folder (class sub-folders → labels) or a list file (``path [label]`` lines).
+
+    Missing files of a list are dropped and reported as bad files (they count toward the threshold).
+    """
+    from rest_fast.data.index import VideoIndex
+
+    p = Path(data)
+    if p.is_dir():
+        return VideoIndex.from_folder(p)
+    if p.is_file():
+        root = data_root if data_root is not None else str(p.parent)
+        return VideoIndex.from_list(p, root, skip_missing=True)
+    raise FileNotFoundError(f"data={data!r} is neither a folder of videos nor a list file")
+
+
+def blip_normalisation(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """BLIP's pixel mean/std: from the checkpoint's image-processor config when it has one, else the
+    BlipImageProcessor defaults (the OpenAI CLIP constants, which every released BLIP uses)."""
+    from rest_fast.clip import OPENAI_MEAN, OPENAI_STD
+
+    cfg = Path(source) / "preprocessor_config.json"
+    if cfg.is_file():
+        import json
+
+        d = json.loads(cfg.read_text())
+        if "image_mean" in d and "image_std" in d:
+            return tuple(d["image_mean"]), tuple(d["image_std"])
+    if not Path(source).exists():  # a hub id: ask HF (cached locally when it was downloaded)
+        try:
+            from transformers import BlipImageProcessor
+
+            proc = BlipImageProcessor.from_pretrained(source)
+            return tuple(proc.image_mean), tuple(proc.image_std)
+        except Exception:  # noqa: BLE001 - no processor file: the defaults below are BLIP's own
+            pass
+    return tuple(OPENAI_MEAN), tuple(OPENAI_STD)
+
+
+def ensure_tiny_blip(save_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
+    """Write the tiny random BLIP (seeded by ``cfg.seed``) to ``save_dir`` once (rank 0)."""
+    from rest_fast.train.distributed import barrier
+
+    if env.is_main and not (save_dir / "config.json").exists():
+        from rest_fast.models.tiny import tiny_blip
+
+        tmp = save_dir.with_name(save_dir.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tiny_blip(tmp, seed=cfg.seed, vocab=DEMO_WORDS, image_size=cfg.image_size)
+        os.replace(tmp, save_dir)
+    barrier(env)
+    return save_dir
+
+
+def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistEnv):
+    """(GARModel on ``env.device`` in fp32, FrozenCLIP on ``env.device``)."""
+    from rest_fast.clip import FrozenCLIP, tiny_clip
+    from rest_fast.models import GARModel
+
+    model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames, adapter_layers=cfg.adapter_layers_value())
+    model.to(env.device)
+    vis = model.blip.config.vision_config
+    if cfg.image_size != vis.image_size and env.is_main:
+        print(f"warning: image_size={cfg.image_size} differs from the captioner's {vis.image_size}; BLIP's ViT "
+              "position embeddings are then sliced, not interpolated", flush=True)
+    if clip_source == TINY:
+        size = cfg.image_size if cfg.image_size % 8 == 0 else 32
+        clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)
+    else:
+        clip = FrozenCLIP(clip_source, pretrained=cfg.clip_pretrained, device=env.device,
+                          batch_size=cfg.eval_batch_size)
+    return model, clip
+
+
+class Inputs:
+    """Clip batches for every pass of the trainer, and per-video metadata (paths, labels, class names)."""
+
+    def __init__(self, index, cfg: TrainConfig, env: DistEnv, *, blip_source: str, clip) -> None:
+        from rest_fast.data.bad_files import BadFilesReport
+
+        self.index = index
+        self.cfg = cfg
+        self.env = env
+        self.paths = list(index.paths)
+        self.labels = list(index.labels) if index.labels is not None else None
+        names = index.class_names
+        if self.labels is not None and not names:
+            names = [str(i) for i in range(max(self.labels) + 1)]
+        self.class_names = list(names) if names else None
+        common = os.path.commonpath([os.path.abspath(p) for p in self.paths]) if self.paths else ""
+        self._root = common if os.path.isdir(common) else os.path.dirname(common)
+        self.blip_mean, self.blip_std = blip_normalisation(blip_source)
+        self.clip_mean, self.clip_std = clip.mean, clip.std
+        self.clip_size = int(clip.image_size[0])
+        if clip.image_size[0] != clip.image_size[1]:
+            raise ValueError(f"CLIP image_size must be square, got {clip.image_size}")
+        self.bad_files = BadFilesReport()
+        for p in index.missing:
+            self.bad_files.add(p, "missing file")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def rel(self, i: int) -> str:
+        """Path of video ``i`` relative to the common folder of all videos (for reports)."""
+        return os.path.relpath(os.path.abspath(self.paths[i]), self._root) if self._root else self.paths[i]
+
+    def _loader(self, index, *, train: bool, size: int, mean, std, batch_size: int, rank: int = 0, world_size: int = 1):
+        from rest_fast.data.loader import PyAVClipLoader
+
+        return PyAVClipLoader(index, batch_size=batch_size, mean=mean, std=std, num_frames=self.cfg.num_frames,
+                              size=size, train=train, seed=self.cfg.seed, device=self.env.device,
+                              num_workers=self.cfg.num_workers, shuffle=train, drop_last=False,
+                              max_bad_fraction=self.cfg.bad_files_threshold, rank=rank, world_size=world_size)
+
+    def _absorb(self, loader) -> None:
+        for path, reason, count in loader.bad_files.rows():
+            if path not in self.index.missing:
+                self.bad_files.add(path, reason, count)
+
+    def eval_batches(self, kind: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's block of videos in order, un-augmented: ``(global indices int64 [B], clips [B,T,3,S,S])``.
+
+        ``kind``: ``"clip"`` (CLIP's size and normalisation) or ``"blip"`` (S, BLIP's normalisation).
+        """
+        if kind not in ("clip", "blip"):
+            raise ValueError(f"kind must be 'clip' or 'blip', got {kind!r}")
+        mine = self.env.shard(len(self.paths))
+        if len(mine) == 0:
+            return
+        lo, hi = int(mine[0]), int(mine[-1]) + 1
+        sub = self.index[lo:hi]
+        size, mean, std = ((self.clip_size, self.clip_mean, self.clip_std) if kind == "clip"
+                           else (self.cfg.image_size, self.blip_mean, self.blip_std))
+        loader = self._loader(sub, train=False, size=size, mean=mean, std=std, batch_size=self.cfg.eval_batch_size)
+        pos = lo
+        try:
+            for batch in loader:
+                b = batch.clips.shape[0]
+                # rows are in entry order; a bad entry's row holds its replacement (see the module doc)
+                yield torch.arange(pos, pos + b, dtype=torch.int64), batch.clips
+                pos += b
+        finally:
+            self._absorb(loader)
+
+    def steps_per_epoch(self) -> int:
+        per_rank = -(-len(self.paths) // self.env.world_size)
+        return -(-per_rank // self.per_rank_batch())
+
+    def per_rank_batch(self) -> int:
+        return max(1, self.cfg.batch_size // self.env.world_size)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented self-training batches of epoch ``epoch``: ``(video indices int64 [B], clips [B,T,3,S,S])``.
+
+        The indices are the entries actually read (a bad entry's replacement), so the captions sampled for
+        them belong to the clip shown.
+        """
+        loader = self._loader(self.index, train=self.cfg.augment, size=self.cfg.image_size, mean=self.blip_mean,
+                              std=self.blip_std, batch_size=self.per_rank_batch(), rank=self.env.rank,
+                              world_size=self.env.world_size)
+        if not self.cfg.augment:  # no augmentation: still a fresh permutation every epoch
+            loader.sampler.shuffle = True
+        loader.set_epoch(epoch)
+        try:
+            for batch in loader:
+                yield batch.index, batch.clips
+        finally:
+            self._absorb(loader)
+
+    def frame_strip(self, i: int, size: int = 96) -> np.ndarray:
+        """uint8 [T, size, size, 3]: the un-augmented frames of video ``i`` (for the report)."""
+        from rest_fast.data.clip import read_clip
+
+        return read_clip(self.paths[i], self.cfg.num_frames, size=size).numpy()
+
+    def write_bad_files(self, run_dir: str | Path) -> None:
+        """Write ``bad_files.tsv``/``.json`` with every rank's records (all ranks call this; rank 0 writes)."""
+        from rest_fast.data.bad_files import BadFilesReport
+
+        parts = all_gather_objects(self.env, self.bad_files.rows())
+        if not self.env.is_main:
+            return
+        merged = BadFilesReport()
+        for r, rows in enumerate(parts):
+            for path, reason, count in rows:
+                # missing files are known to every rank: count them once
+                if r == 0 or path not in self.index.missing:
+                    merged.add(path, reason, count)
+        merged.write(run_dir)

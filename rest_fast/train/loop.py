@@ -1,0 +1,486 @@
+"""Algorithm 1 of the paper: REtrieve & Self-Train, as one resumable loop.
+
+.. code-block:: text
+
+    W̃_i   ← BLIP captions of each of the T frames of video i with each of the P prompts   (initial_captions)
+    v_i   ← frozen-CLIP video feature of video i (mean over frames, L2-normalised)        (video_features)
+    Ω_i   ← the H nearest videos of i by v (self excluded)                                (neighbour_graph)
+    W̃_i   ← top-K distinct of W̃_i ∪ Ω_i by ⟨v_i, t_c⟩                                      (retrieval_update, round 0)
+    repeat until `epochs` epochs:
+        R epochs of the captioning loss on one caption sampled from W̃_i per video     (self_train_epoch)
+        w̃_i,new ← beam-search caption of video i                                      (generate_captions)
+        W̃_i   ← top-K distinct of W̃_i ∪ {w̃_i,new} ∪ Ω_i                                 (caption_round)
+
+Resumability: after every epoch a checkpoint (weights, optimiser, scheduler, RNG, counters) is
+written and ``state.json`` is replaced to point at it; after every round the caption cache, its
+caption features and ``captions/round_XX.jsonl`` are written and ``state.json`` records the round.
+Every random draw derives from (seed, epoch, step), so a resumed run repeats exactly what the lost
+epoch would have done. ``kill -9`` loses at most the epoch (or round) in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rest_fast.train import distributed as dist_utils
+from rest_fast.train.config import TrainConfig, identity_differences
+from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
+from rest_fast.train.rundir import (
+    CONFIG_FILE,
+    RunDir,
+    atomic_write_jsonl,
+    atomic_write_text,
+    capture_rng,
+    restore_rng,
+)
+from rest_fast.train.self_train import derive_seed
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+def log(env: DistEnv, msg: str) -> None:
+    if env.is_main:
+        print(msg, flush=True)
+
+
+def _progress(cfg: TrainConfig, env: DistEnv, desc: str, total: int | None = None):
+    """A tqdm wrapper (rank 0 only, with ETA) or the identity."""
+    if not (cfg.progress and env.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=desc, total=total if total is not None else _len(it), leave=False,
+                           dynamic_ncols=True, file=sys.stderr)
+
+
+def _len(it):
+    try:
+        return len(it)
+    except TypeError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# run directory and resume resolution
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path, dict | None, Path | None]:
+    """(config, run dir, state to resume from or None, checkpoint to load or None).
+
+    ``resume=None``: a new run; an existing run at ``cfg.out`` is an error (never overwritten).
+    ``resume="auto"``: continue the run at ``cfg.out`` from its last complete epoch, or start it.
+    ``resume=PATH``: a run directory, or one of its ``checkpoints/epoch_XXXX`` folders to go back to.
+    On resume the run's saved config is used; a changed non-runtime key is an error (``epochs`` may grow).
+    """
+    ckpt: Path | None = None
+    if resume in (None, "", "none"):
+        root = Path(cfg.out)
+        if (root / "state.json").exists():
+            raise RunExistsError(f"{root} already holds a run: pass --resume auto to continue it, or another --out")
+        return cfg, root, None, None
+    if resume == "auto":
+        root = Path(cfg.out)
+    else:
+        p = Path(resume)
+        if (p / "meta.json").exists() and p.parent.name == "checkpoints":
+            root, ckpt = p.parent.parent, p
+        elif (p / "state.json").exists():
+            root = p
+        else:
+            raise FileNotFoundError(f"--resume {resume}: neither a run directory (state.json) nor a checkpoint folder")
+    run = RunDir(root, writable=False)
+    state = run.read_state()
+    if state is None:
+        return cfg, root, None, None
+    saved = TrainConfig(**_yaml_load(run.config_path))
+    diffs = identity_differences(saved, cfg)
+    if diffs:
+        raise ValueError("the run at {} was made with another config; differing keys:\n  {}".format(root, "\n  ".join(diffs)))
+    # runtime keys (workers, device, progress...) and a larger `epochs` come from now
+    cfg = cfg.replace(out=str(root))
+    if ckpt is None and state.get("checkpoint"):
+        ckpt = root / state["checkpoint"]
+    if ckpt is not None:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        if ckpt != root / str(state.get("checkpoint")):
+            # going back to an older checkpoint: the round state is the one saved with it
+            state = {**state, "epoch": meta["epoch"], "round": meta["round"], "checkpoint": str(ckpt.relative_to(root))}
+    return cfg, root, state, ckpt
+
+
+def _yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _truncate_run(run: RunDir, epoch: int, rnd: int) -> None:
+    """Drop what a lost epoch/round left behind: later metrics, round files and checkpoints."""
+
+    def keep(rec: dict) -> bool:
+        kind = rec.get("kind")
+        if kind in ("step", "epoch"):
+            return int(rec.get("epoch", 0)) <= epoch
+        if kind == "round":
+            return int(rec.get("round", 0)) <= rnd
+        return True
+
+    run.filter_metrics(keep)
+    for p in run.path("captions").glob("round_*.jsonl"):
+        if int(p.stem.split("_")[1]) > rnd:
+            p.unlink()
+    for p in run.path("cache").glob("round_*.rfcc"):
+        if int(p.stem.split("_")[1]) > rnd:
+            p.unlink()
+    for p in run.list_checkpoints():
+        if int(p.name.split("_")[1]) > epoch:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`run` executes Algorithm 1 from wherever the run stands."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, *, resume: str | None = None) -> None:
+        self.env = env
+        # rank 0 resolves the run (it owns the files); the others follow its decision
+        decision = None
+        error = None
+        if env.is_main:
+            try:
+                decision = resolve_run(cfg, resume)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                error = exc
+        error = broadcast_object(env, error)
+        if error is not None:
+            raise error
+        decision = broadcast_object(env, decision)
+        self.cfg, root, self.state, self.ckpt = decision
+        self.run_dir = RunDir(root, writable=env.is_main)
+        barrier(env)
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            if self.state is None:
+                atomic_write_text(self.run_dir.path(CONFIG_FILE), cfg.to_yaml())
+                if self.run_dir.metrics_path.exists():
+                    self.run_dir.metrics_path.unlink()  # a run that died before its first state
+            else:
+                atomic_write_text(self.run_dir.path(CONFIG_FILE), cfg.to_yaml())  # may carry a larger `epochs`
+                _truncate_run(self.run_dir, int(self.state["epoch"]), int(self.state["round"]))
+            self.run_dir.append_metric({"kind": "start", "resume_epoch": self.state["epoch"] if self.state else None,
+                                        "world_size": env.world_size, "device": str(env.device)})
+        barrier(env)
+
+    def _prepare_demo(self) -> None:
+        """Synthesise the demo clips inside the run dir (rank 0, once; kept for a resume)."""
+        from rest_fast.train import demo
+
+        cfg, env = self.cfg, self.env
+        log(env, demo.DEMO_NOTICE)
+        data_dir = self.run_dir.path("demo", "clips")
+        if env.is_main:
+            demo.synthesize_dataset(data_dir, videos_per_class=cfg.demo_videos_per_class, frames=cfg.demo_frames,
+                                    size=cfg.demo_resolution, seed=cfg.seed)
+        barrier(env)
+        self.data_source = str(data_dir)
+
+    def setup(self) -> None:
+        from rest_fast.train import inputs
+
+        cfg, env = self.cfg, self.env
+        self._prepare_run_dir()
+        self.data_source, self.blip_source = cfg.data, cfg.blip
+        if cfg.is_demo:
+            self._prepare_demo()
+        if cfg.blip == inputs.TINY:  # random-init tiny BLIP, written into the run dir so a resume reloads it
+            self.blip_source = str(inputs.ensure_tiny_blip(self.run_dir.path("models", "tiny_blip"), cfg, env))
+        index = inputs.build_index(self.data_source, cfg.data_root)
+        self.n = len(index)
+        if self.n < 2:
+            raise ValueError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}")
+        self.h = min(cfg.num_neighbours, self.n - 1)
+        if self.h < cfg.num_neighbours:
+            msg = f"num_neighbours H={cfg.num_neighbours} capped at N-1={self.h} (only {self.n} videos)"
+            warnings.warn(msg, stacklevel=2)
+            log(env, f"warning: {msg}")
+        self.model, self.clip = inputs.load_models(self.blip_source, cfg.clip, cfg, env)
+        self.inputs = inputs.Inputs(index, cfg, env, blip_source=self.blip_source, clip=self.clip)
+        log(env, f"REST: {self.n} videos, T={cfg.num_frames}, S={cfg.image_size}, K={cfg.k}, H={self.h}, "
+                 f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.num_rounds} rounds), world size {env.world_size}, "
+                 f"device {env.device}; run dir {self.run_dir.root}")
+
+    # --- Algorithm 1 steps ---------------------------------------------------------------------------
+    def compute_features_and_neighbours(self) -> None:
+        from rest_fast.train.features import CaptionFeatures, features_key, video_features
+        from rest_fast.train.neighbours import neighbour_graph
+
+        cfg, env = self.cfg, self.env
+        t0 = time.time()
+        key = features_key(videos=[str(p) for p in self.inputs.paths], clip=cfg.clip, seed=cfg.seed,
+                           pretrained=cfg.clip_pretrained, T=cfg.num_frames, size=self.inputs.clip_size)
+        self.video_feats = video_features(
+            self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
+            key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features"))
+        self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"))
+        self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device)
+        self._record_bad_files()
+        log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
+                 f"({time.time() - t0:.1f} s)")
+
+    def round_zero(self) -> None:
+        """Initial captions (T x P per video) and the first retrieval update; snapshot round 0."""
+        from rest_fast.cache import CaptionCache
+        from rest_fast.train.generate_round import caption_round
+        from rest_fast.train.initial_captions import initial_captions
+
+        cfg, env = self.cfg, self.env
+        t0 = time.time()
+        path = self.run_dir.path("captions", "initial.jsonl")
+        initial = None
+        if env.is_main and path.exists():
+            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if len(recs) == self.n:
+                initial = [r["captions"] for r in recs]
+        initial = broadcast_object(env, initial)
+        if initial is None:
+            initial = initial_captions(
+                self.model, self.inputs.eval_batches("blip"), list(cfg.prompts), env, train_prompt=cfg.train_prompt,
+                num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length, amp=cfg.amp,
+                progress=_progress(cfg, env, "initial captions"))
+            if env.is_main:
+                atomic_write_jsonl(path, [{"video": str(self.inputs.rel(i)), "captions": c} for i, c in enumerate(initial)])
+        m = len(cfg.prompts) * cfg.num_frames
+        self.cache = CaptionCache(self.n, cfg.k)
+        flat = [c for caps in initial for c in caps]
+        initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
+        stats = caption_round(0, None, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours, cfg.k,
+                              env, batch_size=cfg.eval_batch_size, amp=cfg.amp, initial_ids=initial_ids)
+        stats["initial_captions"] = int(initial_ids.size)
+        stats["initial_distinct"] = int(np.unique(initial_ids).size)
+        self._finish_round(0, stats, generated=None, seconds=time.time() - t0, epoch=0)
+
+    def caption_round(self, r: int, epoch: int) -> None:
+        from rest_fast.train.generate_round import caption_round, generate_captions
+
+        cfg, env = self.cfg, self.env
+        t0 = time.time()
+        generated = generate_captions(self._bare_model(), self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
+                                      num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
+                                      amp=cfg.amp, progress=_progress(cfg, env, f"round {r} captions"))
+        stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
+                              cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+        self._finish_round(r, stats, generated=generated, seconds=time.time() - t0, epoch=epoch)
+
+    def _finish_round(self, r: int, stats: dict, *, generated: list[str] | None, seconds: float, epoch: int) -> None:
+        """Persist round ``r`` (cache, caption features, captions file, metrics), then the state."""
+        cfg, env = self.cfg, self.env
+        tam = self._clip_tam(generated)
+        if env.is_main:
+            self.cache.save(str(self.run_dir.cache_path(r)))
+            self.text_feats.save(self.run_dir.path("features", f"captions_{r:02d}.npy"))
+            ids, scores = self.cache.get(np.arange(self.n, dtype=np.int64))
+            recs = []
+            for i in range(self.n):
+                rec = {"video": str(self.inputs.rel(i)), "index": i,
+                       "captions": [self.cache.text(int(c)) for c in ids[i] if c >= 0],
+                       "scores": [round(float(s), 6) for s, c in zip(scores[i], ids[i]) if c >= 0]}
+                if generated is not None:
+                    rec["generated"] = generated[i]
+                if self.inputs.labels is not None:
+                    rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
+                recs.append(rec)
+            atomic_write_jsonl(self.run_dir.captions_path(r), recs)
+            record = {"kind": "round", "round": r, "epoch": epoch, "seconds": round(seconds, 3), **stats, **tam}
+            self.run_dir.append_metric(record)
+            prev = self.run_dir.read_state() or {}
+            self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
+                                      "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
+                                      "caption_features": f"features/captions_{r:02d}.npy"})
+            acc = f", CLIP-TAM top-1 {tam['tam_top1']:.1%}" if "tam_top1" in tam else ""
+            print(f"round {r}/{cfg.num_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
+                  f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['cache_size']} captions in cache"
+                  f"{acc} [{seconds:.1f} s]", flush=True)
+        barrier(env)
+
+    def _clip_tam(self, generated: list[str] | None) -> dict:
+        """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot)."""
+        if self.inputs.labels is None or not self.env.is_main:
+            return {}
+        from rest_fast.eval.clip_tam import clip_tam
+
+        ids, _ = self.cache.get(np.arange(self.n, dtype=np.int64))
+        top = [self.cache.text(int(c)) if c >= 0 else "" for c in ids[:, 0]]
+        labels = np.asarray(self.inputs.labels)
+        out = {}
+        topk = min(5, len(self.inputs.class_names))
+        for name, caps in (("tam", generated), ("tam_pseudo", top)):
+            if caps is None:
+                continue
+            pred, _ = clip_tam(caps, self.inputs.class_names, self.clip, topk=topk)
+            pred = np.asarray(pred)
+            out[f"{name}_top1"] = float((pred[:, 0] == labels).mean())
+            out[f"{name}_top5"] = float((pred == labels[:, None]).any(axis=1).mean())
+        return out
+
+    def _record_bad_files(self) -> None:
+        self.inputs.write_bad_files(self.run_dir.root)
+
+    # --- self-training -------------------------------------------------------------------------------
+    def _bare_model(self):
+        return self.model
+
+    def setup_training(self) -> None:
+        from rest_fast.train.self_train import CaptionLoss, build_optimizer, build_scheduler
+
+        cfg, env = self.cfg, self.env
+        self.steps_per_epoch = self.inputs.steps_per_epoch()
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.loss_module = CaptionLoss(self.model, cfg.train_prompt, cfg.label_smoothing)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.lr, cfg.lr_min)
+        self.global_step = 0
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.train_module = DDP(self.loss_module, device_ids=ids)
+        else:
+            self.train_module = self.loss_module
+
+    def load_checkpoint(self, path: Path) -> None:
+        model_state, train_state, meta = RunDir.load_checkpoint(path)
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        self.global_step = int(train_state["step"])
+        rng = train_state.get("rng", {}).get(self.env.rank)
+        if rng is not None:
+            restore_rng(rng)
+
+    def save_checkpoint(self, epoch: int, rnd: int) -> None:
+        from rest_fast.train.distributed import all_gather_objects
+
+        cfg, env = self.cfg, self.env
+        rngs = all_gather_objects(env, capture_rng())
+        if env.is_main:
+            train_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                           "rng": dict(enumerate(rngs)), "step": self.global_step, "epoch": epoch, "round": rnd}
+            ckpt = self.run_dir.save_checkpoint(epoch, self.model.state_dict(), train_state,
+                                                {"round": rnd, "step": self.global_step, "world_size": env.world_size})
+            prev = self.run_dir.read_state() or {}
+            self.run_dir.write_state({**prev, "epoch": epoch, "round": rnd,
+                                      "checkpoint": str(ckpt.relative_to(self.run_dir.root))})
+            self.run_dir.prune_checkpoints(cfg.keep_checkpoints, protect=[ckpt])
+        barrier(env)
+
+    def train_epoch(self, epoch: int, rnd: int) -> dict:
+        """Epoch ``epoch`` (0-based) of round ``rnd`` (1-based)."""
+        from rest_fast.train.self_train import self_train_epoch
+
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, 7))  # dropout draws of this epoch
+        t0 = time.time()
+        base_step = self.global_step
+
+        def on_log(rec: dict) -> None:
+            if env.is_main:
+                self.run_dir.append_metric({"kind": "step", "epoch": epoch + 1, "round": rnd,
+                                            "step": base_step + rec["step_in_epoch"], "loss": rec["loss"], "lr": rec["lr"]})
+
+        stats = self_train_epoch(self.train_module, self.optimizer, self.scheduler, self.inputs.train_batches(epoch),
+                                 self.cache, epoch=epoch, seed=cfg.seed, env=env, amp=cfg.amp, grad_clip=cfg.grad_clip,
+                                 log_every=cfg.log_every, on_log=on_log,
+                                 progress=_progress(cfg, env, f"epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch))
+        self.global_step += stats["steps"]
+        self._record_bad_files()
+        if env.is_main:
+            self.run_dir.append_metric({"kind": "epoch", "epoch": epoch + 1, "round": rnd, "loss": stats["loss"],
+                                        "lr": self.optimizer.param_groups[0]["lr"], "step": self.global_step,
+                                        "seconds": round(time.time() - t0, 3)})
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} [{time.time() - t0:.1f} s]", flush=True)
+        return stats
+
+    def _restore_round(self, rnd: int) -> None:
+        from rest_fast.cache import CaptionCache
+
+        self.cache = CaptionCache.load(str(self.run_dir.cache_path(rnd)))
+        self.text_feats.load(self.run_dir.path("features", f"captions_{rnd:02d}.npy"), max_rows=len(self.cache))
+        self.text_feats.update(self.cache, self.clip, self.env, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp)
+
+    # --- Algorithm 1 ---------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg, env = self.cfg, self.env
+        t_start = time.time()
+        self.setup()
+        self.compute_features_and_neighbours()
+        self.setup_training()
+        if self.state is None:
+            epoch, rnd = 0, -1
+        else:
+            epoch, rnd = int(self.state["epoch"]), int(self.state["round"])
+            log(env, f"resuming {self.run_dir.root} after epoch {epoch}, round {rnd}")
+        if rnd >= 0:
+            self._restore_round(rnd)
+        if self.ckpt is not None:
+            self.load_checkpoint(self.ckpt)
+        if rnd < 0:
+            self.round_zero()
+            rnd = 0
+        while True:
+            nxt = rnd + 1
+            if nxt <= cfg.num_rounds and epoch >= cfg.round_end_epoch(nxt):
+                self.caption_round(nxt, epoch)
+                rnd = nxt
+                self._report()
+                continue
+            if epoch >= cfg.epochs:
+                break
+            self.train_epoch(epoch, rnd + 1)
+            epoch += 1
+            self.save_checkpoint(epoch, rnd)
+        self._report(final=True)
+        log(env, f"done: {cfg.epochs} epochs, {rnd} rounds in {time.time() - t_start:.1f} s; run dir {self.run_dir.root}")
+        if cfg.is_demo:
+            from rest_fast.train.demo import DEMO_NOTICE
+
+            log(env, DEMO_NOTICE)
+        return self.run_dir.root
+
+    def _report(self, final: bool = False) -> None:
+        if not self.env.is_main:
+            return
+        from rest_fast.train.report import write_report
+
+        try:
+            write_report(self.run_dir.root, max_videos=self.cfg.report_videos, frames_of=self.inputs.frame_strip)
+        except Exception as exc:  # noqa: BLE001 - a plotting failure must not kill a training run
+            print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
+    """Run (or resume) Algorithm 1 with ``cfg``; returns the run directory. Works under torchrun."""
+    env = dist_utils.setup(cfg.device)
+    try:
+        return Trainer(cfg, env, resume=resume).run()
+    finally:
+        dist_utils.cleanup(env)

@@ -1,0 +1,147 @@
+"""PyAV loader: the batch contract, determinism across worker counts, bad-file recovery and threshold."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import video_fixtures as vf
+
+from rest_fast.data import (
+    BadFilesReport,
+    PyAVClipLoader,
+    TooManyBadFiles,
+    VideoIndex,
+    read_clip,
+    sample_seed,
+)
+
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader_videos")
+    paths = []
+    for i in range(6):
+        codec = ["h264", "vp9", "mjpeg"][i % 3]
+        ext = vf.CODECS[codec][2]
+        paths.append(str(vf.write_index_clip(root / f"c{i}.{ext}", 10 + 3 * i, codec, width=34, height=26)))
+    bad = root / "bad.mp4"
+    bad.write_text("not a video")
+    return paths, str(bad)
+
+
+def _batches(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_batch_contract_and_normalisation(clips):
+    paths, _ = clips
+    idx = VideoIndex.from_paths(paths, labels=list(range(6)))
+    loader = PyAVClipLoader(idx, batch_size=4, num_frames=4, size=16, mean=MEAN, std=STD, num_workers=0)
+    bs = _batches(loader)
+    assert len(bs) == len(loader) == 2
+    b = bs[0]
+    assert b.clips.shape == (4, 4, 3, 16, 16) and b.clips.dtype == torch.float32
+    assert b.labels.tolist() == [0, 1, 2, 3] and b.index.tolist() == [0, 1, 2, 3]
+    raw, fidx = read_clip(paths[1], 4, size=16, return_indices=True)
+    want = (raw.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(b.clips[1], want)
+    assert b.frame_indices[1].tolist() == fidx
+    assert len(loader.bad_files) == 0
+
+
+def test_same_seed_same_batches_any_workers(clips):
+    paths, _ = clips
+    idx = VideoIndex.from_paths(paths)
+    kw = dict(batch_size=3, num_frames=4, size=12, mean=MEAN, std=STD, train=True, seed=11)
+    a = _batches(PyAVClipLoader(idx, num_workers=0, **kw), epoch=2)
+    b = _batches(PyAVClipLoader(idx, num_workers=2, **kw), epoch=2)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert torch.equal(x.index, y.index) and torch.equal(x.frame_indices, y.frame_indices)
+        assert torch.equal(x.clips, y.clips)
+        assert (x.labels == -1).all()
+    # per-entry results equal read_clip with the documented seed
+    e = int(a[0].index[0])
+    want = read_clip(paths[e], 4, size=12, train=True, seed=sample_seed(11, 2, e))
+    torch.testing.assert_close(a[0].clips[0], (want.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1))
+                               / torch.tensor(STD).view(1, 3, 1, 1))
+    c = _batches(PyAVClipLoader(idx, num_workers=0, **kw), epoch=3)
+    assert not all(torch.equal(x.frame_indices, y.frame_indices) for x, y in zip(a, c))
+
+
+def test_bad_file_resampled_and_reported(clips, tmp_path):
+    paths, bad = clips
+    idx = VideoIndex.from_paths(paths + [bad], labels=[0] * 6 + [9])
+    kw = dict(batch_size=7, num_frames=2, size=8, mean=MEAN, std=STD, max_bad_fraction=0.2)
+    loader = PyAVClipLoader(idx, num_workers=0, **kw)
+    (b,) = _batches(loader)
+    assert int(b.index[6]) != 6 and int(b.labels[6]) == 0  # replaced, and the label follows the replacement
+    assert loader.bad_files.rows() == [(bad, "cannot open: Invalid data found when processing input", 1)]
+    (b2,) = _batches(PyAVClipLoader(idx, num_workers=1, **kw))
+    assert torch.equal(b.index, b2.index) and torch.equal(b.clips, b2.clips)  # deterministic resample
+    loader.bad_files.write(tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "bad_files.json").read_text())
+    assert rows == [{"path": bad, "reason": "cannot open: Invalid data found when processing input", "count": 1}]
+    assert (tmp_path / "run" / "bad_files.tsv").read_text().splitlines()[0] == "path\treason\tcount"
+
+
+def test_too_many_bad_files_stops(clips, tmp_path):
+    paths, bad = clips
+    bads = []
+    for i in range(3):
+        shutil.copy(bad, tmp_path / f"b{i}.mp4")
+        bads.append(str(tmp_path / f"b{i}.mp4"))
+    idx = VideoIndex.from_paths(paths + bads)
+    loader = PyAVClipLoader(idx, batch_size=3, num_frames=2, size=8, mean=MEAN, std=STD, num_workers=0)
+    with pytest.raises(TooManyBadFiles, match=r"bad \(> max_bad_fraction=0.05\)"):
+        _batches(loader)
+
+
+def test_missing_files_count_as_bad(clips, tmp_path):
+    paths, _ = clips
+    idx = VideoIndex.from_paths(paths + [str(tmp_path / "gone.mp4")], skip_missing=True)
+    loader = PyAVClipLoader(idx, batch_size=6, num_frames=2, size=8, mean=MEAN, std=STD, num_workers=0,
+                            max_bad_fraction=0.2)
+    assert loader.bad_files.rows() == [(str(tmp_path / "gone.mp4"), "missing file", 1)]
+    assert len(_batches(loader)) == 1
+    strict = PyAVClipLoader(idx, batch_size=6, num_frames=2, size=8, mean=MEAN, std=STD, num_workers=0)
+    with pytest.raises(TooManyBadFiles):
+        _batches(strict)
+
+
+def test_sharding_and_shuffle(clips):
+    paths, _ = clips
+    idx = VideoIndex.from_paths(paths)
+    seen = []
+    for rank in range(2):
+        ld = PyAVClipLoader(idx, batch_size=3, num_frames=1, size=8, mean=MEAN, std=STD, num_workers=0, train=True,
+                            seed=3, rank=rank, world_size=2, drop_last=False)
+        seen += [int(i) for b in _batches(ld) for i in b.index]
+    assert sorted(seen) == list(range(6))
+
+
+def test_argument_errors(clips):
+    idx = VideoIndex.from_paths(clips[0])
+    with pytest.raises(ValueError, match="batch_size"):
+        PyAVClipLoader(idx, batch_size=0, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="mean and std"):
+        PyAVClipLoader(idx, batch_size=2, mean=(0.5,), std=STD)
+    with pytest.raises(ValueError, match="rank"):
+        PyAVClipLoader(idx, batch_size=2, mean=MEAN, std=STD, rank=2, world_size=2)
+
+
+def test_report_merge_and_summary():
+    r = BadFilesReport()
+    r.add("a", "x")
+    r.add("a", "y")
+    o = BadFilesReport()
+    o.add("b", "z", 3)
+    r.merge(o)
+    assert r.rows() == [("b", "z", 3), ("a", "x", 2)]
+    assert "2 bad file(s)" in r.summary()
