@@ -100,7 +100,7 @@ def main() -> None:
         for method in ("plain", "reference", "fast"):
             D.reset_verification()
             read_clip(path, T, size=S, method=method)  # warm-up (and, for fast, nothing to verify)
-            t = harness.time_fn(lambda m=method: read_clip(path, T, size=S, method=m), warmup=1, min_time_s=min_time,
+            t = harness.time_fn(lambda m=method, p=path: read_clip(p, T, size=S, method=m), warmup=1, min_time_s=min_time,
                                 max_reps=20)
             rate = 1e3 / t.median_ms
             base.setdefault(codec, rate)

@@ -23,6 +23,7 @@ over the best torch provider for that shape and mode.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -141,6 +142,43 @@ def summary(table: Table, hardware: str) -> str:
     return "\n".join(lines)
 
 
+def sweep(device: torch.device, dtype: torch.dtype, shape) -> Table:
+    """Time the Triton launchers over explicit tile configurations (to choose ``_bwd_config`` and check the
+    forward autotuner's pick). The backward is not autotuned: its tiles fix the dw reduction order."""
+    from rest_fast.ops.dwconv3d import dwconv3d_bwd, dwconv3d_fwd
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    w = torch.randn((shape[-1], 3, 3, 3), device=device, dtype=dtype, generator=g) * 0.1
+    b = torch.randn(shape[-1], device=device, dtype=dtype, generator=g)
+    dy = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    unit = x.numel() * x.element_size()
+    table = Table("dwconv_sweep", ["shape", "dtype", "kernel", "BLOCK_P", "BLOCK_C", "num_warps", "programs",
+                                   "median_ms", "GB/s"])
+    dname = {v: k for k, v in DTYPES.items()}[dtype]
+    base = dict(shape="x".join(map(str, shape)), dtype=dname)
+    for bp in (16, 32, 64, 128):
+        for bc in (32, 64, 128):
+            for nw in (1, 2, 4, 8):
+                if not 512 <= bp * bc <= 8192:
+                    continue
+                tiles = dict(residual=True, block_p=bp, block_c=bc, num_warps=nw)
+                cases = {"fwd": (functools.partial(dwconv3d_fwd, x, w, b, **tiles), 2)}
+                if bp * bc <= 4096:
+                    cases["bwd"] = (functools.partial(dwconv3d_bwd, dy, x, w, **tiles), 3)
+                for kname, (fn, units) in cases.items():
+                    try:
+                        fn()
+                        t = time_fn(fn, device=device)
+                    except Exception as e:  # noqa: BLE001 - e.g. out of resources for a large tile
+                        print(f"skip {kname} {bp}x{bc} w{nw}: {type(e).__name__}")
+                        continue
+                    table.add(**base, kernel=kname, BLOCK_P=bp, BLOCK_C=bc, num_warps=nw, median_ms=t.median_ms,
+                              **{"GB/s": units * unit / (t.median_ms * 1e-3) / 1e9})
+    table.rows.sort(key=lambda r: (r["kernel"], r["median_ms"]))
+    return table
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu --quick)")
@@ -149,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="8,64", help="batch sizes of the ViT-B/16 shapes (T=8, 14x14, C=768)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     ap.add_argument("--summary", default=None, metavar="FILE", help="append the compact table to FILE")
+    ap.add_argument("--sweep", action="store_true",
+                    help="CUDA: also time the Triton launchers over explicit tile configs (batch = last of --batches)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -173,6 +213,10 @@ def main(argv=None) -> int:
     if args.summary:
         with open(args.summary, "a") as f:
             f.write(text + "\n\n")
+    if args.sweep and device.type == "cuda":
+        st = sweep(device, dtype, shapes[-1])
+        print(st.format())
+        st.save(hw)
     return 0
 
 

@@ -29,6 +29,7 @@ step "pytest -m gpu" 180 python -m pytest -m gpu -q -x
 : > "$OUT/summary.txt"
 # --- bench steps (each issue adds its own line) ---
 step "bench dwconv" 120 python bench/dwconv.py --device cuda --summary "$OUT/summary.txt"
+step "bench decode" 120 python bench/decode.py --device cuda --summary "$OUT/summary.txt"
 # --- end bench steps ---
 
 echo

@@ -180,13 +180,15 @@ py::array_t<int32_t> candidates(const CaptionCache& c, py::handle videos, py::ha
   if (nb.view.rows != v.view.rows)
     throw rest_fast::ValueError("neighbours must have n = " + std::to_string(v.view.rows) + " rows, got shape " +
                                 shape_of(nb.arr));
-  std::vector<int32_t> out;
+  std::unique_ptr<int32_t[]> out;
   int64_t L = 0;
   {
     py::gil_scoped_release release;
     out = c.candidates(v.view, nb.view, L);
   }
-  return adopt(std::move(out), {v.view.rows, static_cast<py::ssize_t>(L)});
+  int32_t* data = out.release();
+  py::capsule owner(data, [](void* p) { delete[] static_cast<int32_t*>(p); });
+  return py::array_t<int32_t>({v.view.rows, static_cast<py::ssize_t>(L)}, data, owner);
 }
 
 py::array_t<int32_t> sample(const CaptionCache& c, py::handle videos, py::handle seed) {

@@ -15,6 +15,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <thread>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -460,7 +461,27 @@ void CaptionCache::add_pending(const IndexView& videos, const IndexView& ids) {
   for (int64_t i = 0; i < n; ++i) rows_[vids[i] * W + k_] = local[i];
 }
 
-std::vector<int32_t> CaptionCache::candidates(const IndexView& videos, const IndexView& nb, int64_t& L) const {
+namespace {
+// Growable int32 buffer without zero-filling; realloc lets large blocks grow without a copy (mremap).
+struct IdBuffer {
+  int32_t* p = nullptr;
+  size_t size = 0, cap = 0;
+  IdBuffer() = default;
+  IdBuffer(const IdBuffer&) = delete;
+  IdBuffer& operator=(const IdBuffer&) = delete;
+  ~IdBuffer() { std::free(p); }
+  void reserve(size_t need) {
+    if (need <= cap) return;
+    const size_t nc = std::max(need, cap + cap / 2);
+    void* q = std::realloc(p, nc * sizeof(int32_t));
+    if (!q) throw std::bad_alloc();
+    p = static_cast<int32_t*>(q);
+    cap = nc;
+  }
+};
+}  // namespace
+
+std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, const IndexView& nb, int64_t& L) const {
   const auto vids = read_videos(videos, num_videos_);
   const int64_t n = videos.rows, H = nb.cols, W = k_ + 1, N = num_videos_;
   std::shared_lock lk(mu_);
@@ -468,29 +489,36 @@ std::vector<int32_t> CaptionCache::candidates(const IndexView& videos, const Ind
   const int T = static_cast<int>(
       std::min<int64_t>(num_threads(static_cast<size_t>(n * (H + 1) * W), 1 << 16), std::max<int64_t>(n, 1)));
   struct Part {
-    std::vector<int32_t> ids;
+    IdBuffer ids;
     std::vector<size_t> start;  // row r of the chunk is ids[start[r] : start[r+1]]
     int64_t bad_i = -1, bad_j = -1, bad_v = 0;
   };
   std::vector<Part> parts(T);
   const int32_t* rows = rows_.data();
+  const size_t row_max = static_cast<size_t>((H + 1) * W);
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     Part& p = parts[t];
-    // "Last row that saw this id": one stamp array per thread replaces a hash set per row.
-    std::vector<uint32_t> stamp(C, 0);
+    // "Last row that saw this id": one stamp array per thread replaces a hash set per row. It is
+    // indexed by id + 1 and stamp[0] (id -1, an empty slot) is set to the current row first, so the
+    // inner loop has no branch: write the id, advance only if its stamp was not the row's.
+    std::vector<uint32_t> stamp(C + 1, 0);
     p.start.reserve(static_cast<size_t>(e - b + 1));
-    p.ids.reserve(static_cast<size_t>(e - b) * static_cast<size_t>(std::min<int64_t>((H + 1) * W, 256)));
+    p.ids.reserve(static_cast<size_t>(e - b) * std::min<size_t>(row_max, 64));
     for (int64_t i = b; i < e; ++i) {
       const uint32_t st = static_cast<uint32_t>(i - b + 1);
-      p.start.push_back(p.ids.size());
+      p.start.push_back(p.ids.size);
+      p.ids.reserve(p.ids.size + row_max);
+      int32_t* out = p.ids.p + p.ids.size;
+      size_t cnt = 0;
+      stamp[0] = st;
       auto take = [&](int64_t v) {
         const int32_t* r = rows + v * W;
         for (int64_t j = 0; j < W; ++j) {
           const int32_t id = r[j];
-          if (id >= 0 && stamp[id] != st) {
-            stamp[id] = st;
-            p.ids.push_back(id);
-          }
+          const uint32_t old = stamp[id + 1];
+          stamp[id + 1] = st;
+          out[cnt] = id;
+          cnt += old != st;
         }
       };
       take(vids[i]);
@@ -507,21 +535,22 @@ std::vector<int32_t> CaptionCache::candidates(const IndexView& videos, const Ind
         }
         take(u);
       }
+      p.ids.size += cnt;
     }
-    p.start.push_back(p.ids.size());
+    p.start.push_back(p.ids.size);
   });
   for (const Part& p : parts)  // chunks are in row order, so the first hit is the first bad entry
     if (p.bad_i >= 0) throw IndexError(range_msg("neighbours", p.bad_i, p.bad_j, true, p.bad_v, "video ids", -1, N));
   L = 0;
   for (const Part& p : parts)
     for (size_t r = 0; r + 1 < p.start.size(); ++r) L = std::max<int64_t>(L, p.start[r + 1] - p.start[r]);
-  std::vector<int32_t> out(static_cast<size_t>(n * L));
+  std::unique_ptr<int32_t[]> out(new int32_t[static_cast<size_t>(std::max<int64_t>(n * L, 1))]);
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     const Part& p = parts[t];
     for (int64_t i = b; i < e; ++i) {
       const size_t s0 = p.start[i - b], s1 = p.start[i - b + 1];
-      int32_t* o = out.data() + i * L;
-      std::copy(p.ids.begin() + s0, p.ids.begin() + s1, o);
+      int32_t* o = out.get() + i * L;
+      std::copy(p.ids.p + s0, p.ids.p + s1, o);
       std::fill(o + (s1 - s0), o + L, -1);
     }
   });

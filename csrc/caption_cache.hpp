@@ -98,8 +98,8 @@ class CaptionCache {
   // ids: [n, k]; scores: contiguous float32 [n, k]. Validates everything before changing anything.
   void set(const IndexView& videos, const IndexView& ids, const float* scores);
   void add_pending(const IndexView& videos, const IndexView& ids);
-  // Returns the dense [n, L] matrix row-major and sets L.
-  std::vector<int32_t> candidates(const IndexView& videos, const IndexView& neighbours, int64_t& L) const;
+  // Returns the dense [n, L] matrix row-major (uninitialised allocation, every entry written) and sets L.
+  std::unique_ptr<int32_t[]> candidates(const IndexView& videos, const IndexView& neighbours, int64_t& L) const;
   void sample(const IndexView& videos, uint64_t seed, int32_t* out) const;
 
   void snapshot_round(int64_t round);

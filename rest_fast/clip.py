@@ -93,9 +93,12 @@ class _HFAdapter:
         self.context_length = context_length
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
-        ) if _is_hf_tokenizer(self.tokenizer) else self.tokenizer(texts, context_length=self.context_length)
+        if _is_hf_tokenizer(self.tokenizer):
+            out = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
+            )
+        else:
+            out = self.tokenizer(texts, context_length=self.context_length)
         if isinstance(out, torch.Tensor):
             # An open_clip tokenizer (same OpenAI BPE): the text tower is causal and pools at the first EOS,
             # so the zero padding after it cannot change the result and no attention mask is needed.
@@ -122,7 +125,9 @@ def _is_hf_tokenizer(tok) -> bool:
 
 
 def _is_hf_clip(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("vision_model", "text_model", "visual_projection", "text_projection"))
+    return all(
+        hasattr(model, a) for a in ("vision_model", "text_model", "visual_projection", "text_projection")
+    )
 
 
 def _is_hf_dir(name: str) -> bool:
@@ -173,7 +178,9 @@ class FrozenCLIP(nn.Module):
         if dtype is None:
             dtype = default_dtype(device)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise ValueError(f"dtype must be a floating dtype (float32/float16/bfloat16/float64), got {dtype}")
+            raise ValueError(
+                f"dtype must be a floating dtype (float32/float16/bfloat16/float64), got {dtype}"
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
@@ -463,12 +470,22 @@ def tiny_clip(
         model = CLIP(
             embed_dim=embed_dim,
             vision_cfg=CLIPVisionCfg(
-                layers=layers, width=width, head_width=width // heads, patch_size=patch_size, image_size=image_size
+                layers=layers,
+                width=width,
+                head_width=width // heads,
+                patch_size=patch_size,
+                image_size=image_size,
             ),
             text_cfg=CLIPTextCfg(
-                context_length=context_length, vocab_size=_OPENAI_VOCAB_SIZE, width=width, heads=heads, layers=layers
+                context_length=context_length,
+                vocab_size=_OPENAI_VOCAB_SIZE,
+                width=width,
+                heads=heads,
+                layers=layers,
             ),
         )
-    clip = FrozenCLIP(model, tokenizer=_openai_bpe_tokenizer(), device=device, dtype=dtype, batch_size=batch_size)
+    clip = FrozenCLIP(
+        model, tokenizer=_openai_bpe_tokenizer(), device=device, dtype=dtype, batch_size=batch_size
+    )
     clip.name = f"tiny(embed_dim={embed_dim}, width={width}, layers={layers}, seed={seed})"
     return clip

@@ -14,6 +14,14 @@ from rest_fast.generation import StaticKVCache, beam_search
 from rest_fast.models import GARModel, tiny_blip
 from rest_fast.models.blip_decoder import BlipTextDecoder
 
+# Triton fixes interpreter-vs-compiled mode when it is first imported. Import it (and the adapter kernels) now, at
+# collection, while conftest's TRITON_INTERPRET=1 holds: the fixture below switches tests to the reference path,
+# and a first import under that setting would break interpreted kernels for the rest of the session.
+try:
+    import rest_fast.kernels.dwconv3d  # noqa: F401
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _reference_adapter(monkeypatch):

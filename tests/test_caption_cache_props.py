@@ -77,9 +77,12 @@ def _same(a, b) -> bool:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_operation_sequences_agree(tmp_path_factory, n, k, data):
     py, nat = PyCaptionCache(n, k), _C.CaptionCache(n, k)
-    ops, cid, score = _ops(n, 12)
+    ops, ops_cid, score = _ops(n, 12)
     for step in range(data.draw(st.integers(1, 25), label="steps")):
         op = data.draw(ops, label=f"op{step}")
+        # Mostly valid ids (so that the cache fills up), sometimes anything (so that errors are hit).
+        valid = st.integers(-1, len(py) - 1)
+        cid = st.one_of(valid, valid, valid, ops_cid)
         name = op[0]
         if name == "intern":
             calls = [("intern", (op[1],))]
@@ -93,11 +96,12 @@ def test_random_operation_sequences_agree(tmp_path_factory, n, k, data):
             sc_arr = np.array(sc, dtype=np.float32).reshape(rows, width)
             calls = [("set", (op[1], ids_arr, sc_arr))]
         elif name == "pending":
-            calls = [("add_pending", (op[1], op[2]))]
+            ids = data.draw(st.lists(cid, min_size=len(op[1]), max_size=len(op[1]) + 1), label="pending")
+            calls = [("add_pending", (op[1], ids))]
         elif name == "candidates":
             rows = len(op[1])
             h = data.draw(st.integers(0, 6), label="H")
-            nb = data.draw(st.lists(st.lists(st.integers(-2, n), min_size=h, max_size=h), min_size=rows,
+            nb = data.draw(st.lists(st.lists(st.integers(-2, n) | st.integers(-1, n - 1), min_size=h, max_size=h), min_size=rows,
                                     max_size=rows))
             nb_arr = np.array(nb, dtype=np.int32).reshape(rows, h)
             calls = [("candidates", (op[1], nb_arr)), ("candidates", (op[1], nb_arr.T.copy().T))]

@@ -29,11 +29,23 @@ def hf_clip() -> FrozenCLIP:
 
     cfg = CLIPConfig(
         text_config=dict(
-            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=S, patch_size=8
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=S,
+            patch_size=8,
         ),
         projection_dim=24,
     )
@@ -133,7 +145,13 @@ def test_bf16_weights_close_to_fp32():
 
 # ---------------------------------------------------------------------------------------------- text features
 def test_encode_text_matches_reference_and_batching(clip):
-    texts = ["a man is playing guitar", "someone is", "a video of a dog catching a frisbee in a park", "", "x"]
+    texts = [
+        "a man is playing guitar",
+        "someone is",
+        "a video of a dog catching a frisbee in a park",
+        "",
+        "x",
+    ]
     out = clip.encode_text(texts, batch_size=2)
     assert out.shape == (5, clip.dim)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5), atol=1e-5, rtol=0)
@@ -178,6 +196,26 @@ def test_hf_backend_text_independent_of_padding(hf_clip):
     alone = hf_clip.encode_text(["a man"])
     padded = hf_clip.encode_text(["a man", "a woman is riding a horse along the beach at sunset"])
     torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_backend_with_a_real_hf_tokenizer(hf_clip, tmp_path):
+    # Write the OpenAI BPE that open_clip ships in Hugging Face's vocab/merges format, so the HF tokenizer
+    # branch (padding=True + attention mask) runs offline; it must agree with the open_clip tokenizer branch.
+    import json
+
+    import open_clip
+    from transformers import CLIPTokenizerFast
+
+    oc = open_clip.get_tokenizer("ViT-B-16")
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (tmp_path / "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in oc.encoder.items()}))
+    merges = sorted(oc.bpe_ranks, key=oc.bpe_ranks.get)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    hf_tok = CLIPTokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    texts = ["a man is playing an acoustic guitar on stage!", "yo-yo", "Hello, World"]
+    assert hf_tok(texts)["input_ids"][1] == oc(texts, context_length=8)[1][:5].tolist()
+    with_hf = FrozenCLIP(hf_clip.model, tokenizer=hf_tok, device="cpu")
+    torch.testing.assert_close(with_hf.encode_text(texts), hf_clip.encode_text(texts), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -91,7 +91,7 @@ def test_fast_path_jumps_and_skips(fx, monkeypatch):
     calls = {"flush": 0, "nonref": 0, "sent": 0}
     orig = D._fast_decode
 
-    def spy(container, stream, packets, indices):
+    def spy(container, stream, packets, indices, convert):
         cc = stream.codec_context
 
         class Wrap:
@@ -114,7 +114,7 @@ def test_fast_path_jumps_and_skips(fx, monkeypatch):
         class S:
             codec_context = Wrap()
 
-        return orig(container, S(), packets, indices)
+        return orig(container, S(), packets, indices, convert)
 
     monkeypatch.setattr(D, "_fast_decode", spy)
     frames, idx, _ = D.read_frames_fast(fx["h264_gop"], 4)
@@ -146,9 +146,9 @@ def test_auto_falls_back_when_fast_path_differs(fx, monkeypatch):
     assert idx == ref_idx and all(np.array_equal(a, b) for a, b in zip(frames, ref))
     assert D.verification_state()[("matroska,webm", "vp9")]["failed"]
     calls = []
-    monkeypatch.setattr(D, "read_frames_fast", lambda *a, **k: calls.append(1))
-    D.read_frames(fx["vp9"], 4)  # a failed type never tries the fast path again
-    assert not calls
+    monkeypatch.setattr(D, "_fast_decode", lambda *a, **k: calls.append(1))
+    frames, idx = D.read_frames(fx["vp9"], 4)  # a failed type never tries the fast path again
+    assert not calls and idx == ref_idx and all(np.array_equal(a, b) for a, b in zip(frames, ref))
 
 
 def test_rotation_is_honoured(fx):
@@ -217,3 +217,20 @@ def test_read_clip_argument_errors(fx):
         read_clip(fx["h264"], 4, backend="decord")
     with pytest.raises(ValueError, match="method"):
         D.read_frames(fx["h264"], 4, method="magic")
+
+
+@pytest.mark.parametrize("name", ["textured", "rotated_tex", "vp9", "mjpeg", "rotated"])
+@pytest.mark.parametrize("train", [False, True])
+def test_swscale_crop_resize_matches_torch_reference(fx, name, train):
+    """read_clip's one-pass swscale crop+resize vs the torch reference on full RGB frames."""
+    for seed in range(3) if train else [None]:
+        a, ia = read_clip(fx[name], 4, size=24, train=train, seed=seed, return_indices=True)
+        b, ib = read_clip(fx[name], 4, size=24, train=train, seed=seed, return_indices=True, resize="torch")
+        assert ia == ib and a.shape == b.shape == (4, 24, 24, 3)
+        diff = (a.double() - b.double()).abs()
+        assert diff.mean() < 4.0, f"seed {seed}: mean |delta| {diff.mean():.2f}"
+
+
+def test_rotated_clip_reads_upright(fx):
+    x, idx = read_clip(fx["rotated"], 4, size=24, return_indices=True)
+    assert [vf.decode_index(np.rot90(f.numpy(), -1)) for f in x] == idx

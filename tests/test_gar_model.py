@@ -8,6 +8,14 @@ import torch.nn.functional as F
 
 from rest_fast.models import GARModel, tiny_blip, tiny_tokenizer
 
+# Triton fixes interpreter-vs-compiled mode when it is first imported. Import it (and the adapter kernels) now, at
+# collection, while conftest's TRITON_INTERPRET=1 holds: the fixture below switches tests to the reference path,
+# and a first import under that setting would break interpreted kernels for the rest of the session.
+try:
+    import rest_fast.kernels.dwconv3d  # noqa: F401
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _reference_adapter(monkeypatch):
@@ -73,14 +81,10 @@ def test_encode_matches_layerwise_reference(T, layers):
         ref = _encode_reference(gar, videos)
     assert out.shape == (2, 1 + 16, 32)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    if T > 1:  # the adapters really mix frames: a change in frame 0 reaches frame 1's patch tokens
-        v2 = videos.clone()
-        v2[:, 0] += 1.0
+    if T > 1:  # the adapters mix frames: a clip is not the mean of its frames encoded one by one
         with torch.no_grad():
-            no_adapt = GARModel(blip, tok, num_frames=T, adapter_layers=[])
-            d_adapt = (gar.encode(v2) - out).abs().sum()
-            d_plain = (no_adapt.encode(v2) - no_adapt.encode(videos)).abs().sum()
-        assert d_adapt != d_plain
+            per_frame = torch.stack([gar.encode(videos[:, t]) for t in range(T)], 1).mean(1)
+        assert (out - per_frame).abs().max() > 1e-3
 
 
 def test_encode_zero_adapters_is_frame_mean_of_blip():

@@ -62,3 +62,97 @@ def test_derive_seed_stable_and_distinct():
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
     assert len({derive_seed(0, e, s) for e in range(5) for s in range(5)}) == 25
     assert 0 <= derive_seed(2**40, -1) < 2**31
+
+
+def _unit(rows):
+    t = torch.tensor(rows, dtype=torch.float32)
+    return t / t.norm(dim=1, keepdim=True)
+
+
+def test_retrieval_update_keeps_exactly_the_right_distinct_captions():
+    from rest_fast.cache import CaptionCache
+    from rest_fast.train.retrieval_update import retrieval_update
+
+    video = _unit([[1, 0], [0, 1], [0.6, 0.8]])
+    caps = _unit([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8], [-1, 0], [1, 1]])  # c0..c5
+    cache = CaptionCache(3, 2)
+    assert cache.intern([f"c{i}" for i in range(6)]).tolist() == list(range(6))
+    cache.set([0, 1, 2], np.array([[4, 1], [2, 4], [3, -1]]), np.zeros((3, 2), np.float32))
+    cache.add_pending([0, 1, 2], np.array([0, 1, 4]))
+    neighbours = np.array([[2], [2], [0]], dtype=np.int32)  # self excluded
+    stats = retrieval_update(cache, video, caps, neighbours, 2, ENV1)
+    ids, scores = cache.get([0, 1, 2])
+    # v0 sees {c4,c1} ∪ {c0} ∪ v2's {c3,c4}; v1 sees {c2,c4} ∪ {c1} ∪ {c3,c4}; v2 sees {c3} ∪ {c4} ∪ v0's {c4,c1,c0}.
+    # c5 scores highest for v2 (0.99) but is in nobody's pool: it must not appear.
+    assert ids.tolist() == [[0, 1], [2, 3], [3, 1]]
+    np.testing.assert_allclose(scores, [[1.0, 0.8], [1.0, 0.8], [1.0, 0.96]], atol=1e-6)
+    assert stats["distinct_captions"] == 4 and stats["videos_short_of_k"] == 0
+
+
+def test_first_update_sees_all_initial_captions_of_self_and_neighbours():
+    from rest_fast.cache import CaptionCache
+    from rest_fast.train.retrieval_update import retrieval_update
+
+    video = _unit([[1, 0], [0, 1], [1, 1]])
+    caps = _unit([[1, 0.1], [0.9, 0.1], [0.1, 1], [0.2, 1], [1, 0.9], [-1, -1]])
+    cache = CaptionCache(3, 2)
+    cache.intern([f"c{i}" for i in range(6)])
+    # 3 initial captions per video (more than K=2); repeats across videos are allowed
+    initial = np.array([[5, 1, 1], [5, 3, 5], [5, 5, 4]], dtype=np.int32)
+    neighbours = np.array([[1], [0], [0]], dtype=np.int32)
+    retrieval_update(cache, video, caps, neighbours, 2, ENV1, initial_ids=initial)
+    ids, _ = cache.get([0, 1, 2])
+    # v0: {5,1,3} -> 1, 3 (c3 comes from the neighbour); v1: {5,3,1} -> 3, 1; v2: {5,4,1} -> 4, 1
+    assert ids.tolist() == [[1, 3], [3, 1], [4, 1]]
+
+
+def test_retrieval_update_pads_when_fewer_than_k():
+    from rest_fast.cache import CaptionCache
+    from rest_fast.train.retrieval_update import retrieval_update
+
+    video = _unit([[1, 0], [0, 1]])
+    caps = _unit([[1, 0]])
+    cache = CaptionCache(2, 3)
+    cache.intern(["only"])
+    retrieval_update(cache, video, caps, np.array([[1], [0]]), 3, ENV1, initial_ids=np.array([[0], [-1]], np.int32))
+    ids, scores = cache.get([0, 1])
+    assert ids.tolist() == [[0, -1, -1], [0, -1, -1]]
+    assert np.isinf(scores[:, 1:]).all()
+
+
+class _CountingEncoder:
+    """Wraps a text encoder and records what it was asked to embed."""
+
+    def __init__(self, clip):
+        self.clip, self.seen = clip, []
+
+    def encode_text(self, texts):
+        self.seen.extend(texts)
+        return self.clip.encode_text(texts)
+
+
+def test_caption_round_embeds_only_new_captions_and_snapshots():
+    from rest_fast.cache import CaptionCache
+    from rest_fast.clip import tiny_clip
+    from rest_fast.train.features import CaptionFeatures
+    from rest_fast.train.generate_round import caption_round
+
+    enc = _CountingEncoder(tiny_clip(seed=0))
+    n = 4
+    video = torch.nn.functional.normalize(torch.randn(n, enc.clip.dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    nb = np.array([[1], [0], [3], [2]], dtype=np.int32)
+    cache = CaptionCache(n, 2)
+    feats = CaptionFeatures(enc.clip.dim, torch.device("cpu"))
+    initial = cache.intern(["a dog", "a cat", "a dog", "a bird", "a fish", "a cat", "a cow", "a dog"]).reshape(n, 2)
+    caption_round(0, None, cache, feats, enc, video, nb, 2, ENV1, initial_ids=initial)
+    assert sorted(enc.seen) == sorted(["a dog", "a cat", "a bird", "a fish", "a cow"])
+    torch.testing.assert_close(feats.valid, enc.clip.encode_text(cache.texts(np.arange(len(cache)))))
+    enc.seen.clear()
+    stats = caption_round(1, ["a cat", "a horse", "A  Horse", "a dog"], cache, feats, enc, video, nb, 2, ENV1)
+    assert enc.seen == ["a horse"]  # normalised duplicates and known captions are not embedded again
+    assert stats["new_captions"] == 1 and len(feats) == len(cache) == 6
+    assert [r for r, _ in cache.history(1)] == [0, 1]
+    # video 1 generated "a horse": it is a candidate of video 1 and of its neighbour 0
+    ids, _ = cache.get([0, 1])
+    pool0 = set(cache.texts(ids[0][ids[0] >= 0]))
+    assert pool0 <= {"a dog", "a cat", "a bird", "a horse"}

@@ -176,6 +176,8 @@ def make_fixture_set(root: str | os.PathLike) -> dict[str, Path]:
     Index clips (frame i encodes i): ``<codec>`` (40 frames, 66x50, or odd 65x49 where the codec allows),
     ``h264_gop`` (60 frames, keyframe every 10, B-frames), ``vfr`` (h264, irregular pts), ``one`` /
     ``three`` (1- and 3-frame h264), ``rotated`` (h264 with 90 degree display rotation, 64x48).
+    Textured clips (moving patterns, for resampling checks): ``textured`` (96x72), ``rotated_tex`` (80x48,
+    rotated by 90 degrees).
     Broken files: ``truncated_mp4`` (moov at the end, cut), ``truncated_mkv`` (streamable, cut),
     ``bitflip``, ``zero``, ``text``, ``audio``.
     """
@@ -197,6 +199,9 @@ def make_fixture_set(root: str | os.PathLike) -> dict[str, Path]:
     out["one"] = write_index_clip(root / "one.mp4", 1, "h264")
     out["three"] = write_index_clip(root / "three.mp4", 3, "h264")
     out["rotated"] = write_index_clip(root / "rotated.mp4", 12, "h264", width=64, height=48, rotation=90)
+    out["textured"] = write_video(root / "textured.mp4", (textured_frame(i, 96, 72) for i in range(16)), "h264")
+    out["rotated_tex"] = write_video(root / "rotated_tex.mp4", (textured_frame(i, 80, 48) for i in range(8)), "h264",
+                                     rotation=90)
     out["truncated_mp4"] = truncate(out["h264"], root / "truncated.mp4", 0.5)
     mkv = write_index_clip(root / "full.mkv", 40, "h264", width=66, height=50, container="matroska")
     out["mkv"] = mkv

@@ -249,11 +249,10 @@ class PyCaptionCache:
             rows = self._rows
             out_rows = []
             for r, video in enumerate(v.tolist()):
-                seq = rows[video].tolist()
-                for u in nb[r].tolist():
-                    if u >= 0:
-                        seq.extend(rows[u].tolist())
-                out_rows.append([x for x in dict.fromkeys(seq) if x >= 0])
+                row_nb = nb[r]
+                # own row (k slots + pending), then each neighbour's row in column order
+                seq = rows[video].tolist() + rows[row_nb[row_nb >= 0]].ravel().tolist()
+                out_rows.append([x for x in dict.fromkeys(seq) if x >= 0])  # dicts keep first-insertion order
         width = max((len(r) for r in out_rows), default=0)
         out = np.full((len(out_rows), width), -1, dtype=np.int32)
         for r, ids in enumerate(out_rows):

@@ -35,7 +35,7 @@ JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 GRAY_P = 0.2
 _LUMA = (0.299, 0.587, 0.114)
 
-__all__ = ["ClipParams", "draw_train_params", "eval_params", "apply", "SCALES", "JITTER"]
+__all__ = ["ClipParams", "draw_train_params", "eval_params", "apply", "apply_colour", "SCALES", "JITTER"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def apply(frames: torch.Tensor, params: ClipParams, size: int) -> torch.Tensor:
     """Apply ``params`` to uint8 frames [T, H, W, 3]; returns uint8 [T, size, size, 3].
 
     Crop, then bilinear resize with antialiasing (computed in float32 on [T, 3, h, w]), flip, colour.
+    This is the reference for the crop + resize that ``read_clip`` does in swscale on decoded frames.
     """
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
@@ -150,14 +151,19 @@ def apply(frames: torch.Tensor, params: ClipParams, size: int) -> torch.Tensor:
     x = frames[:, y0:y0 + h, x0:x0 + w].permute(0, 3, 1, 2).float()
     if (h, w) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    if params.flip:
-        x = x.flip(-1)
-    if params.jitter is not None or params.gray:
-        x = (x / 255.0).clamp_(0.0, 1.0)
-        if params.jitter is not None:
-            for k in params.order:
-                x = _COLOUR_OPS[k](x, params.jitter[k])
-        if params.gray:
-            x = grayscale(x).expand(-1, 3, -1, -1)
-        x = x * 255.0
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    x = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return apply_colour(x, params)
+
+
+def apply_colour(clip: torch.Tensor, params: ClipParams) -> torch.Tensor:
+    """Flip, colour jitter and grayscale of ``params`` on uint8 [T, S, S, 3] (already cropped/resized)."""
+    x = clip.flip(2) if params.flip else clip
+    if params.jitter is None and not params.gray:
+        return x.contiguous()
+    y = (x.permute(0, 3, 1, 2).float() / 255.0).clamp_(0.0, 1.0)
+    if params.jitter is not None:
+        for k in params.order:
+            y = _COLOUR_OPS[k](y, params.jitter[k])
+    if params.gray:
+        y = grayscale(y).expand(-1, 3, -1, -1)
+    return (y * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
+import av
 import numpy as np
 import torch
 
 from rest_fast.data import augment
-from rest_fast.data.decode import VideoDecodeError, draw_offsets, read_frames
+from rest_fast.data.decode import VideoDecodeError, _rotation, draw_offsets, frame_to_rgb, read_frames
 
-__all__ = ["read_clip", "clip_rng"]
+__all__ = ["read_clip", "clip_rng", "crop_resize_frame"]
 
 
 def clip_rng(seed: int | None) -> np.random.Generator:
@@ -18,16 +19,46 @@ def clip_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(height, width) as displayed (after the display-matrix rotation)."""
+    return (frame.width, frame.height) if _rotation(frame) % 2 else (frame.height, frame.width)
+
+
+def crop_resize_frame(frame: av.VideoFrame, crop: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """uint8 [size, size, 3] RGB: the display-coordinate ``crop`` (x, y, w, h) of ``frame`` resized to ``size``.
+
+    Done as one swscale pass (YUV -> RGB and bilinear scaling of the whole frame by ``size / w`` and
+    ``size / h``), then rotation and a ``size x size`` slice: the same pixels as cropping first and
+    resizing (:func:`rest_fast.data.augment.apply`, the reference) up to the sub-pixel position of
+    the crop edges, at a fraction of the cost (no full-size RGB frame, no float tensors).
+    """
+    x, y, w, h = crop
+    k = _rotation(frame)
+    sx, sy = size / w, size / h  # display-axis scale factors
+    if k % 2:  # display x runs along coded y
+        tw, th = max(size, round(frame.width * sy)), max(size, round(frame.height * sx))
+    else:
+        tw, th = max(size, round(frame.width * sx)), max(size, round(frame.height * sy))
+    a = frame.to_ndarray(width=tw, height=th, format="rgb24", interpolation="BILINEAR")
+    if k:
+        a = np.rot90(a, k)
+    X = min(max(0, round(x * sx)), a.shape[1] - size)
+    Y = min(max(0, round(y * sy)), a.shape[0] - size)
+    return a[Y:Y + size, X:X + size]
+
+
 def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, train: bool = False,
               seed: int | None = None, backend: str = "pyav", return_indices: bool = False,
-              method: str = "auto"):
+              method: str = "auto", resize: str = "swscale"):
     """Read ``num_frames`` frames of ``path`` as uint8 [T, size, size, 3] (RGB, display-rotated).
 
     Eval (``train=False``): segment-centre frames, central square resized to ``size``; deterministic.
     Train: per-segment random offsets, then the Table-10 augmentations (:mod:`rest_fast.data.augment`),
     all drawn from ``np.random.default_rng(seed)`` (offsets first, then augmentation parameters);
     ``seed=None`` draws fresh entropy. ``method`` picks the PyAV decoding path (see
-    :func:`rest_fast.data.decode.read_frames`; results are identical, only speed differs).
+    :func:`rest_fast.data.decode.read_frames`; the frames are identical, only speed differs).
+    ``resize="swscale"`` crops/resizes in FFmpeg (:func:`crop_resize_frame`); ``"torch"`` uses the
+    reference :func:`rest_fast.data.augment.apply` on full-size RGB frames (slower; tests).
 
     Returns the tensor, or ``(tensor, indices)`` with ``return_indices=True`` (``indices``: list of T
     decoded-frame indices). Raises :class:`VideoDecodeError` for files that cannot give a clip.
@@ -38,14 +69,22 @@ def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, 
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    if resize not in ("swscale", "torch"):
+        raise ValueError(f"resize must be 'swscale' or 'torch', got {resize!r}")
     rng = clip_rng(seed) if train else None
     offsets = draw_offsets(num_frames, rng) if train else None
-    frames, indices = read_frames(path, num_frames, train=train, offsets=offsets, method=method)
-    shapes = {f.shape for f in frames}
-    if len(shapes) != 1:  # a mid-stream resolution change: the clip has no single size
-        raise VideoDecodeError(path, f"frame size changes inside the clip: {sorted(shapes)}")
-    x = torch.from_numpy(np.stack(frames))
-    _, h, w, _ = x.shape
+    frames, indices = read_frames(path, num_frames, train=train, offsets=offsets, method=method, convert=None)
+    sizes = {_display_size(f) for f in frames}
+    if len(sizes) != 1:  # a mid-stream resolution change: the clip has no single size
+        raise VideoDecodeError(path, f"frame size changes inside the clip: {sorted(sizes)}")
+    h, w = sizes.pop()
     params = augment.draw_train_params(rng, h, w) if train else augment.eval_params(h, w)
-    out = augment.apply(x, params, size)
+    try:
+        if resize == "torch":
+            out = augment.apply(torch.from_numpy(np.stack([frame_to_rgb(f) for f in frames])), params, size)
+        else:
+            out = augment.apply_colour(torch.from_numpy(np.stack([crop_resize_frame(f, params.crop, size)
+                                                                  for f in frames])), params)
+    except av.FFmpegError as e:
+        raise VideoDecodeError(path, f"frame conversion failed: {e.strerror or e}") from None
     return (out, indices) if return_indices else out

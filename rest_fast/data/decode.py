@@ -149,6 +149,10 @@ def _rotation(frame: av.VideoFrame) -> int:
     return int(round((rot or 0) / 90.0)) % 4
 
 
+def _as_is(frame):
+    return frame
+
+
 def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """uint8 [H, W, 3] RGB of a decoded frame, rotated as its display matrix says (CCW, 90-degree steps)."""
     a = frame.to_ndarray(format="rgb24")
@@ -216,11 +220,13 @@ def _check_count(path: str, n: int, log: _Lenient) -> None:
 
 
 def read_frames_reference(path: str | os.PathLike, num_frames: int = 8, *, train: bool = False,
-                          offsets: np.ndarray | None = None) -> tuple[list[np.ndarray], list[int]]:
+                          offsets: np.ndarray | None = None, convert=frame_to_rgb) -> tuple[list, list[int]]:
     """Reference reader: full decode to count ``N``, then a sequential decode up to the last needed frame.
 
-    Returns (``num_frames`` uint8 RGB arrays [H, W, 3], their indices).
+    Returns (``num_frames`` uint8 RGB arrays [H, W, 3], their indices). ``convert`` maps each decoded
+    ``av.VideoFrame`` to what is returned (``None``: the frames themselves).
     """
+    convert = convert or _as_is
     path = str(path)
     log = _Lenient()
     container, stream = _open(path)
@@ -237,7 +243,7 @@ def read_frames_reference(path: str | os.PathLike, num_frames: int = 8, *, train
     try:
         for i, f in enumerate(_iter_decoded(container, stream, _Lenient(), stop_after=last)):
             if i in wanted:
-                got[i] = frame_to_rgb(f)
+                got[i] = convert(f)
             if i >= last:
                 break
     finally:
@@ -248,29 +254,33 @@ def read_frames_reference(path: str | os.PathLike, num_frames: int = 8, *, train
 
 
 def read_frames_plain(path: str | os.PathLike, num_frames: int = 8, *, train: bool = False,
-                      offsets: np.ndarray | None = None) -> tuple[list[np.ndarray], list[int]]:
+                      offsets: np.ndarray | None = None, convert=frame_to_rgb) -> tuple[list, list[int]]:
     """What a plain loader does (the benchmark baseline, not a reference): take ``N`` from the header
     (``stream.frames``, falling back to duration x rate), then decode sequentially up to the last needed
     frame. Wrong when the header lies; kept only to measure the fast path against.
     """
+    convert = convert or _as_is
     path = str(path)
     container, stream = _open(path)
     try:
         n = stream.frames
-        if not n and stream.duration and stream.average_rate:
-            n = int(stream.duration * stream.time_base * stream.average_rate)
+        if not n and stream.average_rate:  # e.g. WebM stores no frame count: duration x rate
+            if stream.duration:
+                n = round(stream.duration * stream.time_base * stream.average_rate)
+            elif container.duration:
+                n = round(container.duration / av.time_base * stream.average_rate)
         n = max(int(n or 1), 1)
         indices = sample_indices(n, num_frames, train=train, offsets=offsets)
         wanted, last, got = set(indices), max(indices), {}
         frame = None
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                got[i] = frame_to_rgb(frame)
+                got[i] = convert(frame)
             if i >= last:
                 break
         if frame is None:
             raise VideoDecodeError(path, "no decodable video frames")
-        fallback = frame_to_rgb(frame)
+        fallback = convert(frame)
         return [got.get(i, fallback) for i in indices], indices
     except av.FFmpegError as e:
         raise VideoDecodeError(path, f"decode failed: {e.strerror or e}") from None
@@ -303,7 +313,7 @@ def _demux_all(container, stream):
     return packets
 
 
-def _fast_decode(container, stream, packets, indices) -> list[np.ndarray]:
+def _fast_decode(container, stream, packets, indices, convert=frame_to_rgb) -> list:
     """Decode the frames at presentation ``indices`` from ``packets`` (decode order), see module doc."""
     pts_sorted = sorted(p.pts for p in packets)
     if len(set(pts_sorted)) != len(pts_sorted):
@@ -324,7 +334,7 @@ def _fast_decode(container, stream, packets, indices) -> list[np.ndarray]:
                 raise _Untrusted("decoded frame with unknown pts")
             i = rank[f.pts]
             if i in wanted_idx and i not in got:
-                got[i] = frame_to_rgb(f)
+                got[i] = convert(f)
 
     def send(p, skip: str) -> None:
         if cc.skip_frame != skip:
@@ -360,18 +370,21 @@ def _fast_decode(container, stream, packets, indices) -> list[np.ndarray]:
 
 def read_frames_fast(path: str | os.PathLike, num_frames: int = 8, *, train: bool = False,
                      offsets: np.ndarray | None = None,
-                     _trust_count: bool = True) -> tuple[list[np.ndarray], list[int], tuple[str, str]]:
+                     skip_type=None, convert=frame_to_rgb) -> tuple[list, list[int], tuple[str, str]]:
     """Fast path (see module doc). Returns (frames, indices, file type); raises :class:`_Untrusted`
-    when this file needs the reference, :class:`VideoDecodeError` when it is unreadable."""
+    when this file needs the reference (also when ``skip_type(file type)`` is true), and
+    :class:`VideoDecodeError` when it is unreadable."""
     path = str(path)
     container, stream = _open(path)
     try:
         key = _type_key(container, stream)
+        if skip_type is not None and skip_type(key):
+            raise _Untrusted(f"file type {key} failed verification")
         packets = _demux_all(container, stream)
         if not packets:
             raise VideoDecodeError(path, "video stream has no packets")
         indices = sample_indices(len(packets), num_frames, train=train, offsets=offsets)
-        frames = _fast_decode(container, stream, packets, indices)
+        frames = _fast_decode(container, stream, packets, indices, convert or _as_is)
         return frames, indices, key
     finally:
         container.close()
@@ -400,46 +413,45 @@ def verification_state() -> dict[tuple[str, str], dict]:
         return {k: {"verified": v.verified, "failed": v.failed} for k, v in _STATE.items()}
 
 
-def _probe_type(path: str) -> tuple[str, str]:
-    container, stream = _open(path)
-    try:
-        return _type_key(container, stream)
-    finally:
-        container.close()
+def _type_failed(key: tuple[str, str]) -> bool:
+    with _LOCK:
+        st = _STATE.get(key)
+        return st is not None and st.failed is not None
 
 
 def read_frames(path: str | os.PathLike, num_frames: int = 8, *, train: bool = False,
-                offsets: np.ndarray | None = None, method: str = "auto") -> tuple[list[np.ndarray], list[int]]:
+                offsets: np.ndarray | None = None, method: str = "auto",
+                convert=frame_to_rgb) -> tuple[list, list[int]]:
     """Frames at the sampled indices: ``method`` is ``"auto"`` (fast path, verified per file type, with
     fallback), ``"reference"``, ``"fast"`` (fast path with per-file fallback, no verification) or
-    ``"plain"`` (header count; benchmark baseline only). Returns (uint8 [H, W, 3] arrays, indices)."""
+    ``"plain"`` (header count; benchmark baseline only). Returns (uint8 [H, W, 3] arrays, indices);
+    ``convert=None`` returns the decoded ``av.VideoFrame`` objects instead of RGB arrays."""
     path = str(path)
     if method not in ("auto", "reference", "fast", "plain"):
         raise ValueError(f"method must be 'auto', 'reference', 'fast' or 'plain', got {method!r}")
     if method == "reference":
-        return read_frames_reference(path, num_frames, train=train, offsets=offsets)
+        return read_frames_reference(path, num_frames, train=train, offsets=offsets, convert=convert)
     if method == "plain":
-        return read_frames_plain(path, num_frames, train=train, offsets=offsets)
+        return read_frames_plain(path, num_frames, train=train, offsets=offsets, convert=convert)
     if method == "fast":
         try:
-            frames, idx, _ = read_frames_fast(path, num_frames, train=train, offsets=offsets)
+            frames, idx, _ = read_frames_fast(path, num_frames, train=train, offsets=offsets, convert=convert)
             return frames, idx
         except _Untrusted:
-            return read_frames_reference(path, num_frames, train=train, offsets=offsets)
-    key = _probe_type(path)
+            return read_frames_reference(path, num_frames, train=train, offsets=offsets, convert=convert)
+    try:
+        frames, idx, key = read_frames_fast(path, num_frames, train=train, offsets=offsets, skip_type=_type_failed,
+                                              convert=convert)
+    except _Untrusted:
+        return read_frames_reference(path, num_frames, train=train, offsets=offsets, convert=convert)
     with _LOCK:
         st = _STATE.setdefault(key, _TypeState())
-        failed, verified = st.failed, st.verified
-    if failed is not None:
-        return read_frames_reference(path, num_frames, train=train, offsets=offsets)
-    try:
-        frames, idx, _ = read_frames_fast(path, num_frames, train=train, offsets=offsets)
-    except _Untrusted:
-        return read_frames_reference(path, num_frames, train=train, offsets=offsets)
+        verified = st.verified
     if verified >= VERIFY_CLIPS:
         return frames, idx
-    ref_frames, ref_idx = read_frames_reference(path, num_frames, train=train, offsets=offsets)
-    same = ref_idx == idx and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(frames, ref_frames))
+    ref_frames, ref_idx = read_frames_reference(path, num_frames, train=train, offsets=offsets, convert=convert)
+    rgb = (lambda f: f) if convert is not None else frame_to_rgb
+    same = ref_idx == idx and all(np.array_equal(rgb(a), rgb(b)) for a, b in zip(frames, ref_frames))
     with _LOCK:
         if same:
             st.verified += 1
@@ -448,3 +460,45 @@ def read_frames(path: str | os.PathLike, num_frames: int = 8, *, train: bool = F
             warnings.warn(f"rest_fast.data: {key[0]}/{key[1]} files use sequential decoding from now on: "
                           f"{st.failed}", RuntimeWarning, stacklevel=2)
     return ref_frames, ref_idx
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What a batch decoder needs before decoding: ``num_frames`` (decoded count, see ``exact``), the
+    coded ``width`` x ``height`` (display rotation not applied) and the file type."""
+
+    num_frames: int
+    width: int
+    height: int
+    type_key: tuple[str, str]
+    exact: bool
+
+
+def probe_video(path: str | os.PathLike) -> VideoProbe:
+    """Frame count and size without decoding, for decoders that take frame indices (DALI).
+
+    The count is the number of video packets, as in the fast path; when the file is untrusted (demux
+    error, corrupt/discard packets) or its type failed verification in this process, it is the reference
+    count from a full decode instead (``exact=True`` either way means it equals the reference count
+    on every verified file type). Raises :class:`VideoDecodeError` for unreadable files.
+    """
+    path = str(path)
+    container, stream = _open(path)
+    try:
+        key = _type_key(container, stream)
+        w, h = stream.codec_context.width, stream.codec_context.height
+        with _LOCK:
+            failed = key in _STATE and _STATE[key].failed is not None
+        if not failed:
+            try:
+                packets = _demux_all(container, stream)
+                if packets:
+                    return VideoProbe(len(packets), w, h, key, True)
+            except _Untrusted:
+                pass
+    finally:
+        container.close()
+    n = count_frames(path)
+    if n == 0:
+        raise VideoDecodeError(path, "no decodable video frames")
+    return VideoProbe(n, w, h, key, True)

@@ -2,14 +2,22 @@
 
 ``import rest_fast.eval`` is cheap: sentence-transformers and open_clip load only when a matcher or CLIP is built.
 
-* :func:`clip_tam` — map captions to their nearest class names (:mod:`rest_fast.eval.clip_tam`);
+* :func:`clip_tam` — map captions to their nearest class names; :func:`score_captions` adds the metrics
+  and per-video predictions for one labelled set;
 * :mod:`rest_fast.eval.protocols` — ``protocols.get("hmdb51", split=1)`` etc., shipped class/video lists;
 * :mod:`rest_fast.eval.metrics` — top-1/top-5, per-class accuracy, most-confused pairs, mean ± std;
 * :mod:`rest_fast.eval.matchers` — text encoders for matching: CLIP's text tower or sentence-transformers.
 """
 
 from rest_fast.eval import matchers, metrics, protocols
-from rest_fast.eval.clip_tam import clean_class_name, clip_tam, embed_classes, embed_texts, nearest_classes
+from rest_fast.eval.clip_tam import (
+    clean_class_name,
+    clip_tam,
+    embed_classes,
+    embed_texts,
+    nearest_classes,
+    score_captions,
+)
 from rest_fast.eval.matchers import CLIPTextMatcher, SentenceTransformerMatcher, get_matcher
 from rest_fast.eval.metrics import (
     accuracies,
@@ -28,6 +36,7 @@ __all__ = [
     "embed_classes",
     "embed_texts",
     "nearest_classes",
+    "score_captions",
     "protocols",
     "metrics",
     "matchers",

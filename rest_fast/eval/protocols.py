@@ -117,7 +117,9 @@ class Protocol:
         self.class_list = class_list
         bad = [(p, y) for p, y in self.videos if not 0 <= y < len(self.class_names)]
         if bad:
-            raise ValueError(f"{video_list}: {len(bad)} labels outside [0, {len(self.class_names)}), e.g. {bad[0]}")
+            raise ValueError(
+                f"{video_list}: {len(bad)} labels outside [0, {len(self.class_names)}), e.g. {bad[0]}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -249,7 +251,9 @@ def get(name: str, split: int | None = None, shots: int | None = None) -> Protoc
     split = _check_split(key, split)
     if shots is not None:
         if key not in _FEW_SHOT:
-            raise ValueError(f"protocol {key!r} has no few-shot lists; shots= is only for {', '.join(_FEW_SHOT)}")
+            raise ValueError(
+                f"protocol {key!r} has no few-shot lists; shots= is only for {', '.join(_FEW_SHOT)}"
+            )
         if isinstance(shots, bool) or shots not in _SHOTS:
             raise ValueError(f"shots must be one of {_SHOTS}, got {shots!r}")
         if split != 1:
@@ -260,7 +264,9 @@ def get(name: str, split: int | None = None, shots: int | None = None) -> Protoc
     if key in ("hmdb51", "ucf101"):
         class_file = _CLASS_FILES[key]
         prefix = _SPLIT_PREFIX[key]
-        video_file = f"{prefix}_splits_train1_few_shot_{shots}.txt" if shots else f"{prefix}_splits_val{split}.txt"
+        video_file = (
+            f"{prefix}_splits_train1_few_shot_{shots}.txt" if shots else f"{prefix}_splits_val{split}.txt"
+        )
         videos = read_video_list(video_file)
     elif key == "k400":
         class_file, video_file = _CLASS_FILES[key], "k400_splits_val.txt"
@@ -282,10 +288,19 @@ def get(name: str, split: int | None = None, shots: int | None = None) -> Protoc
             remap = [index620[c] for c in test160]
             if tuple(remap) != _erzsar_split_idx620(split):
                 # Two ER-ZSAR files (names and indices) must agree before any label is remapped.
-                raise ValueError(f"{test160_file} disagrees with erzsar_k220_splits.json split{split} test_idx620")
+                raise ValueError(
+                    f"{test160_file} disagrees with erzsar_k220_splits.json split{split} test_idx620"
+                )
             videos = tuple((p, remap[y]) for p, y in videos)
-    return Protocol(key, split if key != "k400" else None, shots, read_class_list(class_file), videos,
-                    video_file, class_file)
+    return Protocol(
+        key,
+        split if key != "k400" else None,
+        shots,
+        read_class_list(class_file),
+        videos,
+        video_file,
+        class_file,
+    )
 
 
 # --------------------------------------------------------------------------- label ↔ file-name checks
@@ -304,7 +319,9 @@ def class_from_path(name: str, path: str, class_names: Iterable[str] | None = No
     """
     key = _canonical(name)
     if key not in _FEW_SHOT:
-        raise ValueError(f"class_from_path works for hmdb51 and ucf101 (file names carry the class), not {key!r}")
+        raise ValueError(
+            f"class_from_path works for hmdb51 and ucf101 (file names carry the class), not {key!r}"
+        )
     classes = list(class_names) if class_names is not None else list(read_class_list(_CLASS_FILES[key]))
     base = os.path.basename(path)
     if key == "hmdb51":

@@ -8,6 +8,10 @@ Two passes over score tiles ``Q @ K^T`` computed with ``tl.dot`` (fp32 accumulat
 * :func:`filter_kernel` — every score tile is compared with the query's threshold; survivors are appended to
   a per-query candidate buffer (row-wise prefix sum inside the tile, one ``atomic_add`` per row for the base
   slot). The counter keeps counting past the buffer capacity so the launcher can see an overflow.
+
+``IEEE`` selects exact fp32 products for float32 inputs (no TF32); ``UPCAST`` converts tiles to fp32 before
+the dot, which the launcher sets only for bfloat16 under the CPU interpreter (its ``tl.dot`` mishandles
+bfloat16 operands).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import triton.language as tl
 @triton.jit
 def group_max_kernel(Q, K, EX, OUT, M, N, D, NG, G, J_STRIDE,
                      s_qm, s_qd, s_kn, s_kd, s_om,
-                     HAS_EX: tl.constexpr, IEEE: tl.constexpr,
+                     HAS_EX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                      BM: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr):
     i_m = tl.program_id(0)
     i_g = tl.program_id(1)
@@ -41,6 +45,9 @@ def group_max_kernel(Q, K, EX, OUT, M, N, D, NG, G, J_STRIDE,
             p_k = K + o_n[None, :].to(tl.int64) * s_kn + o_d[:, None] * s_kd
             b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
             b_k = tl.load(p_k, mask=m_n[None, :] & m_d[:, None], other=0.0)
+            if UPCAST:
+                b_q = b_q.to(tl.float32)
+                b_k = b_k.to(tl.float32)
             if IEEE:
                 acc = tl.dot(b_q, b_k, acc, input_precision="ieee")
             else:
@@ -56,7 +63,7 @@ def group_max_kernel(Q, K, EX, OUT, M, N, D, NG, G, J_STRIDE,
 @triton.jit
 def filter_kernel(Q, K, EX, TAU, CNT, CS, CI, M, N, D, CAP,
                   s_qm, s_qd, s_kn, s_kd,
-                  HAS_EX: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_EX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped program order: GROUP_M query tiles sweep the keys together, so key tiles are reused from L2.
     pid = tl.program_id(0)
@@ -80,6 +87,9 @@ def filter_kernel(Q, K, EX, TAU, CNT, CS, CI, M, N, D, CAP,
         p_k = K + o_n[None, :].to(tl.int64) * s_kn + o_d[:, None] * s_kd
         b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
         b_k = tl.load(p_k, mask=m_n[None, :] & m_d[:, None], other=0.0)
+        if UPCAST:
+            b_q = b_q.to(tl.float32)
+            b_k = b_k.to(tl.float32)
         if IEEE:
             acc = tl.dot(b_q, b_k, acc, input_precision="ieee")
         else:

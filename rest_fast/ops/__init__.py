@@ -6,5 +6,8 @@ the real kernels without a GPU), and the pure-torch reference otherwise.
 """
 
 from rest_fast.ops.dwconv3d import temporal_dwconv3d, temporal_dwconv3d_ref
+from rest_fast.ops.rerank import rerank_captions, rerank_captions_ref
+from rest_fast.ops.topk import topk_similarity, topk_similarity_ref
 
-__all__ = ["temporal_dwconv3d", "temporal_dwconv3d_ref"]
+__all__ = ["temporal_dwconv3d", "temporal_dwconv3d_ref", "topk_similarity", "topk_similarity_ref",
+           "rerank_captions", "rerank_captions_ref"]

@@ -240,8 +240,11 @@ def _bwd_config(C: int, N: int, device: torch.device) -> tuple[int, int, int, in
     """``(BLOCK_P, BLOCK_C, programs along rows, num_warps)`` for the fused backward: a fixed function of
     the shape and device (see the module docstring on determinism)."""
     if device.type == "cuda":
+        # Untuned first guess (no GPU was available when this was written; `bench/dwconv.py --sweep`
+        # times the alternatives). The one-hot dw update costs ~16/BLOCK_P of the tap work, so rows
+        # per block should stay >= 64.
         block_c = min(64, max(16, _next_pow2(C)))
-        block_p = 32
+        block_p = 64
         num_warps = 4
         # Enough programs to fill every SM a few times over (tail effect < ~1/8), few enough that the
         # partial-sum buffer stays a few MB: programs ≈ 8 × SMs in total.

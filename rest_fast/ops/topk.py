@@ -66,6 +66,7 @@ __all__ = [
     "pack_keys",
     "unpack_scores",
     "unpack_indices",
+    "topk_mismatch",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,15 +161,34 @@ def _mask_excluded(s: Tensor, ex: Tensor | None, n0: int) -> None:
         s[rows, local[rows]] = float("-inf")
 
 
+def _dense_hits(s: Tensor, tau: Tensor, n0: int) -> Tensor | None:
+    """Packed keys of the entries ``s >= tau[:, None]``, left-aligned per row in a ``[rows, max hits]``
+    int64 tensor padded with the smallest key; ``None`` when nothing survives.
+
+    Survivors are found with one compare + ``nonzero`` (cheaper than a per-row ``topk`` on CPU) and only
+    they are packed.
+    """
+    rc = torch.nonzero(s >= tau[:, None])
+    if rc.shape[0] == 0:
+        return None
+    r, c = rc.unbind(1)
+    counts = torch.bincount(r, minlength=s.shape[0])
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(r.shape[0], device=s.device) - start[r]  # nonzero is row-major: rows come sorted
+    out = torch.full((s.shape[0], int(counts.max())), _KEY_MIN, dtype=torch.int64, device=s.device)
+    out[r, pos] = pack_keys(s[r, c], c + n0)
+    return out
+
+
 def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None = None,
                         block_m: int = 4096, block_n: int = 4096) -> tuple[Tensor, Tensor]:
     """Blocked exact top-k by inner product (pure torch, any device); see :func:`topk_similarity`.
 
     Computes in ``torch.promote_types(dtype, float32)`` (float64 inputs are accepted here; their scores are
     rounded to float32 before ranking). Memory is ``O(block_m · (block_n + k))``, never ``M × N``.
-    Per query block it keeps a pool of packed keys and the current k-th best score ``τ``; each key block's
-    scores are compared with ``τ`` and only the survivors (``torch.topk`` with the block's largest survivor
-    count) are packed and pooled; the pool is cut back to ``k`` when it reaches ``2k``.
+    Per query block it keeps a pool of packed keys and the current k-th best score ``τ`` (seeded by a float
+    ``topk`` on the first block); each key block's scores are compared with ``τ`` and only the survivors are
+    packed and pooled; the pool is cut back to ``k`` (one ``topk`` on packed keys) when it reaches ``2k``.
     """
     exclude = _check_inputs(queries, keys, k, exclude, _REF_DTYPES)
     M, N = queries.shape[0], keys.shape[0]
@@ -194,25 +214,13 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
             kb = key_blocks[bi] if key_blocks is not None else keys[n0:n0 + block_n].to(ct)
             s = (q @ kb.T).float()
             _mask_excluded(s, ex, n0)
-            nb = s.shape[1]
-            if width == 0 and nb >= k:
+            if width == 0 and s.shape[1] >= k:
                 # Seed the threshold from the first block wide enough: its k-th best score.
-                v, li = torch.topk(s, k, dim=1, sorted=False)
-                tau = v.min(1).values
-                cmax = int(torch.count_nonzero(s >= tau[:, None], dim=1).max())
-                if cmax > k:  # ties at the k-th score: keep the whole tie group
-                    v, li = torch.topk(s, cmax, dim=1, sorted=False)
-            else:
-                cmax = int(torch.count_nonzero(s >= tau[:, None], dim=1).max())
-                if cmax == 0:
-                    continue
-                if cmax < nb:
-                    # Every entry >= tau is among its row's top-cmax, so nothing that can still rank is lost;
-                    # the extra entries of rows with fewer survivors lose the next merge.
-                    v, li = torch.topk(s, cmax, dim=1, sorted=False)
-                else:
-                    v, li = s, torch.arange(nb, device=device).expand(mb, -1)
-            pool.append(pack_keys(v, li + n0))
+                tau = torch.topk(s, k, dim=1, sorted=False).values.min(1).values
+            hits = _dense_hits(s, tau, n0)
+            if hits is None:
+                continue
+            pool.append(hits)
             width += pool[-1].shape[1]
             if width >= 2 * k:
                 merged = torch.topk(torch.cat(pool, 1), k, dim=1, sorted=False).values
@@ -278,7 +286,7 @@ def _tiles(device: torch.device, D: int) -> dict:
 
 
 def _filter_select(kern, q: Tensor, keys: Tensor, ex: Tensor | None, tau: Tensor, k: int, cap: int,
-                   t: dict, ieee: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   t: dict, ieee: bool, upcast: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Run the filter kernel with buffer width ``cap``; return (scores, indices, count) of the selection.
 
     Rows whose count exceeds ``cap`` (or, defensively, falls under ``k``) hold garbage and are redone by
@@ -294,7 +302,7 @@ def _filter_select(kern, q: Tensor, keys: Tensor, ex: Tensor | None, tau: Tensor
     kern.filter_kernel[grid](
         q, keys, ex if ex is not None else cnt, tau, cnt, cs, ci, M, N, D, cap,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-        HAS_EX=ex is not None, IEEE=ieee, BM=t["BM"], BN=t["BN"], BK=t["BK"], GROUP_M=t["GROUP_M"],
+        HAS_EX=ex is not None, IEEE=ieee, UPCAST=upcast, BM=t["BM"], BN=t["BN"], BK=t["BK"], GROUP_M=t["GROUP_M"],
         num_warps=t["num_warps"], num_stages=t["num_stages"])
     valid = torch.arange(cap, device=dev)[None, :] < cnt[:, None].to(torch.int64)
     packed = torch.where(valid, pack_keys(cs, ci.clamp_min(0)), _KEY_MIN)
@@ -325,7 +333,9 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
         return out_s, out_i
     dt = torch.promote_types(queries.dtype, keys.dtype)
     q_all, keys = queries.to(dt), keys.to(dt)
-    ieee = dt == torch.float32
+    # The interpreter's tl.dot mishandles bfloat16 operands: upcast the tiles there (CUDA keeps bf16 MMA).
+    upcast = dev.type != "cuda" and dt == torch.bfloat16
+    ieee = dt == torch.float32 or upcast
     t = _tiles(dev, D)
     ng, G, jstride, cap_auto = _plan(N, k, sample_fraction)
     cap = min(N, max(k, cap)) if cap is not None else cap_auto
@@ -346,13 +356,13 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
             kern.group_max_kernel[grid](
                 q, keys, ex if ex is not None else gmax, gmax, mb, N, D, ng, G, jstride,
                 q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), gmax.stride(0),
-                HAS_EX=ex is not None, IEEE=ieee, BM=t["BM"], BG=t["BG"], BK=t["BK"],
+                HAS_EX=ex is not None, IEEE=ieee, UPCAST=upcast, BM=t["BM"], BG=t["BG"], BK=t["BK"],
                 num_warps=t["num_warps"], num_stages=t["num_stages"])
             tau = torch.topk(gmax, k, dim=1, sorted=False).values.min(1).values - eps_all[m0:m0 + mb]
             del gmax
         else:
             tau = torch.full((mb,), float("-inf"), dtype=torch.float32, device=dev)
-        s, i, cnt = _filter_select(kern, q, keys, ex, tau, k, cap, t, ieee)
+        s, i, cnt = _filter_select(kern, q, keys, ex, tau, k, cap, t, ieee, upcast)
         bad = torch.nonzero((cnt > cap) | (cnt < k)).squeeze(1)
         if bad.numel():
             # Overflow (or a threshold that let fewer than k through — impossible by construction, kept as
@@ -365,7 +375,7 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
             for r0 in range(0, bad.numel(), step):
                 sl = slice(r0, r0 + step)
                 sb, ib, _ = _filter_select(kern, qb[sl], keys, exb[sl] if exb is not None else None,
-                                           tau_b[sl].contiguous(), k, cap_b, t, ieee)
+                                           tau_b[sl].contiguous(), k, cap_b, t, ieee, upcast)
                 s[bad[sl]] = sb
                 i[bad[sl]] = ib
         out_s[m0:m0 + mb] = s
@@ -404,3 +414,53 @@ def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
             and triton_available():
         return topk_similarity_triton(queries, keys, k, exclude=exclude)
     return topk_similarity_ref(queries, keys, k, exclude=exclude)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tie-aware checking (tests, benchmarks): faiss-style comparison of a result with a reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def topk_mismatch(queries: Tensor, keys: Tensor, scores: Tensor, indices: Tensor, ref_scores: Tensor,
+                  ref_indices: Tensor, *, exclude: Tensor | None = None, tol: float = 1e-5) -> str | None:
+    """Describe how ``(scores, indices)`` fails to be a valid top-k next to a reference; ``None`` if it is.
+
+    Checks, per row: indices in range, distinct and not excluded; ``scores`` non-increasing; ``scores``
+    equal to the exact (float64) re-scored ``indices`` and to ``ref_scores`` within ``tol·max(1, |s|)``;
+    ids equal to the reference's at every position whose reference score is separated by more than the
+    tolerance from every other score of the row and from the k-th (tie groups may be permuted or cut).
+    """
+    M, k = ref_scores.shape
+    if scores.shape != (M, k) or indices.shape != (M, k):
+        return f"shape {tuple(scores.shape)}/{tuple(indices.shape)} != {(M, k)}"
+    N = keys.shape[0]
+    idx = indices.long().cpu()
+    if bool((idx < 0).any() or (idx >= N).any()):
+        return "index out of range"
+    srt = idx.sort(1).values
+    if bool((srt[:, 1:] == srt[:, :-1]).any()):
+        return "duplicate index in a row"
+    if exclude is not None and bool((idx == exclude.cpu()[:, None]).any()):
+        return "excluded key returned"
+    s = scores.double().cpu()
+    scale = torch.clamp(s.abs().max(), min=1.0).item()
+    t = tol * scale
+    if bool((s[:, 1:] > s[:, :-1] + t).any()):
+        return "scores not sorted descending"
+    exact = torch.einsum("md,mkd->mk", queries.double().cpu(), keys.double().cpu()[idx])
+    if bool(((exact - s).abs() > t).any()):
+        return f"scores differ from re-scored ids by {float((exact - s).abs().max()):.3g} (tol {t:.3g})"
+    rs = ref_scores.double().cpu()
+    if bool(((rs - s).abs() > t).any()):
+        return f"scores differ from the reference by {float((rs - s).abs().max()):.3g} (tol {t:.3g})"
+    # rs is sorted, so "separated from every other score" = separated from both neighbours.
+    inf = torch.full((M, 1), float("inf"), dtype=rs.dtype)
+    up = torch.cat([inf, rs[:, :-1] - rs[:, 1:]], 1)
+    down = torch.cat([rs[:, :-1] - rs[:, 1:], inf], 1)
+    separated = (up > 2 * t) & (down > 2 * t) & (rs > rs[:, -1:] + 2 * t)
+    bad = separated & (idx != ref_indices.long().cpu())
+    if bool(bad.any()):
+        r, j = (int(x) for x in torch.nonzero(bad)[0])
+        return f"{int(bad.sum())} ids differ outside tie groups; first at row {r} pos {j}: " \
+               f"{int(idx[r, j])} vs {int(ref_indices[r, j])}"
+    return None

@@ -47,11 +47,11 @@ def initial_captions(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     for _, clips in (progress(batches) if progress else batches):
         b, t = clips.shape[:2]
         frames = clips.to(env.device, non_blocking=True).reshape(b * t, 1, *clips.shape[2:])
-        per_prompt = []
-        for p in prompts:
-            with autocast(env.device, amp):
-                out = model.generate(frames, prompt=p, num_beams=num_beams, max_length=max_length, min_length=min_length)
-            per_prompt.append([join_prompt(p, s, train_prompt) for s in out.texts])
+        # the ViT runs once per frame; the decoder once per prompt
+        with autocast(env.device, amp):
+            outs = model.generate_frames(frames, list(prompts), num_beams=num_beams, max_length=max_length,
+                                         min_length=min_length)
+        per_prompt = [[join_prompt(p, s, train_prompt) for s in out.texts] for p, out in zip(prompts, outs)]
         for v in range(b):
             local.append([per_prompt[j][v * t + f] for f in range(t) for j in range(len(prompts))])
     return gather_list(env, local)

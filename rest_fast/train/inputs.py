@@ -181,6 +181,10 @@ class Inputs:
         finally:
             self._absorb(loader)
 
+    def eval_steps(self) -> int:
+        """Batches this rank's :meth:`eval_batches` yields (for progress bars)."""
+        return -(-len(self.env.shard(len(self.paths))) // self.cfg.eval_batch_size)
+
     def steps_per_epoch(self) -> int:
         per_rank = -(-len(self.paths) // self.env.world_size)
         return -(-per_rank // self.per_rank_batch())

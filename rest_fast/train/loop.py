@@ -238,7 +238,7 @@ class Trainer:
                            pretrained=cfg.clip_pretrained, T=cfg.num_frames, size=self.inputs.clip_size)
         self.video_feats = video_features(
             self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
-            key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features"))
+            key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
         self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"))
         self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device)
         self._record_bad_files()
@@ -264,7 +264,7 @@ class Trainer:
             initial = initial_captions(
                 self.model, self.inputs.eval_batches("blip"), list(cfg.prompts), env, train_prompt=cfg.train_prompt,
                 num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length, amp=cfg.amp,
-                progress=_progress(cfg, env, "initial captions"))
+                progress=_progress(cfg, env, "initial captions", self.inputs.eval_steps()))
             if env.is_main:
                 atomic_write_jsonl(path, [{"video": str(self.inputs.rel(i)), "captions": c} for i, c in enumerate(initial)])
         m = len(cfg.prompts) * cfg.num_frames
@@ -284,7 +284,7 @@ class Trainer:
         t0 = time.time()
         generated = generate_captions(self._bare_model(), self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
-                                      amp=cfg.amp, progress=_progress(cfg, env, f"round {r} captions"))
+                                      amp=cfg.amp, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()))
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
                               cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.amp)
         self._finish_round(r, stats, generated=generated, seconds=time.time() - t0, epoch=epoch)
@@ -430,7 +430,7 @@ class Trainer:
     # --- Algorithm 1 ---------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg, env = self.cfg, self.env
-        t_start = time.time()
+        t_start = self._last_report = time.time()
         self.setup()
         self.compute_features_and_neighbours()
         self.setup_training()
@@ -451,7 +451,8 @@ class Trainer:
             if nxt <= cfg.num_rounds and epoch >= cfg.round_end_epoch(nxt):
                 self.caption_round(nxt, epoch)
                 rnd = nxt
-                self._report()
+                if time.time() - self._last_report > 60:  # keep the report fresh on long runs, cheap on short ones
+                    self._report()
                 continue
             if epoch >= cfg.epochs:
                 break
@@ -466,7 +467,10 @@ class Trainer:
             log(env, DEMO_NOTICE)
         return self.run_dir.root
 
+    _last_report = 0.0
+
     def _report(self, final: bool = False) -> None:
+        self._last_report = time.time()
         if not self.env.is_main:
             return
         from rest_fast.train.report import write_report
@@ -479,8 +483,12 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     """Run (or resume) Algorithm 1 with ``cfg``; returns the run directory. Works under torchrun."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     env = dist_utils.setup(cfg.device)
     try:
         return Trainer(cfg, env, resume=resume).run()
     finally:
         dist_utils.cleanup(env)
+        torch.set_num_threads(threads)

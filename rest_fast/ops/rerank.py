@@ -1,0 +1,179 @@
+"""Fused caption re-ranking: the top-k *distinct* candidate captions per video by video-text similarity.
+
+Public entry point :func:`rerank_captions`; reference :func:`rerank_captions_ref` (the CPU path when the
+Triton interpreter is off, the test oracle and the benchmark baseline); Triton launcher
+:func:`rerank_captions_triton`.
+
+Used every REST round with ``k = 3`` and ``L ≈ 8,000`` candidates per video (the captions of the video's
+neighbours, with many repeats). The Triton kernel gathers candidate caption rows, dots them with the video
+feature and keeps a running top-k of distinct ids in registers: ``N·L·d`` gathered elements read once,
+``N·k`` written, against the torch route that materialises ``[n, L, d]`` gathered features and ``[n, L]``
+scores and sorts them.
+
+Ordering and ties: scores descending; equal scores by caption id ascending (the packed-key order of
+:mod:`rest_fast.ops.topk`). Duplicated ids in a row count once. Rows with fewer than ``k`` distinct valid
+candidates are padded with score ``-inf`` and id ``-1``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from rest_fast.ops._dispatch import use_triton
+from rest_fast.ops.topk import _KEY_MIN, pack_keys, unpack_indices, unpack_scores
+
+__all__ = ["rerank_captions", "rerank_captions_ref", "rerank_captions_triton", "MAX_TRITON_K"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_K = 32  # the kernel unrolls k passes per merge; larger k uses the reference
+
+
+def _check_inputs(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int,
+                  dtypes: tuple[torch.dtype, ...] = _DTYPES) -> None:
+    for name, t in (("video_feats", video_feats), ("caption_feats", caption_feats), ("candidates", candidates)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.device != video_feats.device:
+            raise ValueError(f"{name} is on {t.device} but video_feats is on {video_feats.device}")
+    for name, t in (("video_feats", video_feats), ("caption_feats", caption_feats)):
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if video_feats.shape[1] != caption_feats.shape[1]:
+        raise ValueError(f"video_feats has d={video_feats.shape[1]} but caption_feats has d={caption_feats.shape[1]}")
+    if candidates.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"candidates must be int32 (or int64), got {candidates.dtype}")
+    if candidates.shape[0] != video_feats.shape[0]:
+        raise ValueError(f"candidates must be [N, L] with N={video_feats.shape[0]}, got {tuple(candidates.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    C = caption_feats.shape[0]
+    if candidates.numel():
+        lo, hi = int(candidates.min()), int(candidates.max())
+        if lo < -1 or hi >= C:
+            raise ValueError(f"candidates must hold caption ids in [0, {C}) or -1 (empty), got range [{lo}, {hi}]")
+    if caption_feats.numel() and not bool(torch.isfinite(caption_feats).all()):
+        raise ValueError("caption_feats contains NaN or inf")
+    if video_feats.numel() and not bool(torch.isfinite(video_feats).all()):
+        raise ValueError("video_feats contains NaN or inf")
+
+
+def _distinct_topk(keys: Tensor, k: int) -> Tensor:
+    """Top-``k`` distinct packed keys per row, descending, padded with the smallest key."""
+    n, L = keys.shape
+    out = torch.full((n, k), _KEY_MIN, dtype=torch.int64, device=keys.device)
+    if L == 0:
+        return out
+    if k <= 8:
+        # k passes of "largest key below the last one taken": duplicates share a key, so they go together.
+        for t in range(k):
+            cur = keys.max(1).values
+            out[:, t] = cur
+            keys = torch.where(keys >= cur[:, None], _KEY_MIN, keys)
+        return out
+    srt = torch.sort(keys, dim=1, descending=True).values
+    dup = torch.zeros_like(srt, dtype=torch.bool)
+    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    srt = torch.where(dup, _KEY_MIN, srt)
+    kk = min(k, L)
+    out[:, :kk] = torch.topk(srt, kk, dim=1, sorted=True).values
+    return out
+
+
+def rerank_captions_ref(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int, *,
+                        block: int = 256) -> tuple[Tensor, Tensor]:
+    """Reference for :func:`rerank_captions` (torch gather + batched dot + distinct top-k, any device).
+
+    Computes in ``torch.promote_types(dtype, float32)``, ``block`` videos at a time. Accepts float64.
+    """
+    _check_inputs(video_feats, caption_feats, candidates, k, _DTYPES + (torch.float64,))
+    N, L = candidates.shape
+    dev = video_feats.device
+    ct = torch.promote_types(torch.promote_types(video_feats.dtype, caption_feats.dtype), torch.float32)
+    out_s = torch.empty(N, k, dtype=torch.float32, device=dev)
+    out_i = torch.empty(N, k, dtype=torch.int32, device=dev)
+    for n0 in range(0, N, block):
+        cand = candidates[n0:n0 + block].long()
+        valid = cand >= 0
+        g = caption_feats[cand.clamp_min(0)].to(ct)  # [b, L, d]
+        v = video_feats[n0:n0 + block].to(ct)
+        s = torch.bmm(g, v[:, :, None]).squeeze(2).float()  # [b, L]
+        keys = torch.where(valid, pack_keys(s, cand.clamp_min(0)), _KEY_MIN)
+        best = _distinct_topk(keys, k)
+        empty = best == _KEY_MIN
+        out_s[n0:n0 + block] = torch.where(empty, float("-inf"), unpack_scores(best))
+        out_i[n0:n0 + block] = torch.where(empty, -1, unpack_indices(best)).to(torch.int32)
+    return out_s, out_i
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    try:
+        from rest_fast.kernels import rerank as kern
+    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton path"
+        _IMPORT_ERROR.append(repr(e))
+        return None
+    return kern
+
+
+_IMPORT_ERROR: list[str] = []
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
+                           k: int) -> tuple[Tensor, Tensor]:
+    """Triton launcher for :func:`rerank_captions` (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``k ≤ 32``."""
+    _check_inputs(video_feats, caption_feats, candidates, k)
+    if k > MAX_TRITON_K:
+        raise ValueError(f"k={k} exceeds the Triton kernel's limit {MAX_TRITON_K}; use rerank_captions_ref")
+    kern = _kernels()
+    if kern is None:
+        raise RuntimeError(f"Triton kernels unavailable: {_IMPORT_ERROR}")
+    N, L = candidates.shape
+    D = video_feats.shape[1]
+    dev = video_feats.device
+    out_s = torch.empty(N, k, dtype=torch.float32, device=dev)
+    out_i = torch.empty(N, k, dtype=torch.int32, device=dev)
+    if N == 0:
+        return out_s, out_i
+    if dev.type == "cuda":
+        BL, BD, warps = 64, min(128, max(16, _next_pow2(D))), 4
+    else:  # interpreter: cost per op, so few large chunks
+        BL, BD, warps = min(1024, max(16, _next_pow2(L))), min(256, max(16, _next_pow2(D))), 4
+    kern.rerank_kernel[(N,)](
+        video_feats, caption_feats, candidates, out_s, out_i, L, D, caption_feats.shape[0],
+        video_feats.stride(0), video_feats.stride(1), caption_feats.stride(0), caption_feats.stride(1),
+        candidates.stride(0), candidates.stride(1),
+        K=k, KP=max(2, _next_pow2(k)), BL=BL, BD=BD, num_warps=warps)
+    return out_s, out_i
+
+
+def rerank_captions(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
+                    k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` distinct candidate captions per video, by dot product.
+
+    Args:
+        video_feats: ``[N, d]`` float32 / float16 / bfloat16.
+        caption_feats: ``[C, d]`` same family, same device.
+        candidates: int32 ``[N, L]`` caption ids per video, ``-1`` = empty slot; ids may repeat.
+        k: captions to keep per video (REST uses 3).
+
+    Returns:
+        ``(scores, ids)``: float32 ``[N, k]`` descending and int32 ``[N, k]``; equal scores by id ascending;
+        ``-inf`` / ``-1`` padding when a video has fewer than ``k`` distinct candidates.
+
+    Dispatch: CUDA → Triton (``k ≤ 32``); CPU with ``TRITON_INTERPRET=1`` → Triton interpreted; else (or for
+    larger ``k``) the reference :func:`rerank_captions_ref`.
+    """
+    if isinstance(k, int) and k <= MAX_TRITON_K and all(isinstance(t, Tensor) for t in
+                                                        (video_feats, caption_feats, candidates)) \
+            and use_triton(video_feats, caption_feats, candidates) and _kernels() is not None:
+        return rerank_captions_triton(video_feats, caption_feats, candidates, k)
+    return rerank_captions_ref(video_feats, caption_feats, candidates, k)

@@ -1,0 +1,166 @@
+"""The trainer end to end on the demo data: a fast small run, the demo itself, kill -9 + resume, torchrun x2.
+
+Every run here uses tiny random models and synthetic clips; ops run on their torch reference paths
+(``TRITON_INTERPRET=0``: the interpreter is for the kernel tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# A run smaller than the demo: 12 clips, T=2, 2 rounds of 1 epoch.
+SMALL = ["demo_videos_per_class=2", "demo_frames=8", "num_frames=2", "epochs=2", "epochs_per_round=1",
+         "batch_size=6", "num_beams=1", "max_length=8", "min_length=2", "prompts=[a video of, someone is]",
+         "num_neighbours=4", "progress=false"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "0"
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rest_fast", "train", *args], env=_env(), capture_output=True,
+                          text=True, **kw)
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    from rest_fast.train.rundir import read_jsonl
+
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == kind]
+
+
+def _check_complete_run(run: Path, rounds: int, epochs: int, n_videos: int) -> None:
+    from rest_fast.cache import CaptionCache
+
+    state = json.loads((run / "state.json").read_text())
+    assert state["epoch"] == epochs and state["round"] == rounds
+    for r in range(rounds + 1):
+        recs = [json.loads(x) for x in (run / "captions" / f"round_{r:02d}.jsonl").read_text().splitlines()]
+        assert len(recs) == n_videos
+        assert all(1 <= len(x["captions"]) <= 3 and x["scores"] == sorted(x["scores"], reverse=True) for x in recs)
+        assert all(len(set(x["captions"])) == len(x["captions"]) for x in recs)  # distinct
+        assert ("generated" in recs[0]) == (r > 0)
+    cache = CaptionCache.load(str(run / "cache" / f"round_{rounds:02d}.rfcc"))
+    assert [r for r, _ in cache.history(0)] == list(range(rounds + 1))  # no gap in the caption history
+    assert sorted(r["epoch"] for r in _records(run, "epoch")) == list(range(1, epochs + 1))
+    assert sorted(r["round"] for r in _records(run, "round")) == list(range(rounds + 1))
+    assert (run / "report.html").exists() and (run / "plots" / "loss.png").exists()
+    assert (run / "plots" / "rounds.png").exists() and (run / "bad_files.tsv").exists()
+    assert (run / "checkpoints" / f"epoch_{epochs:04d}" / "model.safetensors").exists()
+
+
+def test_small_run_end_to_end(tmp_path, monkeypatch):
+    """In-process: CLI parsing → Algorithm 1 → complete run dir; then `--resume auto` on a finished run is a no-op."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from rest_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", f"--out={run}", *SMALL]) == 0
+    _check_complete_run(run, rounds=2, epochs=2, n_videos=12)
+    round1 = _records(run, "round")[1]
+    assert round1["new_captions"] <= 12 and "tam_top1" in round1  # demo clips are labelled: CLIP-TAM is measured
+    html = (run / "report.html").read_text()
+    assert "moving_right" in html and "plots/frames/video_00000.png" in html
+    # a new run may not overwrite it
+    with pytest.raises(RuntimeError, match="already holds a run"):
+        main(["train", f"--out={run}", *SMALL])
+    before = (run / "metrics.jsonl").read_text().count('"kind": "epoch"')
+    assert main(["train", f"--out={run}", "--resume", "auto", *SMALL]) == 0
+    assert (run / "metrics.jsonl").read_text().count('"kind": "epoch"') == before
+    # a changed identity key is refused on resume
+    with pytest.raises(ValueError, match="k: 3"):
+        main(["train", f"--out={run}", "--resume", "auto", *SMALL, "k=2"])
+
+
+def _final_state(run: Path, epochs: int, rounds: int):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "checkpoints" / f"epoch_{epochs:04d}" / "model.safetensors"))
+    captions = (run / "captions" / f"round_{rounds:02d}.jsonl").read_text()
+    return weights, captions
+
+
+@pytest.mark.slow
+def test_demo_runs_under_cli(tmp_path):
+    """The built-in demo exactly as a user runs it: `rest-fast train` with no --data."""
+    run = tmp_path / "demo"
+    t0 = time.time()
+    p = _cli([f"--out={run}", "--no-progress"], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "shows the REST pipeline" in p.stdout and "mean nothing" in p.stdout
+    print(f"demo wall time {time.time() - t0:.1f} s")
+    _check_complete_run(run, rounds=2, epochs=4, n_videos=24)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    """SIGKILL mid-round (after the first epoch of round 2 is recorded), resume, finish: same final state."""
+    args = [*SMALL, "epochs=4", "epochs_per_round=2"]
+    ref = tmp_path / "ref"
+    p = _cli([f"--out={ref}", *args], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rest_fast", "train", f"--out={run}", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(r["epoch"] == 3 for r in _records(run, "epoch")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    state = json.loads((run / "state.json").read_text())
+    assert state["round"] == 1 and state["epoch"] in (2, 3)
+    p = _cli([f"--out={run}", "--resume", "auto", *args], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming" in p.stdout
+    _check_complete_run(run, rounds=2, epochs=4, n_videos=12)
+    w_ref, cap_ref = _final_state(ref, 4, 2)
+    w_run, cap_run = _final_state(run, 4, 2)
+    assert cap_run == cap_ref
+    assert w_ref.keys() == w_run.keys()
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_run[k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    """torchrun --nproc-per-node 2 on CPU (gloo): the sharded passes equal a 1-process run's; DDP trains."""
+    single = tmp_path / "single"
+    p = _cli([f"--out={single}", *SMALL, "epochs=1"], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           "-m", "rest_fast", "train", f"--out={run}", *SMALL, "epochs=1"]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    _check_complete_run(run, rounds=1, epochs=1, n_videos=12)
+    # sharded by video then gathered: identical to one process
+    assert (run / "captions" / "initial.jsonl").read_text() == (single / "captions" / "initial.jsonl").read_text()
+    # batch composition differs between the runs: features agree to rounding
+    np.testing.assert_allclose(np.load(run / "features" / "video_clip.npy"),
+                               np.load(single / "features" / "video_clip.npy"), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.load(run / "features" / "neighbours.npy"),
+                                  np.load(single / "features" / "neighbours.npy"))
+    assert (run / "captions" / "round_00.jsonl").read_text() == (single / "captions" / "round_00.jsonl").read_text()
+    start = _records(run, "start")
+    assert start and start[0]["world_size"] == 2
