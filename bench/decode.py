@@ -4,7 +4,9 @@ Clips: generated 10 s, 30 fps, 604x340 videos (moving texture; h264 via libx264 
 defaults give B-frames and keyframes at scene cuts; VP9 via libvpx realtime), cached in --cache.
 Rows: ``plain`` (header frame count + sequential decode: the baseline), ``reference`` (decoded count +
 sequential decode), ``fast`` (rest_fast's verified keyframe-jump / NONREF-skip path), the PyAV
-DataLoader with 1 and 2 workers, and DALI when installed. Single-clip rows use one decoding thread.
+DataLoader with 1 and 2 workers, and DALI when installed. Single-clip rows use one decoding thread and
+also report clips per CPU-second of this process (``cpu_clips_s``), which other jobs on a shared
+machine do not distort; loader rows include worker start-up (wall time only).
 
     python bench/decode.py [--quick] [--device cuda] [--summary FILE]
 """
@@ -50,6 +52,17 @@ def make_clip(path: Path, codec: str, seconds: float) -> Path:
     return path
 
 
+def cpu_seconds(fn, reps: int) -> float:
+    """Median process CPU time of ``fn()`` (all threads of this process): robust to other jobs sharing the
+    cores, which inflate wall time but not the CPU time a clip costs."""
+    ts = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        ts.append(time.process_time() - t0)
+    return float(np.median(ts))
+
+
 def dali_rows(clips: dict, device: str, table, base: dict, quick: bool) -> str:
     try:
         from rest_fast.data.dali import DALIClipLoader, dali_available
@@ -93,8 +106,8 @@ def main() -> None:
     secs = 3 if args.quick else 10
     clips = {"h264": make_clip(cache / f"bench_{secs}s_340p.mp4", "h264", secs),
              "vp9": make_clip(cache / f"bench_{secs}s_340p.webm", "vp9", secs)}
-    table = harness.Table("decode", ["codec", "backend", "workers", "clips_s", "ratio"])
-    base = {}
+    table = harness.Table("decode", ["codec", "backend", "workers", "clips_s", "ratio", "cpu_clips_s", "cpu_ratio"])
+    base, cpu_base = {}, {}
     min_time = 0.5 if args.quick else 3.0
     for codec, path in clips.items():
         for method in ("plain", "reference", "fast"):
@@ -103,8 +116,11 @@ def main() -> None:
             t = harness.time_fn(lambda m=method, p=path: read_clip(p, T, size=S, method=m), warmup=1, min_time_s=min_time,
                                 max_reps=20)
             rate = 1e3 / t.median_ms
+            cpu = 1.0 / cpu_seconds(lambda m=method, p=path: read_clip(p, T, size=S, method=m), 3 if args.quick else 7)
             base.setdefault(codec, rate)
-            table.add(codec=codec, backend=f"pyav-{method}", workers=0, clips_s=rate, ratio=rate / base[codec])
+            cpu_base.setdefault(codec, cpu)
+            table.add(codec=codec, backend=f"pyav-{method}", workers=0, clips_s=rate, ratio=rate / base[codec],
+                      cpu_clips_s=cpu, cpu_ratio=cpu / cpu_base[codec])
         n = 8 if args.quick else 24
         for workers in (1, 2):
             idx = VideoIndex.from_paths([str(path)] * n)

@@ -67,11 +67,16 @@ def main() -> None:
     ap.add_argument("--min-length", type=int, default=5)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=384)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU intra-op threads (default 1 on CPU: tiny ops time stably on a shared box; both sides "
+                         "use the same setting)")
     ap.add_argument("--quick", action="store_true", help="batch 8, fewer repetitions")
     ap.add_argument("--summary", default=None, help="append the table to this file")
     args = ap.parse_args()
 
     dev = torch.device(args.device)
+    threads = args.threads if args.threads is not None else (1 if dev.type == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)
     model = args.model or ("base" if dev.type == "cuda" else "tiny")
     batch = 8 if args.quick else args.batch
     blip, tok, gar = build(model, args.image_size, args.frames, dev)
@@ -133,7 +138,7 @@ def main() -> None:
                   ratio=ours_cps / hf_cps, same=same)
     hw = hardware_name(dev)
     header = (f"bench/generate.py: captions/s, ours vs HF generate ({hw}; max_length {args.max_length}, "
-              f"min_length {args.min_length}, T={args.frames})")
+              f"min_length {args.min_length}, T={args.frames}, {threads} CPU threads)")
     text = header + "\n" + table.format()
     print(text)
     path = table.save(hw, {"max_length": args.max_length, "frames": args.frames})

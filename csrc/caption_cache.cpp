@@ -319,7 +319,11 @@ int64_t CaptionCache::lookup_or_insert(const char* s, size_t n, uint64_t h) {
 void CaptionCache::intern(const std::vector<std::string_view>& texts, int32_t* out) {
   const int64_t n = static_cast<int64_t>(texts.size());
   size_t total = 0;
-  for (const auto& t : texts) total += t.size();
+  for (size_t i = 0; i < texts.size(); ++i) {
+    if (texts[i].size() > UINT32_MAX)  // lengths are stored as uint32 below: refuse, never truncate
+      throw ValueError("texts[" + std::to_string(i) + "] is longer than 4 GiB");
+    total += texts[i].size();
+  }
   // Normalise and hash in parallel (no lock needed), then insert in input order so ids are
   // assigned by first appearance exactly as in the Python twin.
   const int T = std::min<int64_t>(num_threads(total + 16 * texts.size(), 1 << 16), std::max<int64_t>(n, 1));

@@ -145,7 +145,7 @@ class FrozenCLIP(nn.Module):
             has that tag for the model; ``"random"`` builds the architecture with random weights (no
             download). Must be ``None`` for HF ids, directories and built models.
         tokenizer: for a built model: an open_clip tokenizer (``list[str] -> LongTensor [n, L]``) or a HF
-            tokenizer. Ignored when loading by name (the matching tokenizer is loaded).
+            tokenizer. When loading by name the matching tokenizer is loaded; one given here replaces it.
         mean, std, image_size: override the preprocessing read from the model (for built models the
             defaults are the OpenAI constants and the vision tower's configured size).
         device: where the model runs (default: CUDA if available, else CPU).
@@ -192,6 +192,8 @@ class FrozenCLIP(nn.Module):
             model, info = name, self._describe_built(name, tokenizer)
         elif isinstance(name, str):
             model, info = self._load(name, pretrained, cache_dir)
+            if tokenizer is not None:
+                info["adapter"].tokenizer = tokenizer
         else:
             raise TypeError(f"name must be a model name/path or an nn.Module, got {type(name).__name__}")
 
@@ -299,6 +301,11 @@ class FrozenCLIP(nn.Module):
             "std": std,
             "image_size": cfg.vision_config.image_size,
         }
+
+    @classmethod
+    def tiny(cls, **kwargs) -> FrozenCLIP:
+        """Same as :func:`tiny_clip` (a small random-init model for tests and the CPU demo)."""
+        return tiny_clip(**kwargs)
 
     # ------------------------------------------------------------------ properties
     @property

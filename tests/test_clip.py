@@ -168,7 +168,7 @@ def test_long_text_is_truncated(clip):
 # ---------------------------------------------------------------------------------------------- determinism
 def test_tiny_clip_is_deterministic_and_leaves_global_rng_alone():
     state = torch.get_rng_state()
-    a, b, c = tiny_clip(seed=0), tiny_clip(seed=0), tiny_clip(seed=1)
+    a, b, c = tiny_clip(seed=0), FrozenCLIP.tiny(seed=0), tiny_clip(seed=1)
     assert torch.equal(torch.get_rng_state(), state)
     for (na, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(pa, pb), na
@@ -198,9 +198,8 @@ def test_hf_backend_text_independent_of_padding(hf_clip):
     torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_backend_with_a_real_hf_tokenizer(hf_clip, tmp_path):
-    # Write the OpenAI BPE that open_clip ships in Hugging Face's vocab/merges format, so the HF tokenizer
-    # branch (padding=True + attention mask) runs offline; it must agree with the open_clip tokenizer branch.
+def _hf_tokenizer_from_open_clip_bpe(folder):
+    """Write the OpenAI BPE that open_clip ships in Hugging Face's vocab/merges format (offline)."""
     import json
 
     import open_clip
@@ -208,14 +207,43 @@ def test_hf_backend_with_a_real_hf_tokenizer(hf_clip, tmp_path):
 
     oc = open_clip.get_tokenizer("ViT-B-16")
     special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    (tmp_path / "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in oc.encoder.items()}))
+    (folder / "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in oc.encoder.items()}))
     merges = sorted(oc.bpe_ranks, key=oc.bpe_ranks.get)
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    hf_tok = CLIPTokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return oc, CLIPTokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def test_hf_backend_with_a_real_hf_tokenizer(hf_clip, tmp_path):
+    # The HF tokenizer branch (padding=True + attention mask) must agree with the open_clip tokenizer branch.
+    oc, hf_tok = _hf_tokenizer_from_open_clip_bpe(tmp_path)
     texts = ["a man is playing an acoustic guitar on stage!", "yo-yo", "Hello, World"]
     assert hf_tok(texts)["input_ids"][1] == oc(texts, context_length=8)[1][:5].tolist()
     with_hf = FrozenCLIP(hf_clip.model, tokenizer=hf_tok, device="cpu")
     torch.testing.assert_close(with_hf.encode_text(texts), hf_clip.encode_text(texts), atol=1e-5, rtol=1e-5)
+
+
+def test_load_hf_clip_from_a_local_directory(hf_clip, tmp_path):
+    # The by-name loading path (CLIPModel/AutoTokenizer.from_pretrained) on a saved tiny model, offline.
+    _, hf_tok = _hf_tokenizer_from_open_clip_bpe(tmp_path)
+    save = tmp_path / "tiny-hf-clip"
+    hf_clip.model.save_pretrained(save)
+    hf_tok.save_pretrained(save)
+    loaded = FrozenCLIP(str(save), device="cpu")
+    assert loaded.backend == "hf" and loaded.image_size == (S, S) and loaded.mean == OPENAI_MEAN
+    v, texts = _videos(2, 3, seed=10), ["a dog runs", "two people dance"]
+    torch.testing.assert_close(loaded.encode_frames(v), hf_clip.encode_frames(v), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loaded.encode_text(texts), hf_clip.encode_text(texts), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pretrained"):
+        FrozenCLIP(str(save), pretrained="openai", device="cpu")
+
+
+@pytest.mark.slow
+def test_open_clip_by_name_with_random_weights():
+    # The by-name open_clip path without a download: ViT-B-16 architecture, random init.
+    clip = FrozenCLIP("ViT-B-16", pretrained="random", device="cpu", batch_size=2)
+    assert clip.image_size == (224, 224) and clip.mean == OPENAI_MEAN and clip.context_length == 77
+    assert clip.encode_frames(torch.randn(1, 2, 3, 224, 224)).shape == (1, 512)
+    assert clip.encode_text(["a person is skiing"]).shape == (1, 512)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -243,7 +243,9 @@ def test_mean_std_and_metric_errors():
 
 
 def test_score_captions_report():
-    enc = TableEncoder({"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0], "x": [1.0, 0.5, 0.0]})
+    enc = TableEncoder(
+        {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0], "x": [1.0, 0.5, 0.0]}
+    )
     out = score_captions(["x", "x", "c"], [0, 1, 2], ["a", "b", "c"], enc, topk=5, videos=["v0", "v1", "v2"])
     assert out["n"] == 3 and out["top1"] == pytest.approx(2 / 3)
     assert "top5" not in out  # topk capped at 3 classes

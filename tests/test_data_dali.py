@@ -87,3 +87,22 @@ def test_dali_argument_errors(vids):
         DALIClipLoader(idx, batch_size=1, mean=MEAN, std=STD, decoder_device="gpu")
     with pytest.raises(ValueError, match="mean and std"):
         DALIClipLoader(idx, batch_size=1, mean=(0.5,), std=STD, decoder_device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["h264", "hevc", "vp9"])
+def test_dali_mixed_nvdec_matches_pyav(tmp_path, codec):
+    """NVDEC decoding (decoder_device="mixed") on the GPU: same indices as PyAV, pixels within tolerance."""
+    ext = vf.CODECS[codec][2]
+    paths = [str(vf.write_index_clip(tmp_path / f"i.{ext}", 30, codec, width=66, height=50)),
+             str(vf.write_video(tmp_path / f"t.{ext}", (vf.textured_frame(i, 96, 72) for i in range(20)), codec))]
+    idx = VideoIndex.from_paths(paths)
+    common = dict(batch_size=2, mean=MEAN, std=STD, num_frames=5, size=32)
+    (a,) = list(DALIClipLoader(idx, decoder_device="mixed", device="cuda", **common))
+    (b,) = list(PyAVClipLoader(idx, num_workers=0, device="cuda", **common))
+    assert a.clips.is_cuda and a.clips.shape == b.clips.shape
+    assert torch.equal(a.frame_indices, b.frame_indices)
+    diff = (_levels(a.clips.cpu()) - _levels(b.clips.cpu())).abs()
+    assert diff.mean() < 4.0, f"mean |delta| {diff.mean():.2f} grey levels"
+    lv = _levels(a.clips.cpu())[0].permute(0, 2, 3, 1).numpy()
+    assert [vf.decode_index(f) for f in lv] == a.frame_indices[0].tolist()

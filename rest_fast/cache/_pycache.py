@@ -142,9 +142,12 @@ class PyCaptionCache:
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
             try:
-                norm.append(normalize_caption(t))
+                b = t.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise ValueError(f"texts[{i}] cannot be encoded as UTF-8: {exc}") from None
+            if len(b) > 0xFFFFFFFF:  # the C++ class stores lengths as uint32 and refuses, so do we
+                raise ValueError(f"texts[{i}] is longer than 4 GiB")
+            norm.append(b" ".join(b.split()).lower().decode("utf-8"))  # == normalize_caption(t)
         out = np.empty(len(norm), dtype=np.int32)
         with self._lock:
             added: list[str] = []

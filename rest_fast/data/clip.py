@@ -27,24 +27,16 @@ def _display_size(frame: av.VideoFrame) -> tuple[int, int]:
 def crop_resize_frame(frame: av.VideoFrame, crop: tuple[int, int, int, int], size: int) -> np.ndarray:
     """uint8 [size, size, 3] RGB: the display-coordinate ``crop`` (x, y, w, h) of ``frame`` resized to ``size``.
 
-    Done as one swscale pass (YUV -> RGB and bilinear scaling of the whole frame by ``size / w`` and
-    ``size / h``), then rotation and a ``size x size`` slice: the same pixels as cropping first and
-    resizing (:func:`rest_fast.data.augment.apply`, the reference) up to the sub-pixel position of
-    the crop edges, at a fraction of the cost (no full-size RGB frame, no float tensors).
+    YUV -> RGB at full size (swscale), rotation, an exact crop, then one swscale bilinear resize of the
+    crop. Same crop as :func:`rest_fast.data.augment.apply` (the torch reference); only the resampling
+    filter differs (a few grey levels on sharp textures), at a fraction of the cost (no float tensors).
     """
     x, y, w, h = crop
-    k = _rotation(frame)
-    sx, sy = size / w, size / h  # display-axis scale factors
-    if k % 2:  # display x runs along coded y
-        tw, th = max(size, round(frame.width * sy)), max(size, round(frame.height * sx))
-    else:
-        tw, th = max(size, round(frame.width * sx)), max(size, round(frame.height * sy))
-    a = frame.to_ndarray(width=tw, height=th, format="rgb24", interpolation="BILINEAR")
-    if k:
-        a = np.rot90(a, k)
-    X = min(max(0, round(x * sx)), a.shape[1] - size)
-    Y = min(max(0, round(y * sy)), a.shape[0] - size)
-    return a[Y:Y + size, X:X + size]
+    a = frame_to_rgb(frame)[y:y + h, x:x + w]
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(a)
+    small = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
+    return small.to_ndarray(width=size, height=size, format="rgb24", interpolation="BILINEAR")
 
 
 def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, train: bool = False,
@@ -57,7 +49,7 @@ def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, 
     all drawn from ``np.random.default_rng(seed)`` (offsets first, then augmentation parameters);
     ``seed=None`` draws fresh entropy. ``method`` picks the PyAV decoding path (see
     :func:`rest_fast.data.decode.read_frames`; the frames are identical, only speed differs).
-    ``resize="swscale"`` crops/resizes in FFmpeg (:func:`crop_resize_frame`); ``"torch"`` uses the
+    ``resize="swscale"`` resizes crops in FFmpeg (:func:`crop_resize_frame`); ``"torch"`` uses the
     reference :func:`rest_fast.data.augment.apply` on full-size RGB frames (slower; tests).
 
     Returns the tensor, or ``(tensor, indices)`` with ``return_indices=True`` (``indices``: list of T

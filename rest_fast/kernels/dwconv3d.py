@@ -22,12 +22,14 @@ def _rows_to_bthw(o_p, T, H, W, OFF64: tl.constexpr):
     """Split flat row ids ``o_p`` into (b, t, h, w); int64 when offsets may pass 2**31."""
     if OFF64:
         o_p = o_p.to(tl.int64)
-    i_w = o_p % W
-    r = o_p // W
-    i_h = r % H
-    r = r // H
-    i_t = r % T
-    i_b = r // T
+    # Three divisions, no remainders: integer division by a runtime value is a long instruction sequence
+    # on GPUs and the dw kernel repeats this for every row block.
+    r1 = o_p // W
+    i_w = o_p - r1 * W
+    r2 = r1 // H
+    i_h = r1 - r2 * H
+    i_b = r2 // T
+    i_t = r2 - i_b * T
     return i_b, i_t, i_h, i_w
 
 
@@ -63,7 +65,11 @@ def dwconv3d_fwd_kernel(
         o_c = o_c.to(tl.int64)
     # Pointers of the centre rows; every tap adds one scalar offset to this block.
     p_x = x_ptr + (i_b * s_xb + i_t * s_xt + i_h * s_xh + i_w * s_xw)[:, None] + (o_c * s_xc)[None, :]
-    p_w = w_ptr + o_c * s_wc
+    # The tap weights are read as a [BLOCK_P, BLOCK_C] block with a zero row stride: every thread loads
+    # the channels it needs (L1 hits) in the accumulator's layout. A [BLOCK_C] vector broadcast over the
+    # rows would instead be re-laid out through shared memory, with a barrier per tap.
+    p_w = w_ptr + (o_p * 0)[:, None] + (o_c * s_wc)[None, :]
+    m_w = (o_p >= 0)[:, None] & m_c[None, :]
 
     if ACC_FP64:
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
@@ -83,10 +89,10 @@ def dwconv3d_fwd_kernel(
                     off_w = (KT - 1 - kt) * s_wt + (KH - 1 - kh) * s_wh + (KW - 1 - kw) * s_ww
                 else:
                     off_w = kt * s_wt + kh * s_wh + kw * s_ww
-                b_w = tl.load(p_w + off_w, mask=m_c, other=0.0).to(acc.dtype)
+                b_w = tl.load(p_w + off_w, mask=m_w, other=0.0).to(acc.dtype)
                 off_x = (kt - RT) * s_xt + (kh - RH) * s_xh + (kw - RW) * s_xw
                 b_x = tl.load(p_x + off_x, mask=m_thw[:, None] & m_c[None, :], other=0.0).to(acc.dtype)
-                acc += b_x * b_w[None, :]
+                acc += b_x * b_w
                 if RESIDUAL:
                     if kt == RT and kh == RH and kw == RW:
                         acc += b_x
@@ -100,27 +106,24 @@ def dwconv3d_fwd_kernel(
 
 
 @triton.jit
-def dwconv3d_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, dx_ptr, part_ptr,
+def dwconv3d_bwd_w_kernel(
+    dy_ptr, x_ptr, part_ptr,
     N, T, H, W, C, BLOCKS_PER_PROG,
     s_gb, s_gt, s_gh, s_gw, s_gc,
     s_xb, s_xt, s_xh, s_xw, s_xc,
-    s_wc, s_wt, s_wh, s_ww,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    RESIDUAL: tl.constexpr, NEED_DX: tl.constexpr, ACC_FP64: tl.constexpr, OFF64: tl.constexpr,
+    ACC_FP64: tl.constexpr, OFF64: tl.constexpr,
     TAPS_P2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Fused backward: ``dx`` and per-program partial sums of ``dw`` and ``db`` in one pass over ``dy``.
+    """Per-program partial sums of ``dw[c, k] = sum_q dy[q, c] * x[q + d_k, c]`` and ``db[c] = sum_q dy[q, c]``.
 
-    Program ``(i_s, i_c)`` walks ``BLOCKS_PER_PROG`` consecutive row blocks. For each block it loads the
-    ``dy`` tile once and, per tap ``k`` (shift ``d = k - r``):
-      ``dx[q]     += w[c, K-1-k] * dy[q + d]``   (the convolution with the mirrored kernel)
-      ``dw[c, k]  += sum_q dy[q] * x[q + d]``     (the correlation of ``dy`` with ``x``)
-    Both use the same shifted rows and border mask. ``dw`` is kept as a ``[TAPS_P2, BLOCK_C]`` fp32
-    accumulator (tap ``k`` in row ``k``, ``db`` in row ``KT*KH*KW``) and written once to
-    ``part[i_s, :, c]``; the launcher sums ``part`` over ``i_s`` in a fixed order. No atomics, so
-    ``dw``/``db`` are bit-identical run to run for a given shape and tile configuration.
-    ``dx`` is written contiguous ``[N, C]`` (skipped when not ``NEED_DX``).
+    The taps are a tensor axis here, not an unrolled loop: each step loads the ``[TAPS_P2, BLOCK_P,
+    BLOCK_C]`` block of shifted ``x`` rows (tap offsets and border masks are vectors over the taps) and
+    accumulates ``x_shifted * dy`` element-wise into a register tile of the same shape. Nothing is
+    reduced inside the loop; the sums over rows happen once per program, at the end. Program
+    ``(i_s, i_c)`` walks ``BLOCKS_PER_PROG`` consecutive row blocks and writes ``part[i_s, k, c]``
+    (tap ``k`` in row ``k``, ``db`` in row ``KT*KH*KW``); the launcher sums ``part`` over ``i_s`` in a
+    fixed order. No atomics: bit-identical run to run for a given shape and tile configuration.
     """
     i_s = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -133,53 +136,40 @@ def dwconv3d_bwd_kernel(
     m_c = o_c < C
     if OFF64:
         o_c = o_c.to(tl.int64)
+    # Tap k = (kt*KH + kh)*KW + kw as a vector: its shift along t, h, w and its pointer offset into x.
     o_k = tl.arange(0, TAPS_P2)
-    p_w = w_ptr + o_c * s_wc
+    m_k = o_k < TAPS
+    d_t = o_k // (KH * KW) - RT
+    d_h = (o_k // KW) % KH - RH
+    d_w = o_k % KW - RW
+    off_k = d_t * s_xt + d_h * s_xh + d_w * s_xw
+    if OFF64:
+        off_k = off_k.to(tl.int64)
     if ACC_FP64:
-        acc_w = tl.zeros([TAPS_P2, BLOCK_C], dtype=tl.float64)
+        acc_w = tl.zeros([TAPS_P2, BLOCK_P, BLOCK_C], dtype=tl.float64)
+        acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
     else:
-        acc_w = tl.zeros([TAPS_P2, BLOCK_C], dtype=tl.float32)
+        acc_w = tl.zeros([TAPS_P2, BLOCK_P, BLOCK_C], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
 
     for j in range(0, BLOCKS_PER_PROG):
         o_p = (i_s * BLOCKS_PER_PROG + j) * BLOCK_P + tl.arange(0, BLOCK_P)
         m_p = o_p < N
         i_b, i_t, i_h, i_w = _rows_to_bthw(o_p, T, H, W, OFF64)
         p_g = dy_ptr + (i_b * s_gb + i_t * s_gt + i_h * s_gh + i_w * s_gw)[:, None] + (o_c * s_gc)[None, :]
-        p_x = x_ptr + (i_b * s_xb + i_t * s_xt + i_h * s_xh + i_w * s_xw)[:, None] + (o_c * s_xc)[None, :]
-        m_pc = m_p[:, None] & m_c[None, :]
-        b_g = tl.load(p_g, mask=m_pc, other=0.0).to(acc_w.dtype)
-        acc_w += tl.where(o_k[:, None] == TAPS, tl.sum(b_g, axis=0)[None, :], 0.0)
-        if RESIDUAL:
-            acc_x = b_g
-        else:
-            acc_x = tl.zeros_like(b_g)
+        b_g = tl.load(p_g, mask=m_p[:, None] & m_c[None, :], other=0.0).to(acc_w.dtype)
+        acc_b += b_g
+        # [TAPS_P2, BLOCK_P]: is tap k of row q inside the clip (zero "same" padding outside)?
+        t2 = i_t[None, :] + d_t[:, None]
+        h2 = i_h[None, :] + d_h[:, None]
+        w2 = i_w[None, :] + d_w[:, None]
+        m_kp = (m_k[:, None] & m_p[None, :] & (t2 >= 0) & (t2 < T) & (h2 >= 0) & (h2 < H)
+                & (w2 >= 0) & (w2 < W))
+        base = i_b * s_xb + i_t * s_xt + i_h * s_xh + i_w * s_xw
+        p_x = x_ptr + (base[None, :] + off_k[:, None])[:, :, None] + (o_c * s_xc)[None, None, :]
+        b_x = tl.load(p_x, mask=m_kp[:, :, None] & m_c[None, None, :], other=0.0).to(acc_w.dtype)
+        acc_w += b_x * b_g[None, :, :]
 
-        for kt in tl.static_range(KT):
-            t2 = i_t + (kt - RT)
-            m_t = m_p & (t2 >= 0) & (t2 < T)
-            for kh in tl.static_range(KH):
-                h2 = i_h + (kh - RH)
-                m_th = m_t & (h2 >= 0) & (h2 < H)
-                for kw in tl.static_range(KW):
-                    w2 = i_w + (kw - RW)
-                    m_thw = m_th & (w2 >= 0) & (w2 < W)
-                    m_s = m_thw[:, None] & m_c[None, :]
-                    # dw: dy at the centre row times x at the shifted row.
-                    off_x = (kt - RT) * s_xt + (kh - RH) * s_xh + (kw - RW) * s_xw
-                    b_x = tl.load(p_x + off_x, mask=m_s, other=0.0).to(acc_w.dtype)
-                    acc_w += tl.where(o_k[:, None] == (kt * KH + kh) * KW + kw, tl.sum(b_g * b_x, axis=0)[None, :], 0.0)
-                    if NEED_DX:
-                        # dx: dy at the shifted row times the mirrored tap.
-                        off_g = (kt - RT) * s_gt + (kh - RH) * s_gh + (kw - RW) * s_gw
-                        b_gs = tl.load(p_g + off_g, mask=m_s, other=0.0).to(acc_w.dtype)
-                        off_w = (KT - 1 - kt) * s_wt + (KH - 1 - kh) * s_wh + (KW - 1 - kw) * s_ww
-                        b_w = tl.load(p_w + off_w, mask=m_c, other=0.0).to(acc_w.dtype)
-                        acc_x += b_gs * b_w[None, :]
-
-        if NEED_DX:
-            if OFF64:
-                o_p = o_p.to(tl.int64)
-            tl.store(dx_ptr + o_p[:, None] * C + o_c[None, :], acc_x.to(dx_ptr.dtype.element_ty), mask=m_pc)
-
-    p_part = part_ptr + i_s * (TAPS_P2 * C) + o_k[:, None] * C + o_c[None, :]
-    tl.store(p_part, acc_w, mask=(o_k[:, None] <= TAPS) & m_c[None, :])
+    p_part = part_ptr + i_s * ((TAPS + 1) * C) + o_c
+    tl.store(p_part[None, :] + o_k[:, None] * C, tl.sum(acc_w, axis=1), mask=m_k[:, None] & m_c[None, :])
+    tl.store(p_part + TAPS * C, tl.sum(acc_b, axis=0), mask=m_c)

@@ -34,12 +34,18 @@ class _Layer:
 class BlipTextDecoder:
     """Decoding view of a ``BlipTextLMHeadModel``: weights referenced (q/k/v fused) at construction.
 
+    ``attn_impl``: ``"sdpa"`` (default, faster) or ``"eager"`` (HF's attention arithmetic); see :meth:`_attend`.
+
     Rebuild it after the weights change (``GARModel`` builds one per ``generate`` call; that costs one concat of
     the self-attention projections).
     """
 
-    def __init__(self, lm) -> None:
+    def __init__(self, lm, attn_impl: str = "sdpa") -> None:
         from transformers.activations import ACT2FN
+
+        if attn_impl not in ("sdpa", "eager"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
+        self.attn_impl = attn_impl
 
         cfg = lm.config
         self.hidden = cfg.hidden_size
@@ -94,6 +100,19 @@ class BlipTextDecoder:
                              f"({self.max_positions})")
         return DecodeSession(self, encoder_states, max_length)
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q kᵀ / √d) v`` over ``[..., Lq, d] × [..., Lk, d]``; ``masked [Lq, Lk]`` bool (True = hidden).
+
+        ``"eager"`` is HF BLIP's arithmetic op for op; ``"sdpa"`` is PyTorch's fused kernel (reads the strided
+        cache views directly, no ``[Lq, Lk]`` score tensor): the same math, rounded differently.
+        """
+        if self.attn_impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if masked is None else ~masked)
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if masked is not None:
+            s = s.masked_fill(masked, -float("inf"))
+        return torch.matmul(s.softmax(-1), v)
+
     # -- the forward ---------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, pos0: int, cache: StaticKVCache,
                 cross: list[tuple[torch.Tensor, torch.Tensor]], last_only: bool = True) -> torch.Tensor:
@@ -105,30 +124,24 @@ class BlipTextDecoder:
         D, H, dh = self.hidden, self.heads, self.head_dim
         B = cross[0][0].shape[0]
         g = N // B
-        scale = math.sqrt(dh)
         h = F.embedding(tokens, self.word) + self.pos[pos0:pos0 + P]
         h = F.layer_norm(h, (D,), *self.emb_ln, self.eps)
         causal = None
-        if P > 1:
-            L_all = pos0 + P
-            causal = torch.ones(P, L_all, dtype=torch.bool, device=tokens.device).tril(pos0).logical_not()
+        if P > 1:  # True where a query may not look (keys after its own position)
+            causal = torch.ones(P, pos0 + P, dtype=torch.bool, device=tokens.device).tril(pos0).logical_not()
         for li, L in enumerate(self.layers):
             # Self-attention against the cache.
             qkv = F.linear(h, L.qkv_w, L.qkv_b).view(N, P, 3, H, dh)
             q = qkv[:, :, 0].transpose(1, 2)
             cache.write(li, pos0, qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2))
             k, v = cache.get(li)
-            s = torch.matmul(q, k.transpose(-1, -2)) / scale
-            if causal is not None:
-                s = s.masked_fill(causal, -float("inf"))
-            a = torch.matmul(s.softmax(-1), v)  # [N, H, P, dh]
+            a = self._attend(q, k, v, causal)  # [N, H, P, dh]
             a = a.transpose(1, 2).reshape(N, P, D)
             h = F.layer_norm(F.linear(a, L.so_w, L.so_b) + h, (D,), *L.so_ln, self.eps)
             # Cross-attention: the g rows of an item share its image keys/values.
             ck, cv = cross[li]
             q = F.linear(h, L.cq_w, L.cq_b).view(B, g * P, H, dh).transpose(1, 2)  # [B, H, g*P, dh]
-            s = torch.matmul(q, ck.transpose(-1, -2)) / scale
-            a = torch.matmul(s.softmax(-1), cv)  # [B, H, g*P, dh]
+            a = self._attend(q, ck, cv, None)  # [B, H, g*P, dh]
             a = a.transpose(1, 2).reshape(N, P, D)
             h = F.layer_norm(F.linear(a, L.co_w, L.co_b) + h, (D,), *L.co_ln, self.eps)
             # MLP.

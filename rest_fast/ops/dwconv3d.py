@@ -176,7 +176,8 @@ def _fwd_configs():
     for bp in (16, 32, 64, 128):
         for bc in (32, 64, 128):
             for nw in (2, 4, 8):
-                if 1024 <= bp * bc <= 8192 and bp * bc // (32 * nw) >= 4:
+                # 4..16 elements per thread: more makes ptxas spill (all 27 tap loads are in flight).
+                if 1024 <= bp * bc <= 8192 and 4 <= bp * bc // (32 * nw) <= 16:
                     cfgs.append(triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw, num_stages=1))
     return cfgs
 
@@ -218,7 +219,11 @@ def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, resid
     N = B * T * H * W
     if N == 0 or C == 0:
         return y
-    args = (x, weight, bias if bias is not None else weight, y, N, T, H, W, C, *x.stride(), *weight.stride())
+    # [kt, kh, kw, C]: a tap's weights are contiguous along C, so the kernel loads them as vectors
+    # (a tiny copy: taps*C elements).
+    wt = weight.permute(1, 2, 3, 0).contiguous()
+    w_strides = (wt.stride(3), wt.stride(0), wt.stride(1), wt.stride(2))
+    args = (x, wt, bias if bias is not None else wt, y, N, T, H, W, C, *x.stride(), *w_strides)
     flags = dict(KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual, FLIP=flip,
                  ACC_FP64=x.dtype == torch.float64, OFF64=_needs_int64(x, y))
     if block_p is None and block_c is None and x.device.type == "cuda" and not triton_interpret():
@@ -236,23 +241,24 @@ def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, resid
     return y
 
 
-def _bwd_config(C: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """``(BLOCK_P, BLOCK_C, programs along rows, num_warps)`` for the fused backward: a fixed function of
-    the shape and device (see the module docstring on determinism)."""
-    if device.type == "cuda":
-        # Untuned first guess (no GPU was available when this was written; `bench/dwconv.py --sweep`
-        # times the alternatives). The one-hot dw update costs ~16/BLOCK_P of the tap work, so rows
-        # per block should stay >= 64.
-        block_c = min(64, max(16, _next_pow2(C)))
-        block_p = 64
-        num_warps = 4
-        # Enough programs to fill every SM a few times over (tail effect < ~1/8), few enough that the
-        # partial-sum buffer stays a few MB: programs ≈ 8 × SMs in total.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        progs = max(1, (8 * sms) // -(-C // block_c))
-    else:
-        block_c, block_p, num_warps = _interp_block_c(C), 128, 4
-        progs = 2  # two row programs so the interpreted tests cover the cross-program reduction
+def _bwd_w_config(C: int, taps_p2: int, device: torch.device) -> tuple[int, int, int, int]:
+    """``(BLOCK_P, BLOCK_C, programs along rows, num_warps)`` of the dw/db kernel: a fixed function of the
+    shape and device, never autotuned (see the module docstring on determinism)."""
+    if device.type != "cuda":
+        # Interpreter: big blocks (it pays per op), two row programs so tests cover the cross-program sum.
+        return 64, _interp_block_c(C), 2, 4
+    # The [TAPS_P2, BLOCK_P, BLOCK_C] fp32 accumulator and the matching x block live in registers:
+    # aim for ~32 accumulator elements per thread (3x3x3: [32, 2, 64] over 4 warps). Not yet timed on a
+    # GPU; `bench/dwconv.py --sweep` times the alternatives.
+    num_warps = 4
+    block_c = min(64, max(16, _next_pow2(C)))
+    while taps_p2 * block_c > 32 * 32 * num_warps and block_c > 16:
+        block_c //= 2
+    block_p = max(1, (32 * 32 * num_warps) // (taps_p2 * block_c))
+    # Enough programs to fill every SM several times (small tail), few enough that the partial-sum
+    # buffer stays a few MB: about 8 programs per SM in total.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    progs = max(1, (8 * sms) // -(-C // block_c))
     return block_p, block_c, progs, num_warps
 
 
@@ -261,43 +267,38 @@ def dwconv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, *, residual: bool = Fals
                  programs: int | None = None, num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the Triton backward; returns ``(dx, dw, db)``.
 
-    dy, x: ``[B, T, H, W, C]`` (any strides); weight ``[C, kt, kh, kw]``. ``dx`` is ``[B, T, H, W, C]``
-    contiguous (or ``[0]`` when ``need_dx=False``); ``dw`` ``[C, kt, kh, kw]`` and ``db`` ``[C]`` in
-    weight's dtype (both ``[0]`` when ``need_dw=False``). With ``need_dw`` the fused kernel produces all
-    three in one pass over ``dy``; without it, ``dx`` comes from the forward kernel with the mirrored
-    kernel (no ``x`` reads). ``programs`` = row programs (partial-sum rows) of the fused kernel.
+    dy, x: ``[B, T, H, W, C]`` (any strides); weight ``[C, kt, kh, kw]``. ``dx`` ``[B, T, H, W, C]``
+    contiguous in x's dtype (``[0]`` when ``need_dx=False``): the forward kernel run on ``dy`` with the
+    mirrored kernel (``+ dy`` when ``residual``). ``dw`` ``[C, kt, kh, kw]`` and ``db`` ``[C]`` in
+    weight's dtype (both ``[0]`` when ``need_dw=False``): the dw/db kernel's per-program partial sums
+    ``[programs, taps + 1, C]`` (fp32, fp64 for fp64 inputs) summed over programs in a fixed order.
+    ``block_p``/``block_c``/``programs``/``num_warps`` override the dw/db kernel's fixed configuration.
     """
     k = _kernels()
     B, T, H, W, C = x.shape
     KT, KH, KW = weight.shape[1:]
     taps = KT * KH * KW
     N = B * T * H * W
-    empty = x.new_empty((0,))
+    dx = dwconv3d_fwd(dy, weight, residual=residual, flip=True) if need_dx else x.new_empty((0,))
     if not need_dw:
-        dx = dwconv3d_fwd(dy, weight, residual=residual, flip=True, block_p=block_p, block_c=block_c) \
-            if need_dx else empty
         return dx, weight.new_empty((0,)), weight.new_empty((0,))
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else empty
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if N == 0 or C == 0:
         return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format), weight.new_zeros((C,))
-    bp, bc, progs, nw = _bwd_config(C, N, x.device)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    taps_p2 = _next_pow2(taps)
+    bp, bc, progs, nw = _bwd_w_config(C, taps_p2, x.device)
     bp, bc, progs, nw = block_p or bp, block_c or bc, programs or progs, num_warps or nw
     n_blocks = -(-N // bp)
     per_prog = -(-n_blocks // min(progs, n_blocks))
     progs = -(-n_blocks // per_prog)
-    taps_p2 = _next_pow2(taps + 1)  # row `taps` carries db
-    part = torch.empty((progs, taps_p2, C), dtype=acc_dtype, device=x.device)
-    grid = (progs, -(-C // bc))
-    k.dwconv3d_bwd_kernel[grid](
-        dy, x, weight, dx if need_dx else dy, part,
-        N, T, H, W, C, per_prog,
-        *dy.stride(), *x.stride(), *weight.stride(),
-        KT=KT, KH=KH, KW=KW, RESIDUAL=residual, NEED_DX=need_dx, ACC_FP64=acc_dtype == torch.float64,
-        OFF64=_needs_int64(dy, x), TAPS_P2=taps_p2, BLOCK_P=bp, BLOCK_C=bc, num_warps=nw,
+    part = torch.empty((progs, taps + 1, C), dtype=acc_dtype, device=x.device)
+    k.dwconv3d_bwd_w_kernel[(progs, -(-C // bc))](
+        dy, x, part, N, T, H, W, C, per_prog, *dy.stride(), *x.stride(),
+        KT=KT, KH=KH, KW=KW, ACC_FP64=acc_dtype == torch.float64, OFF64=_needs_int64(dy, x),
+        TAPS_P2=taps_p2, BLOCK_P=bp, BLOCK_C=bc, num_warps=nw,
     )
     # Fixed-order reduction of the per-program partials (torch's sum is deterministic, no atomics).
-    red = part[:, : taps + 1].sum(dim=0)
+    red = part.sum(dim=0)
     dw = red[:taps].t().reshape(C, KT, KH, KW).to(weight.dtype).contiguous()
     db = red[taps].to(weight.dtype, copy=True)
     return dx, dw, db

@@ -431,6 +431,10 @@ class Trainer:
     def run(self) -> Path:
         cfg, env = self.cfg, self.env
         t_start = self._last_report = time.time()
+        if self.state is not None and int(self.state["epoch"]) >= cfg.epochs and int(self.state["round"]) >= cfg.num_rounds:
+            log(env, f"{self.run_dir.root} is already complete ({cfg.epochs} epochs, {cfg.num_rounds} rounds); "
+                     "raise `epochs` to train further")
+            return self.run_dir.root
         self.setup()
         self.compute_features_and_neighbours()
         self.setup_training()

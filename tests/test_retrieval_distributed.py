@@ -1,0 +1,79 @@
+"""distributed_topk over gloo with 2 CPU processes: both strategies vs the single-process reference."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rest_fast.ops.topk import topk_mismatch, topk_similarity_ref
+from rest_fast.retrieval import distributed_topk
+from rest_fast.retrieval.distributed import choose_strategy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 5, generator=g) @ torch.randn(5, 24, generator=g) + 0.05 * torch.randn(90, 24, generator=g)
+    x = x / x.norm(dim=1, keepdim=True)
+    x[40] = x[7]  # an exact tie across the two key shards
+    return x
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    os.environ["TRITON_INTERPRET"] = "0"  # the per-rank search is the reference here; kernels are tested apart
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x = _data()
+        kcut, qcut = 33, 58  # uneven shards
+        keys = x[:kcut] if rank == 0 else x[kcut:]
+        qrows = slice(0, qcut) if rank == 0 else slice(qcut, 90)
+        q, ex = x[qrows], torch.arange(90)[qrows].clone()
+        ex[::4] = -1
+        for k in (1, 20, 40, 89):  # 40 and 89 exceed rank 0's shard (33 keys): small-shard path
+            rs, ri = topk_similarity_ref(q, x, k, exclude=ex)
+            for strategy in ("gather_keys", "shard_keys", "auto"):
+                s, i = distributed_topk(q, keys, k, exclude=ex, strategy=strategy, query_chunk=16)
+                msg = topk_mismatch(q, x, s, i, rs, ri, exclude=ex)
+                assert msg is None, f"rank {rank} k={k} {strategy}: {msg}"
+        # No exclude, fp16.
+        s, i = distributed_topk(q.half(), keys.half(), 90, strategy="shard_keys")
+        rs, ri = topk_similarity_ref(q.half(), x.half(), 90)
+        assert topk_mismatch(q.half(), x.half(), s, i, rs, ri) is None
+        # Errors are raised on every rank (no rank left waiting in a collective).
+        with pytest.raises(ValueError, match="exceeds"):
+            distributed_topk(q, keys, 90, exclude=ex)
+        bad_q = q.clone()
+        if rank == 1:
+            bad_q[0, 0] = float("nan")
+        with pytest.raises(ValueError):
+            distributed_topk(bad_q, keys, 3)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_topk_gloo_two_processes():
+    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_single_process_falls_back():
+    x = _data()
+    s, i = distributed_topk(x[:10], x, 5, exclude=torch.arange(10))
+    rs, ri = topk_similarity_ref(x[:10], x, 5, exclude=torch.arange(10))
+    assert topk_mismatch(x[:10], x, s, i, rs, ri, exclude=torch.arange(10)) is None
+
+
+def test_choose_strategy():
+    assert choose_strategy(240_000, 512, 2, 1 << 30) == "gather_keys"
+    assert choose_strategy(240_000, 512, 2, 100 << 20) == "shard_keys"
