@@ -108,7 +108,7 @@ def main() -> None:
              "vp9": make_clip(cache / f"bench_{secs}s_340p.webm", "vp9", secs)}
     table = harness.Table("decode", ["codec", "backend", "workers", "clips_s", "ratio", "cpu_clips_s", "cpu_ratio"])
     base, cpu_base = {}, {}
-    min_time = 0.5 if args.quick else 3.0
+    min_time = 0.5 if args.quick else 2.0
     for codec, path in clips.items():
         for method in ("plain", "reference", "fast"):
             D.reset_verification()
@@ -116,12 +116,12 @@ def main() -> None:
             t = harness.time_fn(lambda m=method, p=path: read_clip(p, T, size=S, method=m), warmup=1, min_time_s=min_time,
                                 max_reps=20)
             rate = 1e3 / t.median_ms
-            cpu = 1.0 / cpu_seconds(lambda m=method, p=path: read_clip(p, T, size=S, method=m), 3 if args.quick else 7)
+            cpu = 1.0 / cpu_seconds(lambda m=method, p=path: read_clip(p, T, size=S, method=m), 3 if args.quick else 5)
             base.setdefault(codec, rate)
             cpu_base.setdefault(codec, cpu)
             table.add(codec=codec, backend=f"pyav-{method}", workers=0, clips_s=rate, ratio=rate / base[codec],
                       cpu_clips_s=cpu, cpu_ratio=cpu / cpu_base[codec])
-        n = 8 if args.quick else 24
+        n = 8 if args.quick else 16
         for workers in (1, 2):
             idx = VideoIndex.from_paths([str(path)] * n)
             ld = PyAVClipLoader(idx, batch_size=4, num_frames=T, size=S, mean=MEAN, std=STD, num_workers=workers,

@@ -13,7 +13,8 @@ Three rows (captions/s = batch / median time of one batched call; ratio = ours /
 
 Models: ``--model tiny`` (default on CPU; :func:`rest_fast.models.tiny_blip`) or ``--model base`` (default on
 CUDA): BLIP-base shapes (ViT-B/16 at ``--image-size``, 12-layer text decoder, BERT vocabulary) with random weights.
-On CUDA both sides run under bf16 autocast.
+On CUDA both sides run under bf16 autocast (then ``same`` may say ``NO``: the two round differently in bf16;
+token identity is a fp32 property, tested in ``tests/test_beam_search.py``).
 
     python bench/generate.py                       # tiny, CPU
     python bench/generate.py --device cuda --summary out.txt
@@ -61,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", choices=["tiny", "base"], default=None, help="tiny on CPU, base on CUDA by default")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default 64 (8 with --quick)")
     ap.add_argument("--beams", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=20)
     ap.add_argument("--min-length", type=int, default=5)
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU intra-op threads (default 1 on CPU: tiny ops time stably on a shared box; both sides "
                          "use the same setting)")
-    ap.add_argument("--quick", action="store_true", help="batch 8, fewer repetitions")
+    ap.add_argument("--quick", action="store_true", help="batch 8 (unless --batch), fewer repetitions")
     ap.add_argument("--summary", default=None, help="append the table to this file")
     args = ap.parse_args()
 
@@ -78,7 +79,7 @@ def main() -> None:
     threads = args.threads if args.threads is not None else (1 if dev.type == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
     model = args.model or ("base" if dev.type == "cuda" else "tiny")
-    batch = 8 if args.quick else args.batch
+    batch = args.batch or (8 if args.quick else 64)
     blip, tok, gar = build(model, args.image_size, args.frames, dev)
     S = blip.config.vision_config.image_size
     g = torch.Generator().manual_seed(0)
@@ -89,8 +90,14 @@ def main() -> None:
     hf_ids = tok([prompt] * batch, return_tensors="pt").input_ids.to(dev)
     tcfg = blip.config.text_config
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    timing = dict(device=dev, min_time_s=0.3 if args.quick else 1.0, max_reps=5 if args.quick else 20,
+    # One call is a whole batched generate (≥ tens of ms): wall-clock medians, synchronised on CUDA.
+    timing = dict(device="cpu", min_time_s=0.3 if args.quick else 1.0, max_reps=5 if args.quick else 20,
                   warmup=1)
+
+    def synced(fn):
+        if dev.type != "cuda":
+            return fn
+        return lambda: (fn(), torch.cuda.synchronize())
 
     @torch.no_grad()
     def hf_decode(states):
@@ -131,8 +138,8 @@ def main() -> None:
         same = "-"
         if not name.startswith(f"e2e T={args.frames}") or args.frames == 1:
             same = "yes" if torch.equal(hf_fn().cpu(), ours_fn().token_ids.cpu()) else "NO"
-        t_hf = time_fn(hf_fn, **timing)
-        t_ours = time_fn(ours_fn, **timing)
+        t_hf = time_fn(synced(hf_fn), **timing)
+        t_ours = time_fn(synced(ours_fn), **timing)
         hf_cps, ours_cps = batch / (t_hf.median_ms / 1e3), batch / (t_ours.median_ms / 1e3)
         table.add(case=name, model=model, batch=batch, beams=args.beams, hf_caps_s=hf_cps, ours_caps_s=ours_cps,
                   ratio=ours_cps / hf_cps, same=same)

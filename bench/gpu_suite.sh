@@ -30,6 +30,9 @@ step "pytest -m gpu" 180 python -m pytest -m gpu -q -x
 # --- bench steps (each issue adds its own line) ---
 step "bench dwconv" 120 python bench/dwconv.py --device cuda --summary "$OUT/summary.txt"
 step "bench decode" 120 python bench/decode.py --device cuda --summary "$OUT/summary.txt"
+step "bench generate" 150 python bench/generate.py --device cuda --summary "$OUT/summary.txt"
+step "bench retrieval" 150 python bench/retrieval.py --device cuda --summary "$OUT/summary.txt"
+step "bench retrieval full" 240 python bench/retrieval.py --device cuda --full --summary "$OUT/summary.txt"
 # --- end bench steps ---
 
 echo

@@ -144,15 +144,15 @@ def bench_rerank(args, table: Table, device: str, dtype: torch.dtype) -> None:
     N, L, C, d, k = args.rerank_n, args.rerank_l, args.rerank_c, args.d, args.rerank_k
     video = low_rank(N, d, device, dtype, seed=2)
     caps = low_rank(C, d, device, dtype, seed=3)
-    g = torch.Generator(device="cpu").manual_seed(4)
+    g = torch.Generator(device=device).manual_seed(4)
     # REST-like candidates: the captions of a video's neighbours, so ids repeat (~4x) and some slots are empty.
     cand = torch.empty(N, L, dtype=torch.int32, device=device)
     for i in range(0, N, 8192):
         m = min(8192, N - i)
-        pool = torch.randint(0, C, (m, max(1, L // 4)), generator=g, dtype=torch.int32).to(device)
-        pos = torch.randint(0, pool.shape[1], (m, L), generator=g).to(device)
+        pool = torch.randint(0, C, (m, max(1, L // 4)), generator=g, dtype=torch.int32, device=device)
+        pos = torch.randint(0, pool.shape[1], (m, L), generator=g, device=device)
         c = pool.gather(1, pos)
-        c[torch.rand(m, L, generator=g).to(device) < 0.05] = -1
+        c[torch.rand(m, L, generator=g, device=device) < 0.05] = -1
         cand[i:i + m] = c
     shape = f"N={N} L={L} C={C} d={d} k={k} {args.dtype}"
     nbytes = N * L * (d * video.element_size() + 4)
@@ -195,12 +195,10 @@ def main(argv=None) -> None:
     elif cuda:
         defaults = dict(n=65_536, k=1000, dtype="fp16", rerank_n=32_768, rerank_l=8000, rerank_c=131_072)
     else:
-        defaults = dict(n=8192, k=100, dtype="fp32", rerank_n=1024, rerank_l=2000, rerank_c=8192)
+        defaults = dict(n=8192, k=100, dtype="fp32", rerank_n=512, rerank_l=1000, rerank_c=8192)
     for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
-    if not cuda:
-        torch.set_num_threads(torch.get_num_threads())
     dtype = DTYPES[args.dtype]
 
     table = Table("retrieval", COLUMNS)

@@ -500,35 +500,40 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
   std::vector<Part> parts(T);
   const int32_t* rows = rows_.data();
   const size_t row_max = static_cast<size_t>((H + 1) * W);
+  // Dedup within a row uses "last row that saw this id" stamps, never a hash set per row. With few
+  // captions, one stamp per caption id (direct index). With many, that array no longer fits in cache
+  // and every id is a DRAM miss, so a per-thread open-addressing table of (id, stamp) sized to twice
+  // the longest possible row (load <= 0.5, L2-resident) is used instead; stamps make clearing free.
+  size_t tab_size = 16;
+  while (tab_size < 2 * row_max) tab_size *= 2;
+  const bool direct = C + 1 <= std::max<size_t>(size_t{1} << 16, tab_size);
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     Part& p = parts[t];
-    // "Last row that saw this id": one stamp array per thread replaces a hash set per row. It is
-    // indexed by id + 1 and stamp[0] (id -1, an empty slot) is set to the current row first, so the
-    // inner loop has no branch: write the id, advance only if its stamp was not the row's.
-    std::vector<uint32_t> stamp(C + 1, 0);
+    std::vector<uint32_t> stamp(direct ? C + 1 : 0, 0);  // indexed by id + 1; [0] is id -1
+    struct Slot {
+      int32_t id;
+      uint32_t st;
+    };
+    std::vector<Slot> tab(direct ? 0 : tab_size, Slot{-1, 0});
+    const uint32_t mask = static_cast<uint32_t>(tab_size - 1);
+    int shift = 32;
+    for (size_t s = tab_size; s > 1; s >>= 1) --shift;
     p.start.reserve(static_cast<size_t>(e - b + 1));
     p.ids.reserve(static_cast<size_t>(e - b) * std::min<size_t>(row_max, 64));
+    std::vector<int32_t> gathered(row_max);
+    constexpr size_t kAhead = 16;  // prefetch distance, in rows (gather) and ids (dedup)
+    auto slot_of = [&](int32_t id) { return (static_cast<uint32_t>(id) * 0x9E3779B1u) >> shift; };
     for (int64_t i = b; i < e; ++i) {
       const uint32_t st = static_cast<uint32_t>(i - b + 1);
       p.start.push_back(p.ids.size);
-      p.ids.reserve(p.ids.size + row_max);
-      int32_t* out = p.ids.p + p.ids.size;
-      size_t cnt = 0;
-      stamp[0] = st;
-      auto take = [&](int64_t v) {
-        const int32_t* r = rows + v * W;
-        for (int64_t j = 0; j < W; ++j) {
-          const int32_t id = r[j];
-          const uint32_t old = stamp[id + 1];
-          stamp[id + 1] = st;
-          out[cnt] = id;
-          cnt += old != st;
-        }
-      };
-      take(vids[i]);
+      // 1) Gather the row's ids (own row, then neighbours' rows) into an L1-resident buffer; the
+      //    neighbour rows are random reads, so they are prefetched kAhead ahead.
+      int32_t* g = gathered.data();
+      size_t m = 0;
+      for (int64_t j = 0; j < W; ++j) g[m++] = rows[vids[i] * W + j];
       for (int64_t h = 0; h < H; ++h) {
-        if (h + 8 < H) {  // neighbour rows are random accesses: fetch ahead
-          const int64_t f = nb.at(i, h + 8);
+        if (h + static_cast<int64_t>(kAhead) < H) {
+          const int64_t f = nb.at(i, h + kAhead);
           if (f >= 0 && f < N) __builtin_prefetch(rows + f * W);
         }
         const int64_t u = nb.at(i, h);
@@ -537,7 +542,45 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
           p.bad_i = i, p.bad_j = h, p.bad_v = u;
           return;
         }
-        take(u);
+        const int32_t* r = rows + u * W;
+        if (W == 4) {  // K = 3, the paper's setting: a fixed-size copy the compiler inlines
+          std::memcpy(g + m, r, 16);
+          m += 4;
+        } else {
+          for (int64_t j = 0; j < W; ++j) g[m++] = r[j];
+        }
+      }
+      // 2) Keep each id's first occurrence. The stamp (or table slot) of the id kAhead positions
+      //    later is prefetched, so the random accesses overlap instead of stalling one by one.
+      p.ids.reserve(p.ids.size + m);
+      int32_t* out = p.ids.p + p.ids.size;
+      size_t cnt = 0;
+      if (direct) {
+        stamp[0] = st;  // id -1 (empty slot) always counts as seen
+        for (size_t j = 0; j < m; ++j) {
+          if (j + kAhead < m) __builtin_prefetch(&stamp[static_cast<size_t>(g[j + kAhead] + 1)]);
+          const int32_t id = g[j];
+          const uint32_t old = stamp[id + 1];
+          stamp[id + 1] = st;
+          out[cnt] = id;  // branch-free: advance only if the stamp was not this row's
+          cnt += old != st;
+        }
+      } else {
+        for (size_t j = 0; j < m; ++j) {
+          if (j + kAhead < m && g[j + kAhead] >= 0) __builtin_prefetch(&tab[slot_of(g[j + kAhead])]);
+          const int32_t id = g[j];
+          if (id < 0) continue;
+          for (uint32_t h = slot_of(id);; h = (h + 1) & mask) {
+            Slot& sl = tab[h];
+            if (sl.st != st) {
+              sl.st = st;
+              sl.id = id;
+              out[cnt++] = id;
+              break;
+            }
+            if (sl.id == id) break;
+          }
+        }
       }
       p.ids.size += cnt;
     }

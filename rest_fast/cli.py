@@ -25,6 +25,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rest_fast.eval.run import run_eval
+
+    return run_eval(args)
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from rest_fast.eval.run import run_caption
+
+    return run_caption(args)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from rest_fast.eval.finetune import run_finetune
+
+    return run_finetune(args)
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
+    """Options shared by eval, caption and finetune: captioner input and beam search (run's values by default)."""
+    g = p.add_argument_group("captioning (defaults: the run's settings, else the paper's)")
+    g.add_argument("--num-beams", type=int, help="beam width (default: the run's, else 3)")
+    g.add_argument("--max-length", type=int, help="max caption tokens, prompt included (default: run's, else 20)")
+    g.add_argument("--min-length", type=int, help="min caption tokens, prompt included (default: run's, else 5)")
+    g.add_argument("--prompt", help="decoder prompt (default: the run's train_prompt, else 'a video of')")
+    g.add_argument("--num-frames", type=int, help="T, frames per clip (default: the run's, else the model's)")
+    g.add_argument("--image-size", type=int, help="S, frame size (default: the run's, else the model's)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"videos per forward (default {batch_size})")
+    g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes (default 2)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0 = torch's default; 1 is "
+                   "fastest for tiny models on a busy machine)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_match_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CLIP-TAM")
+    g.add_argument("--matcher", default="clip", metavar="clip|sentence-transformers[:PATH]",
+                   help="text encoder mapping captions to class names (default: CLIP, the paper's CLIP-TAM)")
+    g.add_argument("--clip", metavar="NAME", help="CLIP for --matcher clip (default: the run's CLIP, else ViT-B-16 "
+                   "openai; 'tiny' = the demo's random CLIP)")
+    g.add_argument("--walk", action="store_true", help="also search the whole data root by file name")
+
+
+def _add_set_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--protocol", help="hmdb51, ucf101, k220, k220-generalized or k400 (with --data-root)")
+    g.add_argument("--data-root", metavar="DIR", help="dataset root for --protocol (or root of a --data list)")
+    g.add_argument("--data", metavar="LIST_OR_DIR", help="a labelled set: folder of class sub-folders, or a list "
+                   "of 'path label' lines (with --classes)")
+    g.add_argument("--classes", metavar="FILE", help="class names of a --data list, one a line (or 'index name')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rest-fast",
@@ -41,6 +94,56 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="REST self-training (Algorithm 1); the CPU demo without --data")
     add_train_arguments(p_train)
     p_train.set_defaults(func=_cmd_train)
+
+    p_eval = sub.add_parser("eval", help="caption a labelled set or protocol, CLIP-TAM top-1/top-5 (mean ± std)",
+                            description="Caption every video by beam search, map captions to class names with "
+                            "CLIP-TAM, report top-1/top-5 per split and mean ± std; write results.json, table.md, "
+                            "per-video predictions_*.jsonl and the missing/unreadable videos to --out.")
+    p_eval.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR",
+                        help="a `rest-fast train` run dir (latest checkpoint), a checkpoints/epoch_XXXX folder, "
+                        "a save_pretrained dir or an HF hub id")
+    _add_set_arguments(p_eval)
+    p_eval.add_argument("--split", help="1, 2, 3 or all (default: all splits of the protocol)")
+    p_eval.add_argument("--out", metavar="DIR", help="output dir (default: RUN/eval/<set>, else runs/eval/<set>)")
+    _add_match_arguments(p_eval)
+    _add_generation_arguments(p_eval)
+    p_eval.set_defaults(func=_cmd_eval)
+
+    p_cap = sub.add_parser("caption", help="free-form captions with beam scores for any video files")
+    p_cap.add_argument("videos", nargs="+", metavar="VIDEO")
+    p_cap.add_argument("--checkpoint", default="Salesforce/blip-image-captioning-base", metavar="RUN_OR_DIR",
+                       help="run dir, model dir or HF hub id (default: Salesforce/blip-image-captioning-base)")
+    p_cap.add_argument("--num-return", type=int, default=1, help="captions per video, best first (default 1)")
+    p_cap.add_argument("--json", action="store_true", help="one JSON object per video")
+    _add_generation_arguments(p_cap, batch_size=8)
+    p_cap.set_defaults(func=_cmd_caption)
+
+    p_ft = sub.add_parser("finetune", help="few-shot (--shots) or supervised (--supervised) fine-tuning with "
+                          "class names as captions, then eval",
+                          description="Fine-tune the captioner with each video's class name as its caption: "
+                          "few-shot on a protocol's 2/4/8/16-shot list (epochs max(400/M, 30), paper Table 10), "
+                          "or --supervised on a labelled --data set (the class-label GAR baseline); then evaluate.")
+    p_ft.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR", help="model to start from (as for eval)")
+    _add_set_arguments(p_ft)
+    p_ft.add_argument("--shots", type=int, help="M = 2, 4, 8 or 16 videos per class (few-shot)")
+    p_ft.add_argument("--supervised", action="store_true", help="train on all of --data (class-label baseline)")
+    p_ft.add_argument("--split", help="evaluation split of --protocol for --supervised (default: all)")
+    p_ft.add_argument("--eval-data", metavar="LIST_OR_DIR", help="labelled set to evaluate on (--supervised)")
+    p_ft.add_argument("--eval-classes", metavar="FILE", help="class names of an --eval-data list")
+    p_ft.add_argument("--no-eval", action="store_true", help="train only")
+    p_ft.add_argument("--out", metavar="DIR", help="output dir: model/, metrics.jsonl, eval/ (default runs/finetune/..)")
+    t = p_ft.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=int, help="default: max(400/M, 30) few-shot, 10 supervised")
+    t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate, cosine decay (default 2e-5)")
+    t.add_argument("--lr-min", type=float, default=2e-8, help="final learning rate (default 2e-8)")
+    t.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay (default 1e-3)")
+    t.add_argument("--label-smoothing", type=float, default=0.2, help="(default 0.2)")
+    t.add_argument("--train-batch-size", type=int, default=64, help="training batch size (default 64)")
+    t.add_argument("--no-augment", action="store_true", help="no Table 10 augmentations")
+    t.add_argument("--seed", type=int, default=0)
+    _add_match_arguments(p_ft)
+    _add_generation_arguments(p_ft)
+    p_ft.set_defaults(func=_cmd_finetune)
     return parser
 
 

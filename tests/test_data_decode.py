@@ -234,3 +234,17 @@ def test_swscale_crop_resize_matches_torch_reference(fx, name, train):
 def test_rotated_clip_reads_upright(fx):
     x, idx = read_clip(fx["rotated"], 4, size=24, return_indices=True)
     assert [vf.decode_index(np.rot90(f.numpy(), -1)) for f in x] == idx
+
+
+def test_preverify_skips_bad_files_and_verifies_types(fx):
+    state = D.preverify([fx["text"], fx["h264"], fx["vp9"], fx["h264"], fx["vp9"], fx["mjpeg"]])
+    assert state[("mov,mp4,m4a,3gp,3g2,mj2", "h264")] == {"verified": D.VERIFY_CLIPS, "failed": None}
+    assert state[("matroska,webm", "vp9")] == {"verified": D.VERIFY_CLIPS, "failed": None}
+
+
+def test_auto_verification_with_frame_objects(fx):
+    """convert=None (read_clip's mode) must compare pixels during verification, not frame objects."""
+    for _ in range(D.VERIFY_CLIPS):
+        frames, idx = D.read_frames(fx["hevc"], 4, convert=None)
+        assert [vf.decode_index(D.frame_to_rgb(f)) for f in frames] == idx
+    assert D.verification_state()[("mov,mp4,m4a,3gp,3g2,mj2", "hevc")] == {"verified": D.VERIFY_CLIPS, "failed": None}

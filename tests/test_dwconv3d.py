@@ -158,8 +158,8 @@ def test_int64_offsets_path(monkeypatch):
 
 
 def test_partial_requires_grad():
-    """Frozen weight → dx from the forward kernel with the mirrored kernel; frozen input → the fused
-    kernel skips dx. Both must agree with the reference."""
+    """Frozen weight → only the dx launch; frozen input → only the dw/db launch. Both must agree with the
+    reference, and the skipped outputs come back empty."""
     x, w, b, dy = _inputs((1, 3, 4, 4, 10), (3, 3, 3), torch.float32, seed=6)
     _, (ex, ew, eb) = _expected(x, w, b, dy, True)
     xr = x.clone().requires_grad_()

@@ -147,7 +147,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     p = _cli([f"--out={single}", *SMALL, "epochs=1"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "rest_fast", "train", f"--out={run}", *SMALL, "epochs=1"]
     env = _env()
     env["OMP_NUM_THREADS"] = "1"

@@ -450,7 +450,7 @@ def read_frames(path: str | os.PathLike, num_frames: int = 8, *, train: bool = F
     if verified >= VERIFY_CLIPS:
         return frames, idx
     ref_frames, ref_idx = read_frames_reference(path, num_frames, train=train, offsets=offsets, convert=convert)
-    rgb = (lambda f: f) if convert is not None else frame_to_rgb
+    rgb = frame_to_rgb if convert in (None, _as_is) else _as_is  # compare pixels, not frame objects
     same = ref_idx == idx and all(np.array_equal(rgb(a), rgb(b)) for a, b in zip(frames, ref_frames))
     with _LOCK:
         if same:
@@ -502,3 +502,18 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
     if n == 0:
         raise VideoDecodeError(path, "no decodable video frames")
     return VideoProbe(n, w, h, key, True)
+
+
+def preverify(paths, max_files: int = 8, num_frames: int = 8) -> dict[tuple[str, str], dict]:
+    """Verify the fast path on the first readable ``paths`` (at most ``max_files``) until every file type
+    seen is verified or failed. Loaders call it in the main process before forking DataLoader workers,
+    which then inherit the verdicts instead of each re-verifying its own first clips."""
+    for path in list(paths)[:max_files]:
+        try:
+            read_frames(path, num_frames, method="auto", convert=_as_is)
+        except VideoDecodeError:
+            continue
+        with _LOCK:
+            if all(st.failed is not None or st.verified >= VERIFY_CLIPS for st in _STATE.values()):
+                break
+    return verification_state()

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import read_clip
-from rest_fast.data.decode import VideoDecodeError
+from rest_fast.data.decode import VideoDecodeError, preverify
 from rest_fast.data.index import VideoIndex
 
 __all__ = ["ClipBatch", "ClipDataset", "PyAVClipLoader", "sample_seed", "normalize_clips"]
@@ -162,6 +162,7 @@ class PyAVClipLoader:
         self.index, self.mean, self.std = index, tuple(mean), tuple(std)
         self.device, self.dtype = torch.device(device), dtype
         self.max_bad_fraction = max_bad_fraction
+        self._preverified = False
         self.bad_files = BadFilesReport()
         for p in index.missing:
             self.bad_files.add(p, "missing file")
@@ -189,6 +190,10 @@ class PyAVClipLoader:
 
     def __iter__(self):
         self._check_bad()
+        if not self._preverified and self._loader.num_workers > 0 and self.dataset.method == "auto":
+            # verified file types are inherited by forked workers (see decode.preverify)
+            preverify(self.index.paths, num_frames=self.dataset.num_frames)
+            self._preverified = True
         for b in self._loader:
             for path, reason in b["bad"]:
                 self.bad_files.add(path, reason)

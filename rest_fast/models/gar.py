@@ -68,16 +68,23 @@ class GARModel(nn.Module):
         adapter_layers: ``"all"``, a list of ViT layer indices (an adapter runs *before* each listed layer), or
             ``[]`` for none.
         adapter_init_std: init std of the adapters' conv weights (``0.0`` = exact identity at init).
+        attn_impl: attention arithmetic of our decoder, ``"sdpa"`` (fused, default) or ``"eager"`` (HF BLIP's
+            matmul + softmax, op for op). Both give HF's tokens when logits are not tied to rounding noise.
+        autocast: run ``encode`` / ``loss`` / ``generate`` under bf16 autocast on CUDA (default ``True``).
     """
 
     def __init__(self, blip, tokenizer, num_frames: int = 8, adapter_layers="all", *,
-                 adapter_init_std: float | None = None) -> None:
+                 adapter_init_std: float | None = None, attn_impl: str = "sdpa", autocast: bool = True) -> None:
         super().__init__()
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.blip = blip
         self.tokenizer = tokenizer
         self.num_frames = int(num_frames)
+        if attn_impl not in ("sdpa", "eager"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
+        self.attn_impl = attn_impl
+        self.autocast = bool(autocast)
         vcfg = blip.config.vision_config
         self.adapter_layers = _resolve_layers(adapter_layers, vcfg.num_hidden_layers)
         self.temporal_adapters = nn.ModuleList()
@@ -182,7 +189,7 @@ class GARModel(nn.Module):
             self._frames = saved
 
     def _autocast(self, device: torch.device):
-        if device.type == "cuda":
+        if device.type == "cuda" and self.autocast:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
@@ -281,7 +288,7 @@ class GARModel(nn.Module):
         dev = image_embeds.device
         ids = self.prompt_ids(prompt, dev)
         input_ids = ids[None].expand(image_embeds.shape[0], -1).contiguous()
-        decoder = BlipTextDecoder(self.blip.text_decoder)
+        decoder = BlipTextDecoder(self.blip.text_decoder, attn_impl=self.attn_impl)
         with self._autocast(dev):
             out = beam_search(decoder.session(image_embeds, max_length), input_ids, num_beams=num_beams,
                               max_length=max_length, min_length=min_length, eos_token_id=self.eos_token_id,

@@ -5,8 +5,8 @@ kernel when the Triton interpreter is off, the test oracle, the benchmark baseli
 
 Layers (see ``STYLE.md``):
 
-* ``rest_fast.kernels.dwconv3d`` — the ``@triton.jit`` kernels (forward; fused backward ``dx`` + ``dw`` +
-  ``db``).
+* ``rest_fast.kernels.dwconv3d`` — the ``@triton.jit`` kernels: the forward (which, run on ``dy`` with
+  the mirrored kernel, is also ``dx``) and the ``dw``/``db`` partial-sum kernel.
 * :func:`dwconv3d_fwd`, :func:`dwconv3d_bwd` — launchers: allocate outputs, pick tiles, compute the grid,
   reduce the ``dw``/``db`` partial sums. Callable directly (tests run them on CPU tensors under
   ``TRITON_INTERPRET=1``).
@@ -14,9 +14,13 @@ Layers (see ``STYLE.md``):
   CPU: Triton interpreted when ``TRITON_INTERPRET=1``, else the reference), with fake kernels and
   autograd, so ``torch.compile(fullgraph=True)`` keeps them as single opaque nodes.
 
-Determinism: ``dw``/``db`` are reduced without atomics — each backward program writes its partial sums to a
-``[programs, taps + 1, C]`` buffer that is then summed in a fixed order — and the backward tile
-configuration is a fixed function of ``(C, device)``, never autotuned (timing noise would otherwise change
+Backward traffic: ``dx`` reads ``dy`` and writes ``dx``; ``dw``/``db`` read ``dy`` and ``x`` — one pass more
+over ``dy`` than a fused kernel, chosen because fusing put both the one-hot ``dw`` update and a cross-warp
+reduction per tap into the inner loop (measured in PTX/SASS for sm_90: several times the instructions).
+
+Determinism: ``dw``/``db`` are reduced without atomics — each program writes its partial sums to a
+``[programs, taps + 1, C]`` buffer that is then summed in a fixed order — and that kernel's tile
+configuration is a fixed function of ``(C, taps, device)``, never autotuned (timing noise would otherwise change
 the partition and so the rounding). Two runs on the same device give bit-identical ``dw``/``db``. The
 forward kernel is autotuned: every output element sums its taps in the same order whatever the tile, so
 its result does not depend on the chosen configuration.
@@ -45,6 +49,7 @@ __all__ = [
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_K = 7
+_MAX_BLOCK_C = 128  # widest channel tile of the forward kernel; its weights are padded to a multiple of it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,9 +224,13 @@ def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, resid
     N = B * T * H * W
     if N == 0 or C == 0:
         return y
-    # [kt, kh, kw, C]: a tap's weights are contiguous along C, so the kernel loads them as vectors
-    # (a tiny copy: taps*C elements).
-    wt = weight.permute(1, 2, 3, 0).contiguous()
+    # [kt, kh, kw, C_pad] in the accumulation dtype: a tap's weights are contiguous along C (vector loads),
+    # need no conversion inside the tap loop and, zero-padded to a multiple of the widest channel tile,
+    # no load mask. A tiny copy: taps*C elements.
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c_pad = -(-C // _MAX_BLOCK_C) * _MAX_BLOCK_C
+    wt = torch.zeros((KT, KH, KW, c_pad), dtype=acc_dtype, device=x.device)
+    wt[..., :C] = weight.permute(1, 2, 3, 0)
     w_strides = (wt.stride(3), wt.stride(0), wt.stride(1), wt.stride(2))
     args = (x, wt, bias if bias is not None else wt, y, N, T, H, W, C, *x.stride(), *w_strides)
     flags = dict(KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual, FLIP=flip,
@@ -234,6 +243,8 @@ def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, resid
         return y
     if block_c is None:
         block_c = _interp_block_c(C) if x.device.type != "cuda" else min(64, max(32, _next_pow2(C)))
+    if block_c > _MAX_BLOCK_C:
+        raise ValueError(f"block_c={block_c} exceeds the weight padding {_MAX_BLOCK_C}")
     if block_p is None:
         block_p = 256 if x.device.type != "cuda" else max(16, 4096 // block_c)
     grid = (-(-N // block_p), -(-C // block_c))
@@ -247,14 +258,16 @@ def _bwd_w_config(C: int, taps_p2: int, device: torch.device) -> tuple[int, int,
     if device.type != "cuda":
         # Interpreter: big blocks (it pays per op), two row programs so tests cover the cross-program sum.
         return 64, _interp_block_c(C), 2, 4
-    # The [TAPS_P2, BLOCK_P, BLOCK_C] fp32 accumulator and the matching x block live in registers:
-    # aim for ~32 accumulator elements per thread (3x3x3: [32, 2, 64] over 4 warps). Not yet timed on a
-    # GPU; `bench/dwconv.py --sweep` times the alternatives.
+    # The [TAPS_P2, BLOCK_P, BLOCK_C] fp32 accumulator and the matching x block live in registers: ~64
+    # accumulator elements per thread (3x3x3: [32, 4, 64] over 4 warps, 154 registers, no spills for
+    # sm_90 per ptxas) amortise the per-block row decomposition better than 32. Not yet timed on a GPU;
+    # `bench/dwconv.py --sweep` times the alternatives.
     num_warps = 4
+    per_cta = 64 * 32 * num_warps
     block_c = min(64, max(16, _next_pow2(C)))
-    while taps_p2 * block_c > 32 * 32 * num_warps and block_c > 16:
+    while taps_p2 * block_c > per_cta and block_c > 16:
         block_c //= 2
-    block_p = max(1, (32 * 32 * num_warps) // (taps_p2 * block_c))
+    block_p = max(1, per_cta // (taps_p2 * block_c))
     # Enough programs to fill every SM several times (small tail), few enough that the partial-sum
     # buffer stays a few MB: about 8 programs per SM in total.
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -161,6 +161,22 @@ def _mask_excluded(s: Tensor, ex: Tensor | None, n0: int) -> None:
         s[rows, local[rows]] = float("-inf")
 
 
+def _seed_threshold(s: Tensor, k: int) -> Tensor:
+    """A lower bound of each row's k-th largest score in ``s`` ``[rows, nb]`` (``nb >= k``).
+
+    The k-th largest of ``2k`` disjoint group maxima is reached by k distinct entries, so it bounds the
+    k-th largest entry from below; one ``amax`` pass plus a ``topk`` over ``2k`` values is much cheaper than a
+    ``topk`` over the block. Narrow blocks fall back to the exact k-th value.
+    """
+    rows, nb = s.shape
+    ng = 2 * k
+    G = nb // ng
+    if G < 2 or not s.is_contiguous():
+        return torch.topk(s, k, dim=1, sorted=False).values.min(1).values
+    gmax = s.as_strided((rows, ng, G), (s.stride(0), G, 1)).amax(2)  # groups of G adjacent columns
+    return torch.topk(gmax, k, dim=1, sorted=False).values.min(1).values
+
+
 def _dense_hits(s: Tensor, tau: Tensor, n0: int) -> Tensor | None:
     """Packed keys of the entries ``s >= tau[:, None]``, left-aligned per row in a ``[rows, max hits]``
     int64 tensor padded with the smallest key; ``None`` when nothing survives.
@@ -168,15 +184,17 @@ def _dense_hits(s: Tensor, tau: Tensor, n0: int) -> Tensor | None:
     Survivors are found with one compare + ``nonzero`` (cheaper than a per-row ``topk`` on CPU) and only
     they are packed.
     """
-    rc = torch.nonzero(s >= tau[:, None])
-    if rc.shape[0] == 0:
+    rows, nb = s.shape
+    flat = torch.nonzero((s >= tau[:, None]).view(-1)).squeeze(1)  # row-major, so rows come sorted
+    if flat.numel() == 0:
         return None
-    r, c = rc.unbind(1)
-    counts = torch.bincount(r, minlength=s.shape[0])
+    r = flat // nb
+    counts = torch.bincount(r, minlength=rows)
     start = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(r.shape[0], device=s.device) - start[r]  # nonzero is row-major: rows come sorted
-    out = torch.full((s.shape[0], int(counts.max())), _KEY_MIN, dtype=torch.int64, device=s.device)
-    out[r, pos] = pack_keys(s[r, c], c + n0)
+    pos = torch.arange(flat.numel(), device=s.device) - start.index_select(0, r)
+    out = torch.full((rows, int(counts.max())), _KEY_MIN, dtype=torch.int64, device=s.device)
+    keys = pack_keys(s.view(-1).index_select(0, flat), flat - r * nb + n0)
+    out.view(-1).index_copy_(0, r * out.shape[1] + pos, keys)
     return out
 
 
@@ -186,8 +204,8 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
 
     Computes in ``torch.promote_types(dtype, float32)`` (float64 inputs are accepted here; their scores are
     rounded to float32 before ranking). Memory is ``O(block_m · (block_n + k))``, never ``M × N``.
-    Per query block it keeps a pool of packed keys and the current k-th best score ``τ`` (seeded by a float
-    ``topk`` on the first block); each key block's scores are compared with ``τ`` and only the survivors are
+    Per query block it keeps a pool of packed keys and a lower bound ``τ`` of the k-th best score (seeded
+    from group maxima of the first block, then the pool's k-th key); each key block's scores are compared with ``τ`` and only the survivors are
     packed and pooled; the pool is cut back to ``k`` (one ``topk`` on packed keys) when it reaches ``2k``.
     """
     exclude = _check_inputs(queries, keys, k, exclude, _REF_DTYPES)
@@ -215,8 +233,7 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
             s = (q @ kb.T).float()
             _mask_excluded(s, ex, n0)
             if width == 0 and s.shape[1] >= k:
-                # Seed the threshold from the first block wide enough: its k-th best score.
-                tau = torch.topk(s, k, dim=1, sorted=False).values.min(1).values
+                tau = _seed_threshold(s, k)
             hits = _dense_hits(s, tau, n0)
             if hits is None:
                 continue

@@ -1,0 +1,252 @@
+"""Resolve ``--checkpoint RUN_OR_DIR`` to a captioner (and, for a trainer run, the run's CLIP and settings).
+
+Accepted, in the order they are tried:
+
+1. a run directory written by ``rest-fast train`` (``config.yaml`` + ``checkpoints/``): the checkpoint that
+   ``state.json`` names (the newest complete epoch), else the newest complete ``checkpoints/epoch_XXXX``;
+2. one ``RUN/checkpoints/epoch_XXXX`` folder of such a run (an older epoch);
+3. a directory written by :meth:`GARModel.save_pretrained` or HF ``save_pretrained`` (``config.json``);
+4. a directory holding such a model under ``model/`` (what ``rest-fast finetune --out`` writes);
+5. anything else that is not an existing path: a Hugging Face hub id (``Salesforce/blip-image-captioning-base``).
+
+For a trainer run the model is rebuilt exactly as the trainer built it (same BLIP source — the run's own tiny
+BLIP for the demo —, ``num_frames``, adapter layers) and the checkpoint's weights are loaded strictly. The run's
+settings become the defaults of evaluation: frame count and size, the prompt the model was trained with, the
+beam-search settings, and the CLIP the run used (for CLIP-TAM with ``--matcher clip``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["ResolvedCheckpoint", "resolve_checkpoint", "load_model", "load_clip", "DEFAULT_BLIP", "CheckpointError"]
+
+DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
+TINY = "tiny"  # the trainer's name for its random-init demo models
+
+
+class CheckpointError(ValueError):
+    """``--checkpoint`` cannot be resolved or loaded; the message says what was tried."""
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """Where the captioner comes from, before anything heavy is loaded.
+
+    Attributes:
+        spec: what the user passed.
+        kind: ``"run"`` (a trainer run, maybe at an older epoch), ``"pretrained"`` (a save_pretrained
+            directory) or ``"hub"`` (a hub id).
+        blip_source: what :meth:`GARModel.from_pretrained` loads (directory or hub id).
+        weights: the trainer checkpoint's ``model.safetensors`` loaded over it (runs only).
+        run_dir: the trainer run (runs only); ``config``: its resolved ``config.yaml`` as a dict.
+        defaults: evaluation defaults taken from the run (``num_frames``, ``image_size``, ``prompt``,
+            ``num_beams``, ``max_length``, ``min_length``); empty for other kinds.
+        data: the labelled set the run trained on (its ``data`` or the demo's clips), if any.
+    """
+
+    spec: str
+    kind: str
+    blip_source: str
+    weights: Path | None = None
+    run_dir: Path | None = None
+    config: dict | None = None
+    defaults: dict = field(default_factory=dict)
+    data: str | None = None
+    data_root: str | None = None
+
+    @property
+    def description(self) -> str:
+        if self.kind == "run":
+            return f"run {self.run_dir} ({self.weights.parent.name})"
+        return f"{self.kind} {self.blip_source}"
+
+
+def _run_config(root: Path) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{root / 'config.yaml'} is not a mapping of config keys")
+    return cfg
+
+
+def _is_run_dir(p: Path) -> bool:
+    return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
+
+
+def _run_checkpoint(root: Path) -> Path:
+    """The checkpoint folder ``state.json`` names, else the newest complete one."""
+    from rest_fast.train.rundir import RunDir
+
+    run = RunDir(root, writable=False)
+    state = run.read_state() or {}
+    if state.get("checkpoint"):
+        ckpt = root / state["checkpoint"]
+        if (ckpt / "model.safetensors").is_file():
+            return ckpt
+    ckpts = [c for c in run.list_checkpoints() if (c / "model.safetensors").is_file()]
+    if not ckpts:
+        raise CheckpointError(
+            f"run {root} has no complete checkpoint yet (checkpoints/epoch_XXXX is written after each epoch)"
+        )
+    return ckpts[-1]
+
+
+def _from_run(spec: str, root: Path, ckpt: Path) -> ResolvedCheckpoint:
+    cfg = _run_config(root)
+    blip = cfg.get("blip", DEFAULT_BLIP)
+    if blip == TINY:  # the demo writes its random BLIP into the run, so it can be rebuilt bit for bit
+        blip = str(root / "models" / "tiny_blip")
+        if not (Path(blip) / "config.json").is_file():
+            raise CheckpointError(f"run {root} used the tiny BLIP but {blip} is missing")
+    defaults = {
+        "num_frames": int(cfg.get("num_frames", 8)),
+        "image_size": int(cfg.get("image_size", 224)),
+        "prompt": cfg.get("train_prompt", "a video of"),
+        "num_beams": int(cfg.get("num_beams", 3)),
+        "max_length": int(cfg.get("max_length", 20)),
+        "min_length": int(cfg.get("min_length", 5)),
+    }
+    data, data_root = cfg.get("data"), cfg.get("data_root")
+    if data is None and (root / "demo" / "clips").is_dir():
+        data = str(root / "demo" / "clips")
+    return ResolvedCheckpoint(spec, "run", blip, ckpt / "model.safetensors", root, cfg, defaults, data, data_root)
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> ResolvedCheckpoint:
+    """Work out what ``spec`` names (see the module docstring); nothing is loaded yet."""
+    if spec is None or not str(spec).strip():
+        raise CheckpointError("--checkpoint is empty")
+    spec = os.fspath(spec)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if _is_run_dir(p):
+            return _from_run(spec, p, _run_checkpoint(p))
+        if (p / "meta.json").is_file() and p.parent.name == "checkpoints" and _is_run_dir(p.parent.parent):
+            if not (p / "model.safetensors").is_file():
+                raise CheckpointError(f"{p} has no model.safetensors")
+            return _from_run(spec, p.parent.parent, p)
+        if (p / "config.json").is_file():
+            return ResolvedCheckpoint(spec, "pretrained", str(p))
+        if (p / "model" / "config.json").is_file():
+            return ResolvedCheckpoint(spec, "pretrained", str(p / "model"))
+        raise CheckpointError(
+            f"--checkpoint {spec}: a directory, but neither a `rest-fast train` run (config.yaml + checkpoints/), "
+            "a checkpoints/epoch_XXXX folder, nor a save_pretrained model (config.json)"
+        )
+    if p.exists():
+        raise CheckpointError(f"--checkpoint {spec}: a file; pass a run directory, a model directory or a hub id")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise CheckpointError(f"--checkpoint {spec}: no such directory")
+    return ResolvedCheckpoint(spec, "hub", spec)
+
+
+def load_model(resolved: ResolvedCheckpoint, device: torch.device | str = "cpu", num_frames: int | None = None):
+    """The :class:`~rest_fast.models.GARModel` of ``resolved``, in eval mode on ``device``.
+
+    ``num_frames`` overrides the frame count the adapters are built for (the adapters work for any T).
+    """
+    from rest_fast.models import GARModel
+
+    if resolved.kind == "run":
+        from safetensors.torch import load_file
+
+        from rest_fast.train.config import TrainConfig
+
+        cfg = TrainConfig(**{k: v for k, v in resolved.config.items() if k in TrainConfig.__dataclass_fields__})
+        try:
+            model = GARModel.from_pretrained(resolved.blip_source, num_frames=cfg.num_frames,
+                                             adapter_layers=cfg.adapter_layers_value())
+        except OSError as exc:
+            raise CheckpointError(
+                f"run {resolved.run_dir} was trained from BLIP {resolved.blip_source!r}, which could not be loaded "
+                f"({exc}); it is needed to rebuild the model before the run's weights are loaded"
+            ) from exc
+        state = load_file(str(resolved.weights))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{resolved.weights} does not fit the model of run {resolved.run_dir}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    else:
+        try:
+            # A plain BLIP gets freshly initialised adapters: seed them, so the same command gives the same captions.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = GARModel.from_pretrained(resolved.blip_source)
+        except OSError as exc:
+            hint = (
+                " (it is a hub id: the weights must be in the local Hugging Face cache or downloadable; "
+                "offline, pass --checkpoint with a run directory or a saved model directory)"
+                if resolved.kind == "hub" else ""
+            )
+            raise CheckpointError(f"could not load captioner {resolved.blip_source!r}{hint}: {exc}") from exc
+    if num_frames is not None and num_frames != model.num_frames:
+        model.num_frames = int(num_frames)
+    model.to(torch.device(device))
+    model.eval()
+    return model
+
+
+def image_size_of(model) -> int:
+    """Frame size the captioner's ViT was built for."""
+    return int(model.blip.config.vision_config.image_size)
+
+
+def pixel_normalisation(resolved: ResolvedCheckpoint) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """BLIP's pixel mean/std for this checkpoint (the same rule the trainer uses)."""
+    from rest_fast.train.inputs import blip_normalisation
+
+    return blip_normalisation(resolved.blip_source)
+
+
+def load_clip(resolved: ResolvedCheckpoint | None, name: str | None = None, device: torch.device | str = "cpu",
+              pretrained: str | None = None, batch_size: int = 64):
+    """The CLIP used by ``--matcher clip``.
+
+    ``name`` (``--clip``) wins; ``"tiny"`` is the random demo CLIP. Otherwise a trainer run's own CLIP, rebuilt
+    as the trainer built it (for the demo: the tiny CLIP with the run's seed and size); otherwise ``ViT-B-16``
+    with OpenAI weights (the paper's CLIP-TAM).
+    """
+    from rest_fast.clip import FrozenCLIP, tiny_clip
+
+    cfg = resolved.config if resolved is not None and resolved.kind == "run" else None
+    if name is None and cfg is not None:
+        name = cfg.get("clip", "ViT-B-16")
+        if name == TINY:
+            # Same construction as the trainer's (rest_fast.train.inputs.load_models), so the text tower matches.
+            size = int(cfg.get("image_size", 32))
+            size = size if size % 8 == 0 else 32
+            return tiny_clip(seed=int(cfg.get("seed", 0)), image_size=size, device=device, batch_size=batch_size)
+        if pretrained is None:
+            pretrained = cfg.get("clip_pretrained")
+    if name is None:
+        name = "ViT-B-16"
+    if name == TINY:
+        return tiny_clip(device=device, batch_size=batch_size)
+    try:
+        return FrozenCLIP(name, pretrained=pretrained, device=device, batch_size=batch_size)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"could not load CLIP {name!r} for CLIP-TAM ({type(exc).__name__}: {exc}); offline, pass "
+            "--matcher sentence-transformers (packaged MiniLM) or --clip with a local model"
+        ) from exc
+
+
+def describe(resolved: ResolvedCheckpoint) -> dict:
+    """JSON-ready summary of where the model came from (recorded in results)."""
+    out = {"checkpoint": resolved.spec, "kind": resolved.kind, "blip": resolved.blip_source}
+    if resolved.kind == "run":
+        out["run_dir"] = str(resolved.run_dir)
+        out["weights"] = str(resolved.weights)
+        meta = resolved.weights.parent / "meta.json"
+        if meta.is_file():
+            out["epoch"] = json.loads(meta.read_text()).get("epoch")
+    return out
