@@ -294,6 +294,17 @@ void CaptionCache::grow_table(size_t min_captions) {
   table_.swap(fresh);
 }
 
+int64_t CaptionCache::find(const char* s, size_t n, uint64_t h) const {
+  const size_t cap = table_.size();
+  if (cap == 0) return -1;
+  for (size_t i = ((h >> 32) * cap) >> 32;; i = i + 1 == cap ? 0 : i + 1) {  // the load stays <= 0.75
+    const uint32_t id = table_[i];
+    if (id == kEmpty) return -1;
+    const auto t = view(id);
+    if (t.size() == n && std::memcmp(t.data(), s, n) == 0) return id;
+  }
+}
+
 int64_t CaptionCache::lookup_or_insert(const char* s, size_t n, uint64_t h) {
   const size_t count = offsets_.size() - 1;
   if ((count + 1) * 4 > table_.size() * 3) grow_table(count + 1);  // keep the load factor <= 0.75
@@ -345,11 +356,31 @@ void CaptionCache::intern(const std::vector<std::string_view>& texts, int32_t* o
   });
   std::unique_lock lk(mu_);
   const size_t old_count = offsets_.size() - 1;
+  // Look every string up in parallel first: threads only read, and the unique lock keeps writers
+  // out. Interning known captions (most of a round) then never touches the serial path, and the
+  // number of misses sizes the table and arena once instead of growing them step by step.
+  std::vector<size_t> misses(T, 0), miss_bytes(T, 0);
+  parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
+    for (int64_t i = b; i < e; ++i) {
+      out[i] = static_cast<int32_t>(find(bufs[t].data() + off[i], lens[i], hashes[i]));
+      if (out[i] < 0) {
+        ++misses[t];
+        miss_bytes[t] += lens[i];
+      }
+    }
+  });
+  size_t new_max = 0, new_bytes = 0;
+  for (int t = 0; t < T; ++t) new_max += misses[t], new_bytes += miss_bytes[t];
+  if (new_max == 0) return;
   try {
-    for (int t = 0; t < T; ++t) {
+    if ((old_count + new_max) * 4 > table_.size() * 3) grow_table(old_count + new_max);
+    reserve_for(arena_, new_bytes);
+    reserve_for(offsets_, new_max);
+    for (int t = 0; t < T; ++t) {  // in input order: ids by first appearance, as in the Python twin
       auto [b, e] = chunk(n, T, t);
       for (int64_t i = b; i < e; ++i)
-        out[i] = static_cast<int32_t>(lookup_or_insert(bufs[t].data() + off[i], lens[i], hashes[i]));
+        if (out[i] < 0)
+          out[i] = static_cast<int32_t>(lookup_or_insert(bufs[t].data() + off[i], lens[i], hashes[i]));
     }
   } catch (...) {
     // All or nothing: drop the captions this call added and rebuild the index.

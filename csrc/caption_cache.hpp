@@ -113,6 +113,7 @@ class CaptionCache {
   static std::unique_ptr<CaptionCache> from_bytes(const unsigned char* data, size_t size);
 
  private:
+  int64_t find(const char* s, size_t n, uint64_t h) const;         // id or -1; caller holds a lock
   int64_t lookup_or_insert(const char* s, size_t n, uint64_t h);  // caller holds the unique lock
   void grow_table(size_t min_captions);
   void check_video(int64_t v, const char* arg, int64_t i) const;

@@ -176,6 +176,53 @@ static void test_slots_and_candidates() {
   CHECK(throws<IndexError>([&] { c.history(6); }));
 }
 
+// First-occurrence dedup the slow, obvious way (the reference for both native dedup paths).
+static std::vector<int32_t> reference_row(const std::vector<int32_t>& rows, int64_t W, int64_t v,
+                                          const std::vector<int32_t>& nb_row) {
+  std::vector<int32_t> seq(rows.begin() + v * W, rows.begin() + (v + 1) * W), out;
+  for (int32_t u : nb_row)
+    if (u >= 0) seq.insert(seq.end(), rows.begin() + u * W, rows.begin() + (u + 1) * W);
+  for (int32_t id : seq)
+    if (id >= 0 && std::find(out.begin(), out.end(), id) == out.end()) out.push_back(id);
+  return out;
+}
+
+static void test_candidates_paths() {
+  // 100 captions -> direct stamps; 70000 -> hashed stamp table. Both must match the reference.
+  for (int captions : {100, 70000}) {
+    const int64_t N = 300, K = 3, W = 4, H = 25;
+    CaptionCache c(N, K);
+    std::vector<std::string> texts;
+    for (int i = 0; i < captions; ++i) texts.push_back("x" + std::to_string(i));
+    intern(c, texts);
+    std::mt19937 rng(captions);
+    std::vector<int64_t> all(N);
+    std::vector<int32_t> ids(N * K), pend(N), rows(N * W), nb(N * H);
+    std::vector<float> sc(N * K, 0.f);
+    for (int64_t v = 0; v < N; ++v) {
+      all[v] = v;
+      for (int64_t j = 0; j < K; ++j) ids[v * K + j] = (rng() % 4 == 0) ? -1 : static_cast<int32_t>(v * K + j) % captions;
+      pend[v] = static_cast<int32_t>(rng() % captions);
+    }
+    for (auto& x : nb) x = static_cast<int32_t>(rng() % (N + 1)) - 1;
+    c.set(col(all), mat(ids, N, K), sc.data());
+    c.add_pending(col(all), mat(pend, N, 1));
+    for (int64_t v = 0; v < N; ++v) {
+      for (int64_t j = 0; j < K; ++j) rows[v * W + j] = ids[v * K + j];
+      rows[v * W + K] = pend[v];
+    }
+    int64_t L = 0;
+    auto out = c.candidates(col(all), mat(nb, N, H), L);
+    bool same = true;
+    for (int64_t i = 0; i < N; ++i) {
+      auto ref = reference_row(rows, W, i, std::vector<int32_t>(nb.begin() + i * H, nb.begin() + (i + 1) * H));
+      ref.resize(static_cast<size_t>(L), -1);
+      same &= std::equal(ref.begin(), ref.end(), out.get() + i * L);
+    }
+    CHECK(same);
+  }
+}
+
 static std::vector<unsigned char> read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
@@ -268,6 +315,7 @@ int main() {
   test_helpers();
   test_intern();
   test_slots_and_candidates();
+  test_candidates_paths();
   test_save_load();
   test_concurrency();
   if (g_failures) {

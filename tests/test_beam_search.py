@@ -240,3 +240,14 @@ def test_generate_cuda_bf16_runs():
     loss = gar.loss(videos, ["a man is cooking"] * 5)
     loss.loss.backward()
     assert torch.isfinite(loss.per_sample).all()
+
+
+@pytest.mark.slow
+def test_compiled_decoder_matches_hf():
+    """The optional torch.compile path (minutes of inductor compilation on 2 CPU cores) keeps HF's tokens."""
+    blip, tok = _model(18, eos_bias=2.5)
+    gar = GARModel(blip, tok, num_frames=1, adapter_layers=[], compile_decoder=True)
+    pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for nb in (3, 1):
+        ref = _hf(blip, tok, pixels, "a video of", num_beams=nb, max_length=14, min_length=5)
+        assert torch.equal(gar.generate(pixels, num_beams=nb, max_length=14).token_ids, ref)

@@ -412,6 +412,17 @@ def test_native_matches_python_random():
 
 
 @needs_native
+def test_native_matches_python_many_captions():
+    """More than 65536 captions: the native dedup switches from per-id stamps to a hashed stamp table."""
+    (py, nat), ids, nb, rng = random_pair(n=200, h=30, captions=70000, seed=5)
+    assert len(nat) > 65536
+    videos = rng.permutation(200)
+    assert np.array_equal(py.candidates(videos, nb), nat.candidates(videos, nb))
+    nb_dup = np.concatenate([nb, nb[:, ::-1]], axis=1)  # every neighbour twice
+    assert np.array_equal(py.candidates(videos, nb_dup), nat.candidates(videos, nb_dup))
+
+
+@needs_native
 def test_native_thread_counts_agree(monkeypatch):
     (py, nat), ids, nb, rng = random_pair(n=300, h=40, seed=2)
     videos = np.arange(300)

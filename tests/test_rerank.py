@@ -133,3 +133,13 @@ def test_errors(fn):
         fn(v, c, cand, 0)
     with pytest.raises(ValueError, match="caption_feats contains NaN"):
         fn(v, torch.full((10, 4), float("nan")), cand, 2)
+
+
+def test_custom_op_opcheck_and_compile(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    v, c, cand = make(4, 20, 30, 8, seed=5)
+    torch.library.opcheck(torch.ops.rest_fast.rerank_captions.default, (v, c, cand, 3))
+    fn = torch.compile(lambda a, b, e: rerank_captions(a, b, e, 3), fullgraph=True, backend="aot_eager")
+    s, i = fn(v, c, cand)
+    rs, ri = rerank_captions_ref(v, c, cand, 3)
+    assert torch.equal(s, rs) and torch.equal(i, ri)

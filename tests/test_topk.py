@@ -224,3 +224,15 @@ def test_faiss_agreement():
     check(q, x, s, i, torch.from_numpy(fd), torch.from_numpy(fi))
     s, i = topk_similarity_triton(q, x, 25)
     check(q, x, s, i, torch.from_numpy(fd), torch.from_numpy(fi))
+
+
+def test_custom_op_opcheck_and_compile(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, keys = low_rank(12, 8, seed=24), low_rank(40, 8, seed=25)
+    ex = torch.arange(12)
+    torch.library.opcheck(torch.ops.rest_fast.topk_similarity.default, (q, keys, 5, ex))
+    torch.library.opcheck(torch.ops.rest_fast.topk_similarity.default, (q, keys, 5, None))
+    fn = torch.compile(lambda a, b: topk_similarity(a, b, 5, exclude=ex), fullgraph=True, backend="aot_eager")
+    s, i = fn(q, keys)
+    rs, ri = topk_similarity_ref(q, keys, 5, exclude=ex)
+    assert torch.equal(s, rs) and torch.equal(i, ri)

@@ -159,3 +159,21 @@ def test_caption_round_embeds_only_new_captions_and_snapshots():
     expected = sorted(pool, key=lambda c: (-score[c], c))[:2]
     ids, _ = cache.get([0])
     assert ids[0].tolist() == expected
+
+
+def test_neighbour_graph_excludes_self_and_is_cached(tmp_path):
+    from rest_fast.train.neighbours import neighbour_graph
+
+    # unit vectors at angles 0, 10, 25, 60, 100 degrees: neighbours by angle difference (no ties)
+    ang = np.deg2rad([0.0, 10.0, 25.0, 60.0, 100.0])
+    feats = torch.tensor(np.stack([np.cos(ang), np.sin(ang)], 1), dtype=torch.float32)
+    g = neighbour_graph(feats, 2, ENV1, cache_dir=tmp_path)
+    assert g.dtype == np.int32 and g.tolist() == [[1, 2], [0, 2], [1, 0], [2, 4], [3, 2]]
+    meta = tmp_path / "neighbours" / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    assert neighbour_graph(feats, 2, ENV1, cache_dir=tmp_path).tolist() == g.tolist()
+    assert meta.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    g3 = neighbour_graph(feats.flip(0).contiguous(), 2, ENV1, cache_dir=tmp_path)  # other features: rebuilt
+    assert g3.tolist() == [[1, 2], [2, 0], [3, 4], [4, 2], [3, 2]] and meta.stat().st_mtime_ns != stamp
+    with pytest.raises(ValueError, match="h must be"):
+        neighbour_graph(feats, 5, ENV1, cache_dir=tmp_path)

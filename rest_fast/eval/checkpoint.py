@@ -5,8 +5,8 @@ Accepted, in the order they are tried:
 1. a run directory written by ``rest-fast train`` (``config.yaml`` + ``checkpoints/``): the checkpoint that
    ``state.json`` names (the newest complete epoch), else the newest complete ``checkpoints/epoch_XXXX``;
 2. one ``RUN/checkpoints/epoch_XXXX`` folder of such a run (an older epoch);
-3. a directory written by :meth:`GARModel.save_pretrained` or HF ``save_pretrained`` (``config.json``);
-4. a directory holding such a model under ``model/`` (what ``rest-fast finetune --out`` writes);
+3. a directory holding a saved model under ``model/`` (what ``rest-fast finetune --out`` writes);
+4. a directory written by :meth:`GARModel.save_pretrained` or HF ``save_pretrained`` (``config.json``);
 5. anything else that is not an existing path: a Hugging Face hub id (``Salesforce/blip-image-captioning-base``).
 
 For a trainer run the model is rebuilt exactly as the trainer built it (same BLIP source — the run's own tiny
@@ -132,10 +132,10 @@ def resolve_checkpoint(spec: str | os.PathLike) -> ResolvedCheckpoint:
             if not (p / "model.safetensors").is_file():
                 raise CheckpointError(f"{p} has no model.safetensors")
             return _from_run(spec, p.parent.parent, p)
-        if (p / "config.json").is_file():
-            return ResolvedCheckpoint(spec, "pretrained", str(p))
         if (p / "model" / "config.json").is_file():
             return ResolvedCheckpoint(spec, "pretrained", str(p / "model"))
+        if (p / "config.json").is_file():
+            return ResolvedCheckpoint(spec, "pretrained", str(p))
         raise CheckpointError(
             f"--checkpoint {spec}: a directory, but neither a `rest-fast train` run (config.yaml + checkpoints/), "
             "a checkpoints/epoch_XXXX folder, nor a save_pretrained model (config.json)"

@@ -13,7 +13,7 @@ augmentations:
   ``--data`` set (K400 in the paper), then evaluate on ``--protocol`` (zero-shot transfer), ``--eval-data``, or
   the training set itself. The paper gives no epoch count for it; the default here is 10 (set ``--epochs``).
 
-Outputs in ``--out``: ``config.json`` (the resolved settings), ``train_videos.txt`` / ``missing_train.txt``,
+Outputs in ``--out``: ``finetune.json`` (the resolved settings), ``train_videos.txt`` / ``missing_train.txt``,
 ``metrics.jsonl`` (one record per epoch), ``model/`` (:meth:`GARModel.save_pretrained`, so
 ``rest-fast eval --checkpoint OUT`` works), ``bad_files.tsv``, and ``eval/`` (what ``rest-fast eval`` writes).
 """
@@ -224,6 +224,7 @@ def run_finetune(args) -> int:
 
 
 def _run_finetune(args) -> int:
+    from rest_fast.data.bad_files import TooManyBadFiles
     from rest_fast.eval.checkpoint import (
         CheckpointError,
         describe,
@@ -261,7 +262,7 @@ def _run_finetune(args) -> int:
               "num_frames": t, "image_size": size, "prompt": settings.prompt,
               "train_videos": len(train.videos), "train_missing": len(train.missing),
               "classes": len(train.class_names)}
-    atomic_write_json(out / "config.json", config)
+    atomic_write_json(out / "finetune.json", config)
     atomic_write_text(out / "train_videos.txt", "".join(f"{p} {y}\n" for p, y in train.videos))
     atomic_write_text(out / "missing_train.txt", "".join(m + "\n" for m in train.missing))
     if train.missing:
@@ -285,7 +286,7 @@ def _run_finetune(args) -> int:
                           label_smoothing=args.label_smoothing, batch_size=args.train_batch_size,
                           augment=not args.no_augment, seed=args.seed, prompt=settings.prompt, device=dev,
                           num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch)
-    except ValueError as exc:
+    except (ValueError, TooManyBadFiles) as exc:
         print(f"rest-fast finetune: error: {exc}", file=sys.stderr)
         return 2
     bad.write(out)

@@ -45,6 +45,7 @@ __all__ = [
     "evaluate_model",
     "evaluate",
     "format_table",
+    "cpu_threads",
     "run_eval",
     "run_caption",
 ]

@@ -35,17 +35,21 @@ class BlipTextDecoder:
     """Decoding view of a ``BlipTextLMHeadModel``: weights referenced (q/k/v fused) at construction.
 
     ``attn_impl``: ``"sdpa"`` (default, faster) or ``"eager"`` (HF's attention arithmetic); see :meth:`_attend`.
+    ``compile``: run the forward through one process-wide ``torch.compile(dynamic=True)`` (rows and cache length
+    vary per step, so shapes are symbolic: one compilation serves every step and batch). Off by default: it gives
+    the same tokens on CPU (checked) but no CPU speed-up at the tiny shape, and its GPU benefit is UNMEASURED here.
 
     Rebuild it after the weights change (``GARModel`` builds one per ``generate`` call; that costs one concat of
     the self-attention projections).
     """
 
-    def __init__(self, lm, attn_impl: str = "sdpa") -> None:
+    def __init__(self, lm, attn_impl: str = "sdpa", compile: bool = False) -> None:
         from transformers.activations import ACT2FN
 
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
         self.attn_impl = attn_impl
+        self.compile = compile
 
         cfg = lm.config
         self.hidden = cfg.hidden_size
@@ -120,6 +124,12 @@ class BlipTextDecoder:
 
         ``N`` rows are ``B`` items (``cross`` has ``B`` rows) × ``N // B`` consecutive rows per item (beams).
         """
+        if self.compile:
+            return _compiled_forward()(self, tokens, pos0, cache, cross, last_only)
+        return self._forward(tokens, pos0, cache, cross, last_only)
+
+    def _forward(self, tokens: torch.Tensor, pos0: int, cache: StaticKVCache,
+                 cross: list[tuple[torch.Tensor, torch.Tensor]], last_only: bool = True) -> torch.Tensor:
         N, P = tokens.shape
         D, H, dh = self.hidden, self.heads, self.head_dim
         B = cross[0][0].shape[0]
@@ -151,6 +161,16 @@ class BlipTextDecoder:
             h = h[:, -1]
         h = F.layer_norm(self.t_act(F.linear(h, self.t_w, self.t_b)), (D,), *self.t_ln, self.eps)
         return F.linear(h, self.out_w, self.out_b)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_forward():
+    """``BlipTextDecoder._forward`` compiled once per process (lazily: importing this module compiles nothing)."""
+    if "forward" not in _COMPILED:
+        _COMPILED["forward"] = torch.compile(BlipTextDecoder._forward, dynamic=True)
+    return _COMPILED["forward"]
 
 
 class DecodeSession:

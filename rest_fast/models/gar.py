@@ -71,10 +71,13 @@ class GARModel(nn.Module):
         attn_impl: attention arithmetic of our decoder, ``"sdpa"`` (fused, default) or ``"eager"`` (HF BLIP's
             matmul + softmax, op for op). Both give HF's tokens when logits are not tied to rounding noise.
         autocast: run ``encode`` / ``loss`` / ``generate`` under bf16 autocast on CUDA (default ``True``).
+        compile_decoder: decode through ``torch.compile`` (see :class:`BlipTextDecoder`); off by default, its GPU
+            speed is unmeasured.
     """
 
     def __init__(self, blip, tokenizer, num_frames: int = 8, adapter_layers="all", *,
-                 adapter_init_std: float | None = None, attn_impl: str = "sdpa", autocast: bool = True) -> None:
+                 adapter_init_std: float | None = None, attn_impl: str = "sdpa", autocast: bool = True,
+                 compile_decoder: bool = False) -> None:
         super().__init__()
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -85,6 +88,7 @@ class GARModel(nn.Module):
             raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
         self.attn_impl = attn_impl
         self.autocast = bool(autocast)
+        self.compile_decoder = bool(compile_decoder)
         vcfg = blip.config.vision_config
         self.adapter_layers = _resolve_layers(adapter_layers, vcfg.num_hidden_layers)
         self.temporal_adapters = nn.ModuleList()
@@ -288,7 +292,8 @@ class GARModel(nn.Module):
         dev = image_embeds.device
         ids = self.prompt_ids(prompt, dev)
         input_ids = ids[None].expand(image_embeds.shape[0], -1).contiguous()
-        decoder = BlipTextDecoder(self.blip.text_decoder, attn_impl=self.attn_impl)
+        decoder = BlipTextDecoder(self.blip.text_decoder, attn_impl=self.attn_impl,
+                                  compile=self.compile_decoder)
         with self._autocast(dev):
             out = beam_search(decoder.session(image_embeds, max_length), input_ids, num_beams=num_beams,
                               max_length=max_length, min_length=min_length, eos_token_id=self.eos_token_id,

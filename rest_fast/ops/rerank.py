@@ -85,13 +85,16 @@ def _distinct_topk(keys: Tensor, k: int) -> Tensor:
 
 
 def rerank_captions_ref(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int, *,
-                        block: int = 256) -> tuple[Tensor, Tensor]:
+                        block: int | None = None) -> tuple[Tensor, Tensor]:
     """Reference for :func:`rerank_captions` (torch gather + batched dot + distinct top-k, any device).
 
-    Computes in ``torch.promote_types(dtype, float32)``, ``block`` videos at a time. Accepts float64.
+    Computes in ``torch.promote_types(dtype, float32)``, ``block`` videos at a time (default: as many as
+    keep the gathered ``[block, L, d]`` features near 256 MiB). Accepts float64.
     """
     _check_inputs(video_feats, caption_feats, candidates, k, _DTYPES + (torch.float64,))
     N, L = candidates.shape
+    if block is None:
+        block = max(1, min(1024, (256 << 20) // max(1, L * caption_feats.shape[1] * 8)))
     dev = video_feats.device
     ct = torch.promote_types(torch.promote_types(video_feats.dtype, caption_feats.dtype), torch.float32)
     out_s = torch.empty(N, k, dtype=torch.float32, device=dev)
@@ -155,6 +158,30 @@ def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidate
     return out_s, out_i
 
 
+def _dispatch(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    if k <= MAX_TRITON_K and use_triton(video_feats, caption_feats, candidates) and _kernels() is not None:
+        return rerank_captions_triton(video_feats, caption_feats, candidates, k)
+    return rerank_captions_ref(video_feats, caption_feats, candidates, k)
+
+
+@torch.library.custom_op("rest_fast::rerank_captions", mutates_args=(), device_types="cuda")
+def _rerank_op(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return _dispatch(video_feats, caption_feats, candidates, k)
+
+
+@_rerank_op.register_kernel("cpu")
+def _rerank_op_cpu(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
+                   k: int) -> tuple[Tensor, Tensor]:
+    return _dispatch(video_feats, caption_feats, candidates, k)
+
+
+@_rerank_op.register_fake
+def _rerank_op_fake(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
+                    k: int) -> tuple[Tensor, Tensor]:
+    N = candidates.shape[0]
+    return video_feats.new_empty(N, k, dtype=torch.float32), video_feats.new_empty(N, k, dtype=torch.int32)
+
+
 def rerank_captions(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
                     k: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` distinct candidate captions per video, by dot product.
@@ -170,10 +197,11 @@ def rerank_captions(video_feats: Tensor, caption_feats: Tensor, candidates: Tens
         ``-inf`` / ``-1`` padding when a video has fewer than ``k`` distinct candidates.
 
     Dispatch: CUDA → Triton (``k ≤ 32``); CPU with ``TRITON_INTERPRET=1`` → Triton interpreted; else (or for
-    larger ``k``) the reference :func:`rerank_captions_ref`.
+    larger ``k``) the reference :func:`rerank_captions_ref`. Runs as the custom op
+    ``torch.ops.rest_fast.rerank_captions`` (a single opaque node under ``torch.compile``).
     """
-    if isinstance(k, int) and k <= MAX_TRITON_K and all(isinstance(t, Tensor) for t in
-                                                        (video_feats, caption_feats, candidates)) \
-            and use_triton(video_feats, caption_feats, candidates) and _kernels() is not None:
-        return rerank_captions_triton(video_feats, caption_feats, candidates, k)
-    return rerank_captions_ref(video_feats, caption_feats, candidates, k)
+    if not all(isinstance(t, Tensor) for t in (video_feats, caption_feats, candidates)):
+        _check_inputs(video_feats, caption_feats, candidates, k)  # raises the TypeError naming the argument
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return _rerank_op(video_feats, caption_feats, candidates, k)

@@ -185,7 +185,7 @@ def _dense_hits(s: Tensor, tau: Tensor, n0: int) -> Tensor | None:
     they are packed.
     """
     rows, nb = s.shape
-    flat = torch.nonzero((s >= tau[:, None]).view(-1)).squeeze(1)  # row-major, so rows come sorted
+    flat = torch.nonzero(torch.ge(s, tau[:, None]).view(-1)).squeeze(1)  # row-major: rows come sorted
     if flat.numel() == 0:
         return None
     r = flat // nb
@@ -219,6 +219,7 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
     block_n = max(block_n, 1)
     block_m = max(block_m, 1)
     key_blocks = None
+    sbuf = torch.empty(min(block_m, M) * min(block_n, N), dtype=torch.float32, device=device)
     for m0 in range(0, M, block_m):
         q = queries[m0:m0 + block_m].to(ct)
         ex = exclude[m0:m0 + block_m] if exclude is not None else None
@@ -230,7 +231,12 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
             key_blocks = [keys[n0:n0 + block_n].to(ct) for n0 in range(0, N, block_n)]  # convert once
         for bi, n0 in enumerate(range(0, N, block_n)):
             kb = key_blocks[bi] if key_blocks is not None else keys[n0:n0 + block_n].to(ct)
-            s = (q @ kb.T).float()
+            nb = kb.shape[0]
+            if ct == torch.float32:
+                # Reused output buffer: fresh multi-MB allocations cost page faults on every block.
+                s = torch.mm(q, kb.T, out=sbuf.view(-1)[: mb * nb].view(mb, nb))
+            else:
+                s = (q @ kb.T).float()
             _mask_excluded(s, ex, n0)
             if width == 0 and s.shape[1] >= k:
                 tau = _seed_threshold(s, k)
@@ -239,7 +245,7 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
                 continue
             pool.append(hits)
             width += pool[-1].shape[1]
-            if width >= 2 * k:
+            if width > k and (width >= 2 * k or n0 + block_n < N):
                 merged = torch.topk(torch.cat(pool, 1), k, dim=1, sorted=False).values
                 pool, width = [merged], k
                 tau = unpack_scores(merged.min(1).values)
@@ -405,6 +411,29 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
 # ----------------------------------------------------------------------------------------------------
 
 
+def _dispatch(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+    if use_triton(queries, keys) and triton_available():
+        return topk_similarity_triton(queries, keys, k, exclude=exclude)
+    return topk_similarity_ref(queries, keys, k, exclude=exclude)
+
+
+# Opaque to torch.compile (one node, no graph break); the kernels are not traceable and need no autograd.
+@torch.library.custom_op("rest_fast::topk_similarity", mutates_args=(), device_types="cuda")
+def _topk_op(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _dispatch(queries, keys, k, exclude)
+
+
+@_topk_op.register_kernel("cpu")
+def _topk_op_cpu(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _dispatch(queries, keys, k, exclude)
+
+
+@_topk_op.register_fake
+def _topk_op_fake(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+    M = queries.shape[0]
+    return queries.new_empty(M, k, dtype=torch.float32), queries.new_empty(M, k, dtype=torch.int64)
+
+
 def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
                     exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact top-k keys by inner product for every query.
@@ -425,12 +454,14 @@ def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
             in ``queries`` or ``keys``.
 
     Dispatch: CUDA → Triton; CPU with ``TRITON_INTERPRET=1`` → Triton (interpreted); else the blocked
-    reference :func:`topk_similarity_ref`. ``M × N`` scores are never materialised.
+    reference :func:`topk_similarity_ref`. ``M × N`` scores are never materialised. Runs as the custom op
+    ``torch.ops.rest_fast.topk_similarity`` (a single opaque node under ``torch.compile``).
     """
-    if isinstance(queries, Tensor) and isinstance(keys, Tensor) and use_triton(queries, keys) \
-            and triton_available():
-        return topk_similarity_triton(queries, keys, k, exclude=exclude)
-    return topk_similarity_ref(queries, keys, k, exclude=exclude)
+    if not (isinstance(queries, Tensor) and isinstance(keys, Tensor)):
+        _check_inputs(queries, keys, k, exclude)  # raises the TypeError naming the argument
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return _topk_op(queries, keys, k, exclude)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Algorithm 1, initial captions W̃_i: the pretrained BLIP on each of the T frames with each prompt.
 
-Every frame is captioned on its own (a batch of T=1 clips: the temporal adapters start at zero, so
-this is the image captioner the paper starts from) once per prompt, giving T×P captions per video.
+Every frame is captioned on its own (a batch of 1-frame clips; the temporal adapters start near the
+identity, so this is essentially the pretrained image captioner the paper starts from) once per
+prompt, giving T×P captions per video.
 All of them enter the first retrieval update as extra candidates (see
 :mod:`rest_fast.train.retrieval_update`).
 

@@ -216,11 +216,19 @@ class Trainer:
         self.n = len(index)
         if self.n < 2:
             raise ValueError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}")
-        self.h = min(cfg.num_neighbours, self.n - 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said below, once, on rank 0
+            from rest_fast.retrieval import cap_neighbours
+
+            self.h = cap_neighbours(cfg.num_neighbours, self.n)
         if self.h < cfg.num_neighbours:
             msg = f"num_neighbours H={cfg.num_neighbours} capped at N-1={self.h} (only {self.n} videos)"
-            warnings.warn(msg, stacklevel=2)
+            if env.is_main:
+                warnings.warn(msg, stacklevel=2)
             log(env, f"warning: {msg}")
+        # new parameters (fresh temporal adapters) draw from torch's RNG: the same seed on every rank gives
+        # every rank, and a re-run, the same initial weights
+        torch.manual_seed(derive_seed(cfg.seed, 11))
         self.model, self.clip = inputs.load_models(self.blip_source, cfg.clip, cfg, env)
         self.inputs = inputs.Inputs(index, cfg, env, blip_source=self.blip_source, clip=self.clip)
         log(env, f"REST: {self.n} videos, T={cfg.num_frames}, S={cfg.image_size}, K={cfg.k}, H={self.h}, "
