@@ -282,7 +282,11 @@ size_t CaptionCache::nbytes() const {
 
 void CaptionCache::grow_table(size_t min_captions) {
   const size_t count = offsets_.size() - 1;
-  const size_t cap = std::max<size_t>(16, 2 * std::max(min_captions, count));  // load 0.5 after growth
+  rehash(std::max<size_t>(16, 2 * std::max(min_captions, count)));  // load 0.5 after growth
+}
+
+void CaptionCache::rehash(size_t cap) {
+  const size_t count = offsets_.size() - 1;
   std::vector<uint32_t> fresh(cap, kEmpty);
   for (size_t id = 0; id < count; ++id) {
     const auto s = view(static_cast<int64_t>(id));
@@ -359,23 +363,21 @@ void CaptionCache::intern(const std::vector<std::string_view>& texts, int32_t* o
   // Look every string up in parallel first: threads only read, and the unique lock keeps writers
   // out. Interning known captions (most of a round) then never touches the serial path, and the
   // number of misses sizes the table and arena once instead of growing them step by step.
-  std::vector<size_t> misses(T, 0), miss_bytes(T, 0);
+  std::vector<size_t> misses(T, 0);
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     for (int64_t i = b; i < e; ++i) {
       out[i] = static_cast<int32_t>(find(bufs[t].data() + off[i], lens[i], hashes[i]));
-      if (out[i] < 0) {
-        ++misses[t];
-        miss_bytes[t] += lens[i];
-      }
+      misses[t] += out[i] < 0;
     }
   });
-  size_t new_max = 0, new_bytes = 0;
-  for (int t = 0; t < T; ++t) new_max += misses[t], new_bytes += miss_bytes[t];
+  size_t new_max = 0;
+  for (int t = 0; t < T; ++t) new_max += misses[t];
   if (new_max == 0) return;
   try {
-    if ((old_count + new_max) * 4 > table_.size() * 3) grow_table(old_count + new_max);
-    reserve_for(arena_, new_bytes);
-    reserve_for(offsets_, new_max);
+    // Room for every miss at the maximal load 0.75 (misses may repeat within the batch, so no more:
+    // the memory budget). Arena and offsets keep their 1.25x growth for the same reason.
+    const size_t need = (old_count + new_max) * 4 / 3 + 1;
+    if (need > table_.size()) rehash(need);
     for (int t = 0; t < T; ++t) {  // in input order: ids by first appearance, as in the Python twin
       auto [b, e] = chunk(n, T, t);
       for (int64_t i = b; i < e; ++i)

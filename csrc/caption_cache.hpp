@@ -116,6 +116,7 @@ class CaptionCache {
   int64_t find(const char* s, size_t n, uint64_t h) const;         // id or -1; caller holds a lock
   int64_t lookup_or_insert(const char* s, size_t n, uint64_t h);  // caller holds the unique lock
   void grow_table(size_t min_captions);
+  void rehash(size_t capacity);
   void check_video(int64_t v, const char* arg, int64_t i) const;
   std::string_view view(int64_t id) const {
     return {arena_.data() + offsets_[id], static_cast<size_t>(offsets_[id + 1] - offsets_[id])};

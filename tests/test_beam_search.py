@@ -64,7 +64,8 @@ def test_kv_cache_write_get_reorder():
     torch.testing.assert_close(v, (v0 - 1)[[1, 1, 0, 1, 0, 0]], rtol=0, atol=0)
     k1 = torch.randn(6, 3, 1, 4)
     c.write(0, 2, k1, k1)
-    c.write(1, 2, k1, k1)
+    c.write(1, 2, torch.stack([k1, -k1], 1))  # k and v in one tensor
+    torch.testing.assert_close(c.get(1)[1][:, :, 2:], -k1, rtol=0, atol=0)
     c.reorder(torch.tensor([5, 0, 2]))  # reorder and drop rows
     k, _ = c.get(0)
     assert k.shape == (3, 3, 3, 4)

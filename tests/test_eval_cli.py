@@ -254,10 +254,14 @@ def test_caption_cli_matches_generate(tiny_gar, tmp_path, capsys):
 
 
 def test_caption_default_checkpoint_fails_clearly_offline(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hf
+
     from rest_fast.cli import main
 
+    # offline (the hub client reads these at import, so patch the module values) with an empty cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
     rc = main(["caption", str(tmp_path / "v.mp4"), *FAST])
     err = capsys.readouterr().err
     assert rc == 2

@@ -138,6 +138,12 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert w_ref.keys() == w_run.keys()
     for k in w_ref:
         assert torch.equal(w_ref[k], w_run[k]), k
+    # going back to an older checkpoint folder (--resume PATH) redoes epoch 4 and round 2 identically
+    p = _cli(["--resume", str(run / "checkpoints" / "epoch_0003"), *args], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _check_complete_run(run, rounds=2, epochs=4, n_videos=12)
+    w_again, cap_again = _final_state(run, 4, 2)
+    assert cap_again == cap_ref and all(torch.equal(w_ref[k], w_again[k]) for k in w_ref)
 
 
 @pytest.mark.slow
@@ -168,3 +174,28 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert (run / "captions" / "round_00.jsonl").read_text() == (single / "captions" / "round_00.jsonl").read_text()
     start = _records(run, "start")
     assert start and start[0]["world_size"] == 2
+
+
+def test_real_data_path_with_a_bad_file(tmp_path, monkeypatch):
+    """--data as a list file with one corrupt video: over the threshold the run stops with a clear error;
+    under it the run completes and bad_files.tsv names the file."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from rest_fast.cli import main
+    from rest_fast.data.bad_files import TooManyBadFiles
+    from rest_fast.train.demo import ACTIONS, synthesize_dataset
+
+    root = synthesize_dataset(tmp_path / "clips", videos_per_class=1, frames=8, size=32, actions=ACTIONS[:4])
+    (root / "moving_left" / "broken.mp4").write_bytes(b"this is not a video")
+    lines = [f"{a}/{a}_00.mp4 {i}" for i, a in enumerate(ACTIONS[:4])] + ["moving_left/broken.mp4 0"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    args = [f"--data={tmp_path / 'train.txt'}", f"data_root={root}", "--blip=tiny", "--clip=tiny", "clip_pretrained=none", "image_size=32",
+            "num_frames=2", "epochs=1", "epochs_per_round=1", "batch_size=4", "num_beams=1", "max_length=8",
+            "min_length=2", "prompts=[a video of]", "num_neighbours=2", "num_workers=0", "threads=1",
+            "progress=false", "eval_batch_size=8"]
+    with pytest.raises(TooManyBadFiles, match="broken.mp4"):
+        main(["train", f"--out={tmp_path / 'strict'}", *args])
+    run = tmp_path / "lenient"
+    assert main(["train", f"--out={run}", *args, "bad_files_threshold=0.25"]) == 0
+    _check_complete_run(run, rounds=1, epochs=1, n_videos=5)
+    tsv = (run / "bad_files.tsv").read_text()
+    assert "broken.mp4" in tsv

@@ -233,7 +233,7 @@ def load_clip(resolved: ResolvedCheckpoint | None, name: str | None = None, devi
         return tiny_clip(device=device, batch_size=batch_size)
     try:
         return FrozenCLIP(name, pretrained=pretrained, device=device, batch_size=batch_size)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # hub errors subclass these; a bad name is a ValueError
         raise CheckpointError(
             f"could not load CLIP {name!r} for CLIP-TAM ({type(exc).__name__}: {exc}); offline, pass "
             "--matcher sentence-transformers (packaged MiniLM) or --clip with a local model"

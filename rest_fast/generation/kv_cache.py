@@ -36,17 +36,23 @@ class StaticKVCache:
         self._buf = torch.empty(self.shape, dtype=dtype, device=self.device)
         self._spare = torch.empty(self.shape, dtype=dtype, device=self.device)
 
-    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v: [rows, heads, P, head_dim]`` at positions ``pos .. pos+P-1`` of ``layer``."""
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        """Store ``k, v: [rows, heads, P, head_dim]`` at positions ``pos .. pos+P-1`` of ``layer``.
+
+        With ``v=None``, ``k`` is both at once: ``[rows, 2, heads, P, head_dim]`` (one copy instead of two).
+        """
         if self._buf is None:
             self._alloc(k.dtype)
-        n, p = k.shape[0], k.shape[2]
+        n, p = k.shape[0], k.shape[-2]
         if n != self.rows:
             raise ValueError(f"StaticKVCache.write: k has {n} rows, the cache {self.rows}")
         if pos + p > self.shape[4]:
             raise ValueError(f"StaticKVCache.write: positions {pos}..{pos + p - 1} exceed max_len {self.shape[4]}")
-        self._buf[:n, layer, 0, :, pos:pos + p] = k
-        self._buf[:n, layer, 1, :, pos:pos + p] = v
+        if v is None:
+            self._buf[:n, layer, :, :, pos:pos + p] = k
+        else:
+            self._buf[:n, layer, 0, :, pos:pos + p] = k
+            self._buf[:n, layer, 1, :, pos:pos + p] = v
         if layer == 0:
             self.length = pos + p
 

@@ -143,7 +143,7 @@ class BlipTextDecoder:
             # Self-attention against the cache.
             qkv = F.linear(h, L.qkv_w, L.qkv_b).view(N, P, 3, H, dh)
             q = qkv[:, :, 0].transpose(1, 2)
-            cache.write(li, pos0, qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2))
+            cache.write(li, pos0, qkv[:, :, 1:].permute(0, 2, 3, 1, 4))  # k and v: [N, 2, H, P, dh]
             k, v = cache.get(li)
             a = self._attend(q, k, v, causal)  # [N, H, P, dh]
             a = a.transpose(1, 2).reshape(N, P, D)

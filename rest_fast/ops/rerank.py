@@ -204,4 +204,5 @@ def rerank_captions(video_feats: Tensor, caption_feats: Tensor, candidates: Tens
         _check_inputs(video_feats, caption_feats, candidates, k)  # raises the TypeError naming the argument
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return _rerank_op(video_feats, caption_feats, candidates, k)
+    # No autograd: re-ranking selects ids; nothing is differentiated through it.
+    return _rerank_op(video_feats.detach(), caption_feats.detach(), candidates, k)

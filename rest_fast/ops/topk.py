@@ -461,7 +461,8 @@ def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
         _check_inputs(queries, keys, k, exclude)  # raises the TypeError naming the argument
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return _topk_op(queries, keys, k, exclude)
+    # No autograd: scores of a selection are not differentiated through (CLIP features are frozen).
+    return _topk_op(queries.detach(), keys.detach(), k, exclude)
 
 
 # ----------------------------------------------------------------------------------------------------

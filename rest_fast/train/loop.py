@@ -215,7 +215,8 @@ class Trainer:
         index = inputs.build_index(self.data_source, cfg.data_root)
         self.n = len(index)
         if self.n < 2:
-            raise ValueError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}")
+            missing = f" ({len(index.missing)} listed files are missing, e.g. {index.missing[0]})" if index.missing else ""
+            raise ValueError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}{missing}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said below, once, on rank 0
             from rest_fast.retrieval import cap_neighbours
