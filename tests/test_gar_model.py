@@ -187,3 +187,18 @@ def test_save_load_roundtrip(tmp_path):
     assert back.tokenizer("a video of").input_ids == tok("a video of").input_ids
     with pytest.raises(ValueError, match="adapter"):
         GARModel.from_pretrained(tmp_path / "gar", adapter_layers=[0])
+
+
+def test_deepcopy_carries_its_own_adapters():
+    import copy
+
+    blip, tok = tiny_blip(seed=7)
+    gar = GARModel(blip, tok, num_frames=2, adapter_layers="all", adapter_init_std=0.0)
+    videos = torch.randn(1, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(gar)
+    with torch.no_grad():
+        before = gar.encode(videos)
+        for a in twin.temporal_adapters:
+            a.weight.normal_(0, 0.1)
+        torch.testing.assert_close(gar.encode(videos), before, rtol=0, atol=0)  # the original is unaffected
+        assert (twin.encode(videos) - before).abs().max() > 1e-3  # the copy runs its own adapters

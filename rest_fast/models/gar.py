@@ -46,6 +46,23 @@ class LossOutput(NamedTuple):
     per_sample: torch.Tensor
 
 
+class _AdapterHook:
+    """Forward pre-hook of one ViT layer: runs ``model.temporal_adapters[slot]`` on the layer's input tokens.
+
+    A small object rather than a closure so that ``copy.deepcopy`` / pickling of the model carry hooks that point
+    at the *copied* model and its adapters.
+    """
+
+    def __init__(self, model: GARModel, slot: int) -> None:
+        self.model = model
+        self.slot = slot
+
+    def __call__(self, module, args, kwargs):
+        if args:
+            return (self.model._apply_adapter(self.slot, args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.model._apply_adapter(self.slot, kwargs["hidden_states"])}
+
+
 def _resolve_layers(adapter_layers, num_layers: int) -> list[int]:
     if isinstance(adapter_layers, str):
         if adapter_layers != "all":
@@ -98,11 +115,12 @@ class GARModel(nn.Module):
             kw = {} if adapter_init_std is None else {"init_std": adapter_init_std}
             for _ in self.adapter_layers:
                 self.temporal_adapters.append(TemporalAdapter(vcfg.hidden_size, self.num_frames, **kw))
+            self.temporal_adapters.to(next(blip.parameters()).device)  # beside the ViT (fp32 master weights)
         self._frames = 1  # frames per clip of the batch the ViT is running; 1 outside `encode`
         self._hooks = []
         layers = blip.vision_model.encoder.layers
-        for adapter, li in zip(self.temporal_adapters, self.adapter_layers):
-            self._hooks.append(layers[li].register_forward_pre_hook(self._make_hook(adapter), with_kwargs=True))
+        for slot, li in enumerate(self.adapter_layers):
+            self._hooks.append(layers[li].register_forward_pre_hook(_AdapterHook(self, slot), with_kwargs=True))
         tcfg = blip.config.text_config
         self.bos_token_id = tcfg.bos_token_id
         self.eos_token_id = tcfg.sep_token_id  # BLIP's generate stops on [SEP]
@@ -162,27 +180,18 @@ class GARModel(nn.Module):
         os.replace(tmp, path / GAR_CONFIG)
 
     # -- vision ---------------------------------------------------------------------------------------------------
-    def _make_hook(self, adapter):
-        def hook(module, args, kwargs):
-            if args:
-                x = args[0]
-            else:
-                x = kwargs["hidden_states"]
-            T = self._frames
-            if T == adapter.num_frames:
-                y = adapter(x)
-            else:  # the adapter's layout rule holds for any T; it reads T from `num_frames`
-                saved = adapter.num_frames
-                adapter.num_frames = T
-                try:
-                    y = adapter(x)
-                finally:
-                    adapter.num_frames = saved
-            if args:
-                return (y, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": y}
-
-        return hook
+    def _apply_adapter(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        adapter = self.temporal_adapters[slot]
+        T = self._frames
+        if T == adapter.num_frames:
+            return adapter(x)
+        # The adapter's layout rule holds for any T; it reads T from `num_frames`.
+        saved = adapter.num_frames
+        adapter.num_frames = T
+        try:
+            return adapter(x)
+        finally:
+            adapter.num_frames = saved
 
     @contextmanager
     def _clip_frames(self, T: int):

@@ -91,7 +91,7 @@ class TrainConfig:
     progress: bool = _f(True, "tqdm progress bars", group="run", runtime=True)
 
     # --- built-in demo (used only when data is None) -------------------------------------------
-    demo_videos_per_class: int = _f(4, "demo: synthetic clips per action class", group="demo")
+    demo_videos_per_class: int = _f(5, "demo: synthetic clips per action class", group="demo")
     demo_frames: int = _f(16, "demo: frames per synthetic clip", group="demo")
     demo_resolution: int = _f(48, "demo: width and height of the synthetic clips", group="demo")
 
@@ -177,8 +177,8 @@ DEMO_PRESET: dict[str, Any] = {
     # 2-core machine with 2 threads), so the demo computes on one thread
     "threads": 1,
     "num_neighbours": 8,
-    "epochs_per_round": 2,
-    "epochs": 4,
+    "epochs_per_round": 3,
+    "epochs": 6,
     "batch_size": 8,
     "lr": 1e-3,
     "lr_min": 1e-5,

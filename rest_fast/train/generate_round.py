@@ -41,12 +41,14 @@ def generate_captions(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
 
 def caption_round(r: int, generated: list[str], cache, text_feats: CaptionFeatures, clip, video_feats: torch.Tensor,
                   neighbours: np.ndarray, k: int, env: DistEnv, *, batch_size: int = 256, amp: bool = True,
-                  initial_ids: np.ndarray | None = None, progress: Callable | None = None) -> dict:
+                  initial_ids: np.ndarray | None = None, progress: Callable | None = None,
+                  rerank_progress: Callable | None = None) -> dict:
     """Add the round's captions to the cache, embed the new ones, re-rank, and snapshot round ``r``.
 
     Args:
         generated: one caption per video (global order), or ``None`` entries for none (round 0).
         initial_ids: int32 [N, T·P] initial caption ids, passed for round 0 only.
+        progress, rerank_progress: optional wrappers (tqdm bars) of the text-embedding and re-ranking loops.
     Returns the round's summary (new captions embedded, distinct captions, mean scores).
     """
     n = int(video_feats.shape[0])
@@ -59,6 +61,7 @@ def caption_round(r: int, generated: list[str], cache, text_feats: CaptionFeatur
         new_caption_count = len(np.asarray(cache.new_since(version)))
         cache.add_pending(np.arange(n, dtype=np.int64), ids)
     embedded = text_feats.update(cache, clip, env, batch_size=batch_size, amp=amp, progress=progress)
-    stats = retrieval_update(cache, video_feats, text_feats.valid, neighbours, k, env, initial_ids=initial_ids)
+    stats = retrieval_update(cache, video_feats, text_feats.valid, neighbours, k, env, initial_ids=initial_ids,
+                             progress=rerank_progress)
     cache.snapshot_round(r)
     return {"round": r, "new_captions": new_caption_count, "embedded": embedded, "cache_size": len(cache), **stats}

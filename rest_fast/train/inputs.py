@@ -143,12 +143,13 @@ class Inputs:
         """Path of video ``i`` relative to the common folder of all videos (for reports)."""
         return os.path.relpath(os.path.abspath(self.paths[i]), self._root) if self._root else self.paths[i]
 
-    def _loader(self, index, *, train: bool, size: int, mean, std, batch_size: int, rank: int = 0, world_size: int = 1):
+    def _loader(self, index, *, train: bool, size: int, mean, std, batch_size: int, shuffle: bool = False,
+                rank: int = 0, world_size: int = 1):
         from rest_fast.data.loader import PyAVClipLoader
 
         return PyAVClipLoader(index, batch_size=batch_size, mean=mean, std=std, num_frames=self.cfg.num_frames,
                               size=size, train=train, seed=self.cfg.seed, device=self.env.device,
-                              num_workers=self.cfg.num_workers, shuffle=train, drop_last=False,
+                              num_workers=self.cfg.num_workers, shuffle=shuffle, drop_last=False,
                               max_bad_fraction=self.cfg.bad_files_threshold, rank=rank, world_size=world_size)
 
     def _absorb(self, loader) -> None:
@@ -199,10 +200,8 @@ class Inputs:
         them belong to the clip shown.
         """
         loader = self._loader(self.index, train=self.cfg.augment, size=self.cfg.image_size, mean=self.blip_mean,
-                              std=self.blip_std, batch_size=self.per_rank_batch(), rank=self.env.rank,
+                              std=self.blip_std, batch_size=self.per_rank_batch(), shuffle=True, rank=self.env.rank,
                               world_size=self.env.world_size)
-        if not self.cfg.augment:  # no augmentation: still a fresh permutation every epoch
-            loader.sampler.shuffle = True
         loader.set_epoch(epoch)
         try:
             for batch in loader:

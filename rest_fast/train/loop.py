@@ -281,7 +281,9 @@ class Trainer:
         flat = [c for caps in initial for c in caps]
         initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
         stats = caption_round(0, None, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours, cfg.k,
-                              env, batch_size=cfg.eval_batch_size, amp=cfg.amp, initial_ids=initial_ids)
+                              env, batch_size=cfg.eval_batch_size, amp=cfg.amp, initial_ids=initial_ids,
+                              progress=_progress(cfg, env, "embed captions"),
+                              rerank_progress=_progress(cfg, env, "re-rank"))
         stats["initial_captions"] = int(initial_ids.size)
         stats["initial_distinct"] = int(np.unique(initial_ids).size)
         self._finish_round(0, stats, generated=None, seconds=time.time() - t0, epoch=0)
@@ -291,11 +293,12 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         t0 = time.time()
-        generated = generate_captions(self._bare_model(), self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
+        generated = generate_captions(self.model, self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
                                       amp=cfg.amp, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()))
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
-                              cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+                              cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+                              progress=_progress(cfg, env, "embed captions"), rerank_progress=_progress(cfg, env, "re-rank"))
         self._finish_round(r, stats, generated=generated, seconds=time.time() - t0, epoch=epoch)
 
     def _finish_round(self, r: int, stats: dict, *, generated: list[str] | None, seconds: float, epoch: int) -> None:
@@ -353,9 +356,6 @@ class Trainer:
         self.inputs.write_bad_files(self.run_dir.root)
 
     # --- self-training -------------------------------------------------------------------------------
-    def _bare_model(self):
-        return self.model
-
     def setup_training(self) -> None:
         from rest_fast.train.self_train import CaptionLoss, build_optimizer, build_scheduler
 

@@ -25,23 +25,15 @@ import torch
 from rest_fast.train.distributed import DistEnv, gather_rows
 
 
-def _compact(cands: np.ndarray) -> np.ndarray:
-    """Move the −1 entries of each row to the right (stable), and drop all-(−1) trailing columns."""
-    valid = cands >= 0
-    order = np.argsort(~valid, axis=1, kind="stable")
-    out = np.take_along_axis(cands, order, axis=1)
-    width = int(valid.sum(axis=1).max()) if out.size else 0
-    return np.ascontiguousarray(out[:, : max(width, 1)])
-
-
 def initial_candidates(initial_ids: np.ndarray, neighbours: np.ndarray, videos: np.ndarray) -> np.ndarray:
-    """Initial caption ids of each video and of its neighbours: int32 [n, (H+1)·M], −1 padded on the right.
+    """Initial caption ids of each video and of its neighbours: int32 [n, (H+1)·M], −1 where there is none.
 
     Args:
         initial_ids: int32 [N, M] — the M = T×P initial caption ids of every video (−1 = none).
         neighbours: int32/int64 [N, H] — neighbour video indices (self excluded; −1 = no neighbour).
         videos: int64 [n] — the videos to build rows for.
-    Duplicated ids within a row are kept: ``rerank_captions`` returns distinct ids anyway.
+    Duplicated ids within a row are kept and −1 may sit anywhere: ``rerank_captions`` returns distinct ids
+    and skips −1 wherever it is, so the rows are not compacted (a sort per row would cost more than it saves).
     """
     initial_ids = np.asarray(initial_ids)
     videos = np.asarray(videos, dtype=np.int64)
@@ -49,7 +41,7 @@ def initial_candidates(initial_ids: np.ndarray, neighbours: np.ndarray, videos: 
     rows = np.concatenate([videos[:, None], nb], axis=1)  # [n, H+1]
     gathered = initial_ids[np.where(rows >= 0, rows, 0)]  # [n, H+1, M]
     gathered = np.where((rows >= 0)[:, :, None], gathered, -1)
-    return _compact(gathered.reshape(len(videos), -1).astype(np.int32))
+    return np.ascontiguousarray(gathered.reshape(len(videos), -1), dtype=np.int32)
 
 
 def _rerank(video_feats: torch.Tensor, caption_feats: torch.Tensor, cands: np.ndarray, k: int, device: torch.device):
@@ -62,7 +54,8 @@ def _rerank(video_feats: torch.Tensor, caption_feats: torch.Tensor, cands: np.nd
 
 
 def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tensor, neighbours: np.ndarray, k: int,
-                     env: DistEnv, *, initial_ids: np.ndarray | None = None, block: int = 1024) -> dict:
+                     env: DistEnv, *, initial_ids: np.ndarray | None = None, block: int = 1024,
+                     progress=None) -> dict:
     """Replace every video's slots by the top-K distinct of W̃_i ∪ Ω_i (Eqs. 5–6); return summary stats.
 
     Args:
@@ -73,6 +66,7 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
         k: K, the slots per video.
         initial_ids: int32 [N, M] initial caption ids, given for the first update only (see module doc).
         block: videos re-ranked per call (bounds the candidate matrix).
+        progress: optional wrapper of the block loop (a tqdm bar).
     Sharded by video over ranks; results are gathered so every replica sets the same rows.
     """
     n = int(video_feats.shape[0])
@@ -81,11 +75,15 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
     mine = env.shard(n)
     neighbours = np.asarray(neighbours)
     out_scores, out_ids = [], []
-    for lo in range(0, len(mine), block):
+    if initial_ids is not None:  # rows are (H+1)·M wide: keep a block's candidate matrix near 64 MiB
+        width = (neighbours.shape[1] + 1) * np.asarray(initial_ids).shape[1]
+        block = max(1, min(block, (1 << 24) // max(1, width)))
+    starts = range(0, len(mine), block)
+    for lo in (progress(starts) if progress else starts):
         vids = mine[lo: lo + block]
         cands = np.asarray(cache.candidates(vids.astype(np.int64), np.ascontiguousarray(neighbours[vids], dtype=np.int32)))
         if initial_ids is not None:
-            cands = _compact(np.concatenate([cands, initial_candidates(initial_ids, neighbours, vids)], axis=1))
+            cands = np.concatenate([cands, initial_candidates(initial_ids, neighbours, vids)], axis=1)
         s, i = _rerank(video_feats[torch.from_numpy(vids)], caption_feats, cands, k, env.device)
         out_scores.append(s.cpu())
         out_ids.append(i.cpu())

@@ -1,0 +1,86 @@
+"""Prepared clip shards: decode each dataset once into WebDataset tar shards of JPEG frames, then read
+them on CPU (:class:`ShardClipLoader`) or with DALI (:class:`DALIShardLoader`, nvJPEG on the GPU).
+
+    rest-fast prepare --data splits/k400_train.txt --out /data/k400_prep --frames 32 --short-side 256
+
+    from rest_fast.data.shards import load_index, make_clip_loader
+    index = load_index("/data/k400_prep")          # PreparedIndex (a VideoIndex) or, for videos, a VideoIndex
+    loader = make_clip_loader(index, batch_size=32, mean=..., std=..., num_frames=8, size=224, train=True)
+
+:func:`load_index` and :func:`make_clip_loader` let callers that take ``--data LIST_OR_DIR`` accept a
+prepared directory too: a prepared dir gives the shard reader, anything else the PyAV loader.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rest_fast.data.shards.prepare import PrepareResult, encode_video, parse_size, prepare
+from rest_fast.data.shards.reader import (
+    PreparedIndex,
+    ShardClipDataset,
+    ShardClipLoader,
+    ShardStreamDataset,
+    clip_from_sample,
+    is_prepared_dir,
+    read_prepared_clip,
+    read_sample,
+)
+
+__all__ = [
+    "prepare",
+    "PrepareResult",
+    "encode_video",
+    "parse_size",
+    "PreparedIndex",
+    "is_prepared_dir",
+    "read_sample",
+    "clip_from_sample",
+    "read_prepared_clip",
+    "ShardClipDataset",
+    "ShardStreamDataset",
+    "ShardClipLoader",
+    "DALIShardLoader",
+    "load_index",
+    "make_clip_loader",
+]
+
+
+def load_index(data: str | os.PathLike, data_root: str | os.PathLike | None = None, *, skip_missing: bool = True):
+    """The index behind ``--data``: a :class:`PreparedIndex` for a prepared directory, else a
+    :class:`rest_fast.data.VideoIndex` (class-folder root, or a list file of ``path [label]`` lines
+    relative to ``data_root``, default the list's folder)."""
+    from rest_fast.data.index import VideoIndex
+
+    p = Path(data)
+    if is_prepared_dir(p):
+        return PreparedIndex.load(p)
+    if p.is_dir():
+        if (p / "manifest.json").is_file() and (p / "settings.json").is_file():
+            raise ValueError(f"{p}: `rest-fast prepare` did not finish here; run it again to resume")
+        return VideoIndex.from_folder(p)
+    if p.is_file():
+        return VideoIndex.from_list(p, data_root if data_root is not None else str(p.parent),
+                                    skip_missing=skip_missing)
+    raise FileNotFoundError(f"data={str(data)!r} is neither a prepared directory, a folder of videos nor a list file")
+
+
+def make_clip_loader(index, **kwargs):
+    """:class:`ShardClipLoader` for a :class:`PreparedIndex`, :class:`rest_fast.data.PyAVClipLoader`
+    otherwise; both take the same keyword arguments (``stream``/``shuffle_buffer`` only the former)."""
+    if isinstance(index, PreparedIndex):
+        return ShardClipLoader(index, **kwargs)
+    from rest_fast.data.loader import PyAVClipLoader
+
+    kwargs.pop("stream", None)
+    kwargs.pop("shuffle_buffer", None)
+    return PyAVClipLoader(index, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "DALIShardLoader":  # nvidia.dali is imported only when this is used
+        from rest_fast.data.shards.dali import DALIShardLoader
+
+        return DALIShardLoader
+    raise AttributeError(f"module 'rest_fast.data.shards' has no attribute {name!r}")
