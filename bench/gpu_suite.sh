@@ -33,6 +33,7 @@ step "bench decode" 120 python bench/decode.py --device cuda --summary "$OUT/sum
 step "bench generate" 150 python bench/generate.py --device cuda --summary "$OUT/summary.txt"
 step "bench retrieval" 150 python bench/retrieval.py --device cuda --summary "$OUT/summary.txt"
 step "bench retrieval full" 240 python bench/retrieval.py --device cuda --full --summary "$OUT/summary.txt"
+step "bench shards" 120 python bench/shards.py --device cuda --summary "$OUT/summary.txt"
 # --- end bench steps ---
 
 echo

@@ -43,6 +43,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return run_finetune(args)
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from rest_fast.data.shards import prepare
+
+    res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None, quality=args.quality,
+                  workers=args.workers, shard_size=args.shard_size, data_root=args.data_root,
+                  progress=not args.no_progress)
+    print(f"{res.out}: {res.num_videos} videos in {res.num_shards} shard(s), {res.num_bad} bad "
+          f"(bad_files.tsv); {res.decoded_now} decoded in {res.seconds:.1f} s"
+          + (f", resumed at video {res.resumed_from}" if res.resumed_from else ""))
+    return 0
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     """Options shared by eval, caption and finetune: captioner input and beam search (run's values by default)."""
     g = p.add_argument_group("captioning (defaults: the run's settings, else the paper's)")
@@ -144,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_match_arguments(p_ft)
     _add_generation_arguments(p_ft)
     p_ft.set_defaults(func=_cmd_finetune)
+
+    p_prep = sub.add_parser("prepare", help="decode videos once into WebDataset shards of JPEG frames (resumable)",
+                            description="Decode every video once (robust path), keep F frames uniformly spaced "
+                            "over the decoded frames, resize the shorter side, store JPEGs in WebDataset tar "
+                            "shards with index.jsonl and bad_files.tsv. Rerun the same command to resume after a "
+                            "kill. train/eval accept the output directory as --data.")
+    p_prep.add_argument("--data", required=True, metavar="LIST_OR_DIR",
+                        help="folder of class sub-folders, or a list of 'path [label]' lines")
+    p_prep.add_argument("--data-root", metavar="DIR", help="root of a --data list's paths (default: its folder)")
+    p_prep.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p_prep.add_argument("--frames", type=int, default=32, help="F, frames kept per video (>= the T used later; 32)")
+    p_prep.add_argument("--short-side", type=int, default=256, help="resize the shorter side to this (0 = keep; 256)")
+    p_prep.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p_prep.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
+    p_prep.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
+    p_prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_prep.set_defaults(func=_cmd_prepare)
     return parser
 
 

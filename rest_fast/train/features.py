@@ -53,7 +53,6 @@ def video_features(clip, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n
     hit = bool(_agree(env, hit))
     if not hit:
         mine = shard_range(num_videos, env.rank, env.world_size)
-        rows = torch.zeros((len(mine), 0))
         out: list[torch.Tensor] = []
         seen: list[torch.Tensor] = []
         it = batches() if callable(batches) else batches
