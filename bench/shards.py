@@ -6,7 +6,9 @@ Clips: the generated 10 s, 30 fps, 604x340 h264 video of bench/decode.py (cached
 side 256, JPEG quality 90, one decoding worker (videos/s per core; ``cpu_s`` counts the worker's and
 this process's CPU time). Read rows: ``pyav-plain`` (header count + sequential decode, the plain
 loader), ``pyav-fast`` (rest_fast's verified fast path, the video loader's default), then the shard
-reader per clip (eval and train augmentations), the shard DataLoader (1 and 2 workers, wall time with
+reader per clip (eval; train with the Table-10 augmentations; ``train-gpu-colour``: train minus flip /
+jitter / grayscale, the worker's share when those run on the GPU as ``ShardClipLoader`` does with a
+CUDA device), the shard DataLoader (1 and 2 workers, wall time with
 start-up) and DALI (``mixed`` = nvJPEG with ``--device cuda``, ``cpu`` otherwise). ``ratio`` is clips/s
 over ``pyav-fast`` clips/s; ``cpu_clips_s`` is clips per CPU-second of this process (robust to other
 jobs on a shared machine) where the work runs in this process.
@@ -31,7 +33,14 @@ import harness  # noqa: E402
 from decode import cpu_seconds, make_clip  # noqa: E402  (bench/decode.py: the same generated clips)
 
 from rest_fast.data import VideoIndex, read_clip  # noqa: E402
-from rest_fast.data.shards import PreparedIndex, ShardClipLoader, prepare, read_prepared_clip  # noqa: E402
+from rest_fast.data.shards import (  # noqa: E402
+    PreparedIndex,
+    ShardClipLoader,
+    clip_from_sample,
+    prepare,
+    read_prepared_clip,
+    read_sample,
+)
 
 T, S = 8, 224
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -48,26 +57,29 @@ def dali_row(index: PreparedIndex, device: str, table, base: float, quick: bool)
         return f"DALI: absent ({why})"
     dev = "mixed" if device == "cuda" else "cpu"
     bs = 8 if quick or dev == "cpu" else 64
-    try:
-        ld = DALIShardLoader(index, batch_size=bs, num_frames=T, size=S, mean=MEAN, std=STD, decoder_device=dev,
-                             device=device, num_threads=2 if dev == "cpu" else 8, drop_last=False)
-        next(iter(ld))  # pipeline build and warm-up
-        reps = 1 if dev == "cpu" else 5
-        t0 = time.perf_counter()
-        n = 0
-        for _ in range(reps):
-            for b in ld:
-                n += b.clips.shape[0]
-        if device == "cuda":
-            import torch
+    notes = []
+    for mode, stream in (("eval", False), ("train-stream", True)):
+        try:
+            ld = DALIShardLoader(index, batch_size=bs, num_frames=T, size=S, mean=MEAN, std=STD, decoder_device=dev,
+                                 device=device, num_threads=2 if dev == "cpu" else 8, drop_last=False,
+                                 train=stream, stream=stream)
+            next(iter(ld))  # pipeline build and warm-up
+            reps = 1 if dev == "cpu" else 5
+            t0 = time.perf_counter()
+            n = 0
+            for _ in range(reps):
+                for b in ld:
+                    n += b.clips.shape[0]
+            if device == "cuda":
+                import torch
 
-            torch.cuda.synchronize()
-        rate = n / (time.perf_counter() - t0)
-        table.add(backend=f"dali-{dev}", mode="eval", workers=f"{ld._pipe_args['num_threads']} thr", clips_s=rate,
-                  ratio=rate / base)
-    except Exception as e:  # noqa: BLE001 - a bench reports, it does not crash
-        return f"DALI failed: {type(e).__name__}: {e}"
-    return ""
+                torch.cuda.synchronize()
+            rate = n / (time.perf_counter() - t0)
+            table.add(backend=f"dali-{dev}", mode=mode, workers=f"{ld._pipe_args['num_threads']} thr",
+                      clips_s=rate, ratio=rate / base)
+        except Exception as e:  # noqa: BLE001 - a bench reports, it does not crash
+            notes.append(f"DALI {mode} failed: {type(e).__name__}: {e}")
+    return "; ".join(notes)
 
 
 def main() -> None:
@@ -78,6 +90,9 @@ def main() -> None:
     ap.add_argument("--cache", default=os.environ.get("REST_FAST_BENCH_CACHE", "/tmp/rest_fast_bench_videos"))
     ap.add_argument("--summary", default=None, help="append the compact table to this file")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # single-clip rows measure one core (DataLoader workers use one thread too)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     secs = 3 if args.quick else 10
@@ -114,12 +129,25 @@ def main() -> None:
             r, c = rates[method]
             table.add(backend=f"pyav-{method}", mode="eval", workers=0, clips_s=r, ratio=r / base, cpu_clips_s=c,
                       cpu_ratio=c / cpu_base)
-        for mode in ("eval", "train"):
-            tr = mode == "train"
-            k = [0]
+        k0 = [0]
 
-            def one(tr=tr):
+        def direct_train():
+            k0[0] += 1
+            return read_clip(clip, T, size=S, train=True, seed=k0[0])
+
+        t = harness.time_fn(direct_train, warmup=1, min_time_s=min_time, max_reps=20)
+        c = 1.0 / cpu_seconds(direct_train, 3 if args.quick else 5)
+        train_base = (1e3 / t.median_ms, c)
+        table.add(backend="pyav-fast", mode="train", workers=0, clips_s=train_base[0],
+                  ratio=train_base[0] / base, cpu_clips_s=c, cpu_ratio=c / cpu_base)
+        for mode in ("eval", "train", "train-gpu-colour"):
+            tr = mode != "eval"
+
+            def one(tr=tr, mode=mode, k=[0]):  # noqa: B006 - a call counter: next video, fresh seed
                 k[0] += 1
+                if mode == "train-gpu-colour":  # the worker's share when flip/jitter/gray run on the GPU
+                    jpegs, meta = read_sample(index, k[0] % len(index))
+                    return clip_from_sample(jpegs, meta, T, size=S, train=True, seed=k[0], colour=False)
                 return read_prepared_clip(index, k[0] % len(index), T, size=S, train=tr, seed=k[0])
 
             t = harness.time_fn(one, warmup=2, min_time_s=min_time, max_reps=200)

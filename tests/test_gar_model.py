@@ -103,6 +103,21 @@ def test_encode_zero_adapters_is_frame_mean_of_blip():
         gar.encode(torch.randn(2, 4, 1, 32, 32))
 
 
+@pytest.mark.parametrize("size", [16, 48])
+def test_encode_other_frame_size_interpolates_position_embeddings(size):
+    # The paper trains at S=224 on the 384-px BLIP-base: the ViT's position embeddings must be interpolated,
+    # not sliced (smaller frames) or rejected (larger frames).
+    blip, tok = tiny_blip(seed=2)  # image_size 32, patch 8
+    gar = GARModel(blip, tok, num_frames=2, adapter_layers="all", adapter_init_std=0.0)
+    videos = torch.randn(1, 2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = gar.encode(videos)
+        ref = blip.vision_model(pixel_values=videos.flatten(0, 1), interpolate_pos_encoding=True).last_hidden_state
+    n_tokens = 1 + (size // 8) ** 2
+    assert out.shape == (1, n_tokens, 32)
+    torch.testing.assert_close(out, ref.view(1, 2, n_tokens, 32).mean(1), rtol=1e-5, atol=1e-6)
+
+
 def test_encode_with_interpreted_adapter_kernel(monkeypatch):
     """One small clip through the Triton kernel (interpreted on CPU) matches the reference path."""
     blip, tok = tiny_blip(seed=3)

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import video_fixtures as vf  # noqa: E402
 
 from rest_fast.data import read_clip  # noqa: E402
-from rest_fast.data.decode import draw_offsets, read_frames_reference, sample_indices  # noqa: E402
 from rest_fast.data.clip import clip_rng  # noqa: E402
+from rest_fast.data.decode import draw_offsets, read_frames_reference, sample_indices  # noqa: E402
 from rest_fast.data.loader import PyAVClipLoader, sample_seed  # noqa: E402
 from rest_fast.data.shards import (  # noqa: E402
     PreparedIndex,
@@ -101,7 +101,7 @@ def test_layout_index_and_bad_files(prepared):
 
 def test_shards_are_plain_webdataset(prepared):
     _, out, _ = prepared
-    import webdataset as wds
+    wds = pytest.importorskip("webdataset")
 
     index = PreparedIndex.load(out)
     urls = [str(out / s) for s in json.loads((out / "prepared.json").read_text())["shards"]]
@@ -188,8 +188,9 @@ def test_loader_contract_and_determinism(prepared):
     kw = dict(batch_size=4, mean=MEAN, std=STD, num_frames=8, size=32, train=True, seed=5, drop_last=False,
               max_bad_fraction=0.5)
     runs = []
-    for workers, stream in ((0, False), (2, False), (2, True)):
-        loader = make_clip_loader(index, num_workers=workers, stream=stream, shuffle_buffer=3, **kw)
+    for workers, stream, on_device in ((0, False, False), (2, False, False), (2, True, False), (0, True, True)):
+        loader = make_clip_loader(index, num_workers=workers, stream=stream, shuffle_buffer=3,
+                                  colour_on_device=on_device, **kw)
         assert isinstance(loader, ShardClipLoader)
         loader.set_epoch(2)
         got = {}
@@ -298,3 +299,47 @@ def test_bad_arguments(tmp_path):
         prepare(tmp_path / "nope", tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="not a prepared directory"):
         PreparedIndex.load(tmp_path)
+
+
+def test_read_clip_any_routes_registered_paths(prepared):
+    from rest_fast.data.shards import read_clip_any, register_prepared
+
+    src, out, _ = prepared
+    index = PreparedIndex.load(out)
+    path = index.paths[1]
+    direct = read_clip_any(path, 4, size=24)  # not registered yet: the video file
+    torch.testing.assert_close(direct, read_clip(path, 4, size=24), rtol=0, atol=0)
+    register_prepared(index)
+    torch.testing.assert_close(read_clip_any(path, 4, size=24), read_prepared_clip(index, 1, 4, size=24),
+                               rtol=0, atol=0)
+
+
+def test_cli_prepare(tmp_path, capsys):
+    from rest_fast.cli import main
+
+    src = tmp_path / "v" / "c"
+    src.mkdir(parents=True)
+    vf.write_index_clip(src / "a.mp4", 9, width=48, height=40)
+    (src / "b.mp4").write_text("broken")
+    lst = tmp_path / "list.txt"
+    lst.write_text("v/c/a.mp4 3\nv/c/b.mp4 1\n")
+    out = tmp_path / "out"
+    assert main(["prepare", "--data", str(lst), "--out", str(out), "--frames", "4", "--short-side", "32",
+                 "--workers", "0", "--shard-size", "1MB", "--no-progress"]) == 0
+    assert "1 videos in 1 shard(s), 1 bad" in capsys.readouterr().out
+    index = load_index(out)
+    assert index.labels == [3] and index.entries[0]["frames"] == 4 and index.info["shard_size"] == 10**6
+
+
+@pytest.mark.gpu
+def test_loader_on_cuda_applies_colour_on_device(prepared):
+    _, out, _ = prepared
+    index = PreparedIndex.load(out)
+    kw = dict(batch_size=3, mean=MEAN, std=STD, num_frames=8, size=32, train=True, seed=1, num_workers=0,
+              drop_last=False, max_bad_fraction=0.5)
+    gpu = list(ShardClipLoader(index, device="cuda", **kw))
+    cpu = list(ShardClipLoader(index, device="cpu", **kw))
+    for a, b in zip(gpu, cpu):
+        assert a.clips.is_cuda and torch.equal(a.index, b.index)
+        # colour ops in float32 on another device: rounding to uint8 may differ by one level
+        assert (a.clips.cpu() - b.clips).abs().max() * 0.25 * 255 <= 1.01

@@ -61,3 +61,73 @@ def test_dali_rejects_bad_arguments(index):
         DALIShardLoader(index, batch_size=0, mean=MEAN, std=STD, decoder_device="cpu")
     with pytest.raises(ValueError, match="decoder_device"):
         DALIShardLoader(index, batch_size=1, mean=MEAN, std=STD, decoder_device="gpu")._pipe(1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True])
+def test_dali_mixed_nvjpeg_matches_cpu_reader(index, train):
+    """nvJPEG on the GPU, crop/resize on the GPU, colour ops on the GPU: same entries, indices, close pixels."""
+    common = dict(batch_size=3, mean=MEAN, std=STD, num_frames=6, size=40, train=train, seed=4, drop_last=False,
+                  max_bad_fraction=0.5)
+    d = list(DALIShardLoader(index, decoder_device="mixed", device="cuda", **common))
+    c = list(ShardClipLoader(index, num_workers=0, **common))
+    for a, b in zip(d, c):
+        assert a.clips.is_cuda and a.clips.shape == b.clips.shape
+        assert torch.equal(a.index, b.index) and torch.equal(a.frame_indices, b.frame_indices)
+        assert (_levels(a.clips.cpu()) - _levels(b.clips)).abs().mean() < 3.0
+
+
+def test_dali_webdataset_reader_reads_the_shards(index):
+    """The shards are plain WebDataset: DALI's own fn.readers.webdataset reads every sample."""
+    import io
+    import json
+
+    import numpy as np
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from PIL import Image
+
+    from rest_fast.data.shards import read_sample
+
+    paths = [str(Path(index.root) / s) for s in index.info["shards"]]
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        js, first = fn.readers.webdataset(paths=paths, ext=["json", "000.jpg"], missing_component_behavior="error")
+        return js, fn.decoders.image(first, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    seen = set()
+    for _ in range(len(index)):
+        js, img = p.run()
+        meta = json.loads(bytes(np.array(js[0])))
+        k = index.position(meta["path"])
+        seen.add(k)
+        jpegs, ours = read_sample(index, k)
+        assert meta == ours
+        want = np.asarray(Image.open(io.BytesIO(jpegs[0])).convert("RGB")).astype(float)
+        assert np.abs(np.array(img[0]).astype(float) - want).mean() < 1.0
+    assert seen == set(range(len(index)))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dali_stream_through_webdataset_reader(index, shuffle):
+    """stream=True: fn.readers.webdataset order, every entry once per epoch, each clip identical to the
+    random-access DALI loader's clip of that entry (same seed, epoch)."""
+    common = dict(batch_size=2, mean=MEAN, std=STD, num_frames=5, size=40, train=True, seed=3, shuffle=shuffle,
+                  drop_last=False, max_bad_fraction=0.5, decoder_device="cpu", num_threads=1)
+    st = DALIShardLoader(index, stream=True, shuffle_buffer=2, **common)
+    ra = DALIShardLoader(index, **common)
+    for epoch in (0, 1):
+        st.set_epoch(epoch)
+        ra.set_epoch(epoch)
+        got = {int(j): (b.clips[k], b.frame_indices[k]) for b in st for k, j in enumerate(b.index)}
+        want = {int(j): (b.clips[k], b.frame_indices[k]) for b in ra for k, j in enumerate(b.index)}
+        assert sorted(got) == list(range(len(index))) and len(st) == 2
+        for j in got:
+            torch.testing.assert_close(got[j][0], want[j][0], rtol=0, atol=0)
+            assert torch.equal(got[j][1], want[j][1])
+    with pytest.raises(ValueError, match="full PreparedIndex"):
+        DALIShardLoader(index[:2], stream=True, **common)

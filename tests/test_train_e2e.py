@@ -186,7 +186,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 def test_real_data_path_with_a_bad_file(tmp_path, monkeypatch):
     """--data as a list file with one corrupt video: over the threshold the run stops with a clear error;
-    under it the run completes and bad_files.tsv names the file."""
+    under it the run completes and bad_files.tsv names the file; H=2000 is capped at N-1 with a warning."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     from rest_fast.cli import main
     from rest_fast.data.bad_files import TooManyBadFiles
@@ -203,7 +203,11 @@ def test_real_data_path_with_a_bad_file(tmp_path, monkeypatch):
     with pytest.raises(TooManyBadFiles, match="broken.mp4"):
         main(["train", f"--out={tmp_path / 'strict'}", *args])
     run = tmp_path / "lenient"
-    assert main(["train", f"--out={run}", *args, "bad_files_threshold=0.25"]) == 0
+    with pytest.warns(UserWarning, match="capped at N-1=4"):  # H larger than the dataset allows
+        assert main(["train", f"--out={run}", *args, "bad_files_threshold=0.25", "num_neighbours=2000"]) == 0
     _check_complete_run(run, rounds=1, epochs=1, n_videos=5)
+    from rest_fast.retrieval import NeighbourGraph
+
+    assert NeighbourGraph.load(run / "features" / "neighbours").k == 4
     tsv = (run / "bad_files.tsv").read_text()
     assert "broken.mp4" in tsv

@@ -27,6 +27,9 @@ Quick reference for callers (the trainer):
 * Sampling and decoding rules (decoded frame count, uniform segments, verified fast path) are in
   :mod:`rest_fast.data.decode`; augmentations (paper Table 10) in :mod:`rest_fast.data.augment`.
 * Rotation: the display-matrix rotation is honoured (90-degree steps) by the PyAV path.
+* Prepared shards (:mod:`rest_fast.data.shards`, ``rest-fast prepare``): decode once into WebDataset
+  JPEG shards; ``load_index(data)`` gives a ``PreparedIndex`` for a prepared dir and
+  ``make_clip_loader(index, ...)`` the matching loader (``ShardClipLoader`` or ``PyAVClipLoader``).
 * ``DALIClipLoader`` (``pip install -e .[dali]``) has the same constructor and batches; it needs
   ``nvidia.dali`` (imported lazily) — see :mod:`rest_fast.data.dali`.
 """
@@ -39,6 +42,14 @@ from rest_fast.data.clip import read_clip
 from rest_fast.data.decode import VideoDecodeError, count_frames, read_frames, sample_indices
 from rest_fast.data.index import VideoIndex, VideoItem
 from rest_fast.data.loader import ClipBatch, ClipDataset, PyAVClipLoader, normalize_clips, sample_seed
+from rest_fast.data.shards import (
+    PreparedIndex,
+    ShardClipLoader,
+    is_prepared_dir,
+    load_index,
+    make_clip_loader,
+    prepare,
+)
 
 __all__ = [
     "VideoIndex",
@@ -59,6 +70,12 @@ __all__ = [
     "DALIClipLoader",
     "normalize_clips",
     "sample_seed",
+    "prepare",
+    "PreparedIndex",
+    "ShardClipLoader",
+    "is_prepared_dir",
+    "load_index",
+    "make_clip_loader",
 ]
 
 

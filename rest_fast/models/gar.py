@@ -223,8 +223,12 @@ class GARModel(nn.Module):
         videos = self._as_clips(videos)
         B, T = videos.shape[:2]
         frames = videos.reshape(B * T, *videos.shape[2:])
+        # A frame size other than the checkpoint's (e.g. the paper's S=224 on the 384-px BLIP-base) needs the
+        # position embeddings interpolated: without it HF slices them silently and the ViT sees wrong positions.
+        native = self.blip.config.vision_config.image_size
+        extra = {"interpolate_pos_encoding": True} if tuple(frames.shape[-2:]) != (native, native) else {}
         with self._clip_frames(T), self._autocast(frames.device):
-            tokens = self.blip.vision_model(pixel_values=frames).last_hidden_state
+            tokens = self.blip.vision_model(pixel_values=frames, **extra).last_hidden_state
         return tokens.view(B, T, *tokens.shape[1:]).mean(dim=1)
 
     # -- text -----------------------------------------------------------------------------------------------------

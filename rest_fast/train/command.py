@@ -20,7 +20,7 @@ by beam search, re-ranking, ... until `epochs` epochs. Without --data it runs th
 random BLIP and CLIP on synthetic clips: it shows the pipeline, not accuracy).
 
 Precedence: defaults < demo preset (no --data) < --config FILE.yaml < flags and key=value overrides.
-Under torchrun (`torchrun --nproc-per-node N -m rest_fast train ...`) it trains with DDP."""
+Under torchrun (`torchrun --standalone --nproc-per-node N -m rest_fast train ...`) it trains with DDP."""
 
 _EPILOG = """\
 examples:
@@ -28,6 +28,8 @@ examples:
   rest-fast train --data train.txt data_root=/videos --blip Salesforce/blip-image-captioning-base \\
       --clip ViT-B-16 --out runs/k400
   rest-fast train --out runs/k400 --resume auto     # continue after the last complete epoch
+  torchrun --standalone --nproc-per-node 8 -m rest_fast train --config k400.yaml   # 8 GPUs, DDP
+  rest-fast train --print-config --data train.txt > k400.yaml                   # a config to edit
 """
 
 

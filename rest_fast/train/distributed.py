@@ -4,8 +4,10 @@ Work is sharded by video: each rank takes one contiguous block of video indices 
 blocks in rank order restores the global order) for initial captioning, CLIP features, caption
 generation, text embedding and re-ranking; self-training wraps the model in DDP. Every rank keeps an
 identical replica of the caption cache: results are all-gathered and applied in the same order, so
-interned caption ids agree everywhere. Rank 0 alone writes the run directory. NCCL on CUDA, gloo on
-CPU (how the tests run two processes on one machine).
+interned caption ids agree everywhere. Rank 0 alone writes the run directory; the other ranks read
+what it wrote (cached features, the caption cache on resume), so on several nodes the run directory
+must sit on a shared filesystem. NCCL on CUDA, gloo on CPU (how the tests run two processes on one
+machine).
 """
 
 from __future__ import annotations

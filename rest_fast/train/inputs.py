@@ -99,8 +99,8 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     model.to(env.device)
     vis = model.blip.config.vision_config
     if cfg.image_size != vis.image_size and env.is_main:
-        print(f"warning: image_size={cfg.image_size} differs from the captioner's {vis.image_size}; BLIP's ViT "
-              "position embeddings are then sliced, not interpolated", flush=True)
+        print(f"note: image_size={cfg.image_size} differs from the captioner's {vis.image_size}; BLIP's ViT "
+              "position embeddings are interpolated to the frame size", flush=True)
     if clip_source == TINY:
         size = cfg.image_size if cfg.image_size % 8 == 0 else 32
         clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)

@@ -36,6 +36,7 @@ from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
 from rest_fast.train.rundir import (
     CONFIG_FILE,
     RunDir,
+    atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
     capture_rng,
@@ -262,9 +263,17 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         t0 = time.time()
+        from rest_fast.train.features import features_key
+
         path = self.run_dir.path("captions", "initial.jsonl")
+        meta = self.run_dir.path("captions", "initial.json")
+        # reused only when made from the same videos, captioner and decoding settings (a run that died early)
+        key = features_key(videos=[str(p) for p in self.inputs.paths], blip=cfg.blip, prompts=list(cfg.prompts),
+                           train_prompt=cfg.train_prompt, T=cfg.num_frames, S=cfg.image_size, seed=cfg.seed,
+                           beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
+                           adapters=cfg.adapter_layers)
         initial = None
-        if env.is_main and path.exists():
+        if env.is_main and path.exists() and meta.exists() and json.loads(meta.read_text()).get("key") == key:
             recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             if len(recs) == self.n:
                 initial = [r["captions"] for r in recs]
@@ -276,6 +285,7 @@ class Trainer:
                 progress=_progress(cfg, env, "initial captions", self.inputs.eval_steps()))
             if env.is_main:
                 atomic_write_jsonl(path, [{"video": str(self.inputs.rel(i)), "captions": c} for i, c in enumerate(initial)])
+                atomic_write_json(meta, {"key": key, "num_videos": self.n})
         m = len(cfg.prompts) * cfg.num_frames
         self.cache = CaptionCache(self.n, cfg.k)
         flat = [c for caps in initial for c in caps]
@@ -284,6 +294,7 @@ class Trainer:
                               env, batch_size=cfg.eval_batch_size, amp=cfg.amp, initial_ids=initial_ids,
                               progress=_progress(cfg, env, "embed captions"),
                               rerank_progress=_progress(cfg, env, "re-rank"))
+        stats["new_captions"] = len(self.cache)  # every initial caption is new
         stats["initial_captions"] = int(initial_ids.size)
         stats["initial_distinct"] = int(np.unique(initial_ids).size)
         self._finish_round(0, stats, generated=None, seconds=time.time() - t0, epoch=0)
@@ -328,7 +339,8 @@ class Trainer:
                                       "caption_features": f"features/captions_{r:02d}.npy"})
             acc = f", CLIP-TAM top-1 {tam['tam_top1']:.1%}" if "tam_top1" in tam else ""
             print(f"round {r}/{cfg.num_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
-                  f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['cache_size']} captions in cache"
+                  f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
+                  f"{stats['cache_size']} captions in cache"
                   f"{acc} [{seconds:.1f} s]", flush=True)
         barrier(env)
 
@@ -473,7 +485,8 @@ class Trainer:
             epoch += 1
             self.save_checkpoint(epoch, rnd)
         self._report(final=True)
-        log(env, f"done: {cfg.epochs} epochs, {rnd} rounds in {time.time() - t_start:.1f} s; run dir {self.run_dir.root}")
+        log(env, f"done: {cfg.epochs} epochs, {rnd} rounds in {time.time() - t_start:.1f} s; "
+                 f"report: {self.run_dir.path('report.html')}")
         if cfg.is_demo:
             from rest_fast.train.demo import DEMO_NOTICE
 

@@ -44,6 +44,8 @@ __all__ = [
     "DALIShardLoader",
     "load_index",
     "make_clip_loader",
+    "register_prepared",
+    "read_clip_any",
 ]
 
 
@@ -68,14 +70,38 @@ def load_index(data: str | os.PathLike, data_root: str | os.PathLike | None = No
 
 def make_clip_loader(index, **kwargs):
     """:class:`ShardClipLoader` for a :class:`PreparedIndex`, :class:`rest_fast.data.PyAVClipLoader`
-    otherwise; both take the same keyword arguments (``stream``/``shuffle_buffer`` only the former)."""
+    otherwise; both take the same keyword arguments (``stream``, ``shuffle_buffer`` and ``colour_on_device``
+    only matter to the former and are dropped for the latter)."""
     if isinstance(index, PreparedIndex):
         return ShardClipLoader(index, **kwargs)
     from rest_fast.data.loader import PyAVClipLoader
 
-    kwargs.pop("stream", None)
-    kwargs.pop("shuffle_buffer", None)
+    for k in ("stream", "shuffle_buffer", "colour_on_device"):  # shard-reader options
+        kwargs.pop(k, None)
     return PyAVClipLoader(index, **kwargs)
+
+
+_REGISTRY: dict[str, tuple[PreparedIndex, int]] = {}  # source path -> (prepared index, position)
+
+
+def register_prepared(index: PreparedIndex) -> None:
+    """Make :func:`read_clip_any` serve ``index``'s source paths from its shards (in this process and in
+    DataLoader workers forked after the call). Used by callers that pass videos around as paths."""
+    for k, p in enumerate(index.paths):
+        _REGISTRY[p] = (index, k)
+
+
+def read_clip_any(path: str, num_frames: int = 8, *, size: int = 224, train: bool = False, seed: int | None = None,
+                  return_indices: bool = False):
+    """:func:`rest_fast.data.read_clip` for a video file, or the shard reader for a source path of a
+    registered prepared index (:func:`register_prepared`); same output contract."""
+    hit = _REGISTRY.get(str(path))
+    if hit is None:
+        from rest_fast.data.clip import read_clip
+
+        return read_clip(path, num_frames, size=size, train=train, seed=seed, return_indices=return_indices)
+    return read_prepared_clip(hit[0], hit[1], num_frames, size=size, train=train, seed=seed,
+                              return_indices=return_indices)
 
 
 def __getattr__(name: str):

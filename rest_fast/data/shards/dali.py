@@ -12,14 +12,18 @@ Flip, colour jitter and grayscale then run as torch ops on the output device
 are the CPU reader's exactly; the remaining difference is the JPEG decoder's IDCT/upsampling and the
 resize filter (a few grey levels).
 
-Why not ``fn.readers.webdataset``: it yields every stored frame of a sample (F = 32 JPEGs, 4x the nvJPEG
-work for T = 8) in DALI's own order, and the per-sample frame choice and augmentation parameters come
-from a Python-side seed keyed by the entry. The shards stay plain WebDataset files that the DALI reader
-(and ``webdataset``) can read directly.
+Two sample sources: random access in the epoch sampler's order (default; the same batches as the CPU
+reader, for eval passes, captioning and feature extraction), or ``stream=True``, where DALI's
+``fn.readers.webdataset`` streams the shards (sequential reads, DALI's shuffle buffer) and hands each
+sample's json and still-encoded JPEGs to the Python side, which picks the T frames and parameters by
+the entry's seed before decoding. In both cases only T of the F stored JPEGs reach nvJPEG (4x less
+decoding than decoding every component the reader yields for T = 8, F = 32).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,11 +33,33 @@ from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, sample_indices
-from rest_fast.data.loader import _EpochSampler, ClipBatch, normalize_clips, resample_index, sample_seed
+from rest_fast.data.loader import ClipBatch, _EpochSampler, normalize_clips, resample_index, sample_seed
 
 from .reader import PreparedIndex, read_sample
 
-__all__ = ["DALIShardLoader", "build_shard_pipeline"]
+__all__ = ["DALIShardLoader", "build_shard_pipeline", "build_reader_pipeline"]
+
+
+def build_reader_pipeline(paths: Sequence[str], frames: int, *, batch_size: int, shuffle: bool, buffer: int,
+                          seed: int, rank: int, world_size: int, num_threads: int = 2):
+    """CPU pipeline around ``fn.readers.webdataset``: per sample the ``json`` and the ``frames`` JPEG
+    components (``000.jpg`` ...; empty for a short video's absent frames), still encoded. This rank
+    reads its contiguous share (``shard_id``/``num_shards``); the last batch of an epoch is padded."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, seed=seed,
+                  exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+    def pipe():
+        ext = ["json"] + [f"{k:03d}.jpg" for k in range(frames)]
+        return tuple(fn.readers.webdataset(paths=list(paths), ext=ext, missing_component_behavior="empty",
+                                           random_shuffle=shuffle, initial_fill=max(1, buffer), shard_id=rank,
+                                           num_shards=world_size, pad_last_batch=True, stick_to_shard=True,
+                                           name="shards"))
+
+    p = pipe()
+    p.build()
+    return p
 
 
 def build_shard_pipeline(*, batch_size: int, size: int, decoder_device: str = "mixed", device_id: int | None = 0,
@@ -66,14 +92,20 @@ class DALIShardLoader:
     """Same constructor and :class:`~rest_fast.data.ClipBatch` as
     :class:`~rest_fast.data.shards.ShardClipLoader` (random-access order from the epoch sampler), decoded
     by DALI. Extra args: ``decoder_device`` ("mixed" = nvJPEG, default when CUDA is available, else
-    "cpu"), ``device_id``, ``num_threads`` (DALI CPU threads)."""
+    "cpu"), ``device_id``, ``num_threads`` (DALI CPU threads).
+
+    ``stream=True`` (training): samples come from DALI's ``fn.readers.webdataset`` reading the shards
+    front to back (shuffled through ``shuffle_buffer`` samples with the loader's ``seed``; DALI's
+    order, so the epoch's order differs from the sampler's, while each entry's frames and augmentations
+    still depend only on (seed, epoch, entry)). Each rank reads its contiguous share; shares may differ
+    by one sample, so use ``drop_last`` for DDP."""
 
     def __init__(self, index: PreparedIndex | str, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  num_frames: int = 8, size: int = 224, train: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", decoder_device: str | None = None, device_id: int = 0,
                  num_threads: int = 4, shuffle: bool | None = None, drop_last: bool | None = None,
                  max_bad_fraction: float = 0.05, rank: int = 0, world_size: int = 1, max_retries: int = 10,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, stream: bool = False, shuffle_buffer: int = 256):
         from rest_fast.data.dali import dali_available
 
         ok, why = dali_available()
@@ -99,6 +131,13 @@ class DALIShardLoader:
         self.bad_files = BadFilesReport()
         for p in index.missing:
             self.bad_files.add(p, index.bad_reasons.get(p, "missing file"))
+        self.stream, self.shuffle_buffer = stream, shuffle_buffer
+        self.shuffle = train if shuffle is None else shuffle
+        self.rank, self.world_size = rank, world_size
+        self._reader = None
+        self._shard_paths = [os.path.join(index.root, s) for s in index.info.get("shards", [])]
+        if stream and len(index) != index.info.get("num_videos"):
+            raise ValueError("stream=True reads whole shards: pass the full PreparedIndex, not a slice")
         self._pipes: dict[int, object] = {}  # one per batch size (a short last batch gets its own)
         self._pipe_args = dict(size=size, decoder_device=decoder_device,
                                device_id=device_id if decoder_device == "mixed" else None, num_threads=num_threads)
@@ -108,6 +147,8 @@ class DALIShardLoader:
 
     def __len__(self) -> int:
         n = len(self.sampler)
+        if self.stream:
+            n = len(self.index) * (self.rank + 1) // self.world_size - len(self.index) * self.rank // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _check_bad(self) -> None:
@@ -123,19 +164,46 @@ class DALIShardLoader:
         for attempt in range(self.max_retries + 1):
             try:
                 jpegs, meta = read_sample(self.index, j)
-                rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
-                off = draw_offsets(self.num_frames, rng) if self.train else None
-                sel = sample_indices(len(jpegs), self.num_frames, train=self.train, offsets=off)
-                h, w = int(meta["height"]), int(meta["width"])
-                params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
-                label = self.index[j].label
-                return (j, -1 if label is None else label, [int(meta["frame_indices"][k]) for k in sel], params,
-                        [np.frombuffer(jpegs[k], dtype=np.uint8) for k in sel])
+                return self._select(epoch, j, jpegs, meta)
             except (VideoDecodeError, OSError, ValueError) as e:
                 self.bad_files.add(self.index.paths[j], f"prepared sample unreadable: {e}")
                 self._check_bad()
             j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
         raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable")
+
+    def _select(self, epoch: int, j: int, jpegs, meta):
+        """Frames and parameters of entry ``j`` from its stored sample (same draws as the CPU reader)."""
+        rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
+        off = draw_offsets(self.num_frames, rng) if self.train else None
+        sel = sample_indices(len(jpegs), self.num_frames, train=self.train, offsets=off)
+        h, w = int(meta["height"]), int(meta["width"])
+        params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
+        label = self.index[j].label
+        return (j, -1 if label is None else label, [int(meta["frame_indices"][k]) for k in sel], params,
+                [np.frombuffer(jpegs[k], dtype=np.uint8) for k in sel])
+
+    def _stream_batches(self, epoch: int):
+        """Lists of samples in the order DALI's ``fn.readers.webdataset`` streams this rank's part of the
+        shards (``random_shuffle`` through a buffer of ``shuffle_buffer`` samples when shuffling)."""
+        if self._reader is None:
+            self._reader = build_reader_pipeline(self._shard_paths, self.index.info["frames"],
+                                                 batch_size=self.batch_size, shuffle=self.shuffle,
+                                                 buffer=self.shuffle_buffer, seed=self.seed, rank=self.rank,
+                                                 world_size=self.world_size, num_threads=self._pipe_args["num_threads"])
+        n = len(self.index)
+        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        left = hi - lo  # DALI's contiguous share for this rank; the padded tail of the last batch is dropped
+        while left > 0:
+            outs = self._reader.run()
+            batch = []
+            for i in range(min(left, len(outs[0]))):
+                meta = json.loads(bytes(np.array(outs[0][i])))
+                jpegs = [np.array(o[i]).tobytes() for o in outs[1:]]
+                jpegs = jpegs[:len(meta["frame_indices"])]  # absent components of short videos are empty
+                batch.append(self._select(epoch, self.index.position(meta["path"]), jpegs, meta))
+            left -= len(batch)
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
 
     def _pipe(self, n: int):
         if n not in self._pipes:
@@ -167,12 +235,17 @@ class DALIShardLoader:
             return dst.view(shp).to(self.device)
         return torch.from_numpy(np.array(t)).view(shp).to(self.device)
 
-    def __iter__(self):
-        self._check_bad()
+    def _batches(self):
+        if self.stream:
+            yield from self._stream_batches(self.sampler.epoch)
+            return
         order = list(self.sampler)
         for b in range(len(self)):
-            keys = order[b * self.batch_size:(b + 1) * self.batch_size]
-            samples = [self.sample(e, i) for e, i in keys]
+            yield [self.sample(e, i) for e, i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+    def __iter__(self):
+        self._check_bad()
+        for samples in self._batches():
             u8 = self._run(samples)
             u8 = torch.stack([augment.apply_colour(u8[k], s[3]) for k, s in enumerate(samples)])
             clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)

@@ -42,7 +42,14 @@ from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, sample_indices
 from rest_fast.data.index import VideoIndex
-from rest_fast.data.loader import ClipBatch, _collate, _EpochSampler, normalize_clips, resample_index, sample_seed
+from rest_fast.data.loader import (
+    ClipBatch,
+    _collate,
+    _EpochSampler,
+    normalize_clips,
+    resample_index,
+    sample_seed,
+)
 
 from .prepare import FORMAT
 
@@ -177,8 +184,11 @@ def read_sample(index: PreparedIndex, i: int) -> tuple[list[bytes], dict]:
 
 
 def clip_from_sample(jpegs: Sequence[bytes], meta: dict, num_frames: int = 8, *, size: int = 224,
-                     train: bool = False, seed: int | None = None) -> tuple[torch.Tensor, list[int]]:
-    """uint8 [T, size, size, 3] and the T source frame indices from one stored sample (module doc)."""
+                     train: bool = False, seed: int | None = None, colour: bool = True):
+    """uint8 [T, size, size, 3] and the T source frame indices from one stored sample (module doc).
+
+    ``colour=False`` stops after crop + resize and returns ``(clip, indices, params)``: the caller applies
+    ``augment.apply_colour(clip, params)`` later (the loaders do it on the GPU, where it is cheap)."""
     from PIL import Image
 
     if not isinstance(num_frames, int) or num_frames < 1:
@@ -205,9 +215,11 @@ def clip_from_sample(jpegs: Sequence[bytes], meta: dict, num_frames: int = 8, *,
         else:
             im = im.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
         done[k] = np.asarray(im)
-    clip = augment.apply_colour(torch.from_numpy(np.stack([done[k] for k in sel])), params)
-    src = meta["frame_indices"]
-    return clip, [int(src[k]) for k in sel]
+    clip = torch.from_numpy(np.stack([done[k] for k in sel]))
+    src = [int(meta["frame_indices"][k]) for k in sel]
+    if not colour:
+        return clip, src, params
+    return augment.apply_colour(clip, params), src
 
 
 def read_prepared_clip(index: PreparedIndex | str | os.PathLike, video: int | str, num_frames: int = 8, *,
@@ -223,10 +235,20 @@ def read_prepared_clip(index: PreparedIndex | str | os.PathLike, video: int | st
     return (clip, idx) if return_indices else clip
 
 
-def _item(jpegs, meta, j: int, label, num_frames: int, size: int, train: bool, seed: int, epoch: int) -> dict:
-    clip, idx = clip_from_sample(jpegs, meta, num_frames, size=size, train=train, seed=sample_seed(seed, epoch, j))
+def _item(jpegs, meta, j: int, label, num_frames: int, size: int, train: bool, seed: int, epoch: int,
+          defer_colour: bool = False) -> dict:
+    clip, idx, params = clip_from_sample(jpegs, meta, num_frames, size=size, train=train,
+                                         seed=sample_seed(seed, epoch, j), colour=False)
+    if not defer_colour:
+        clip, params = augment.apply_colour(clip, params), None
     return {"clip": clip, "label": -1 if label is None else label, "index": j,
-            "frame_indices": torch.tensor(idx, dtype=torch.int64), "bad": []}
+            "frame_indices": torch.tensor(idx, dtype=torch.int64), "bad": [], "params": params}
+
+
+def _collate_params(items):
+    out = _collate(items)
+    out["params"] = [it["params"] for it in items]
+    return out
 
 
 class ShardClipDataset(Dataset):
@@ -235,11 +257,11 @@ class ShardClipDataset(Dataset):
     same deterministic resample as the PyAV loader and reported with the item."""
 
     def __init__(self, index: PreparedIndex, *, num_frames: int = 8, size: int = 224, train: bool = False,
-                 seed: int = 0, max_retries: int = 10):
+                 seed: int = 0, max_retries: int = 10, defer_colour: bool = False):
         if len(index) == 0:
             raise ValueError("index is empty")
         self.index, self.num_frames, self.size, self.train = index, num_frames, size, train
-        self.seed, self.max_retries = seed, max_retries
+        self.seed, self.max_retries, self.defer_colour = seed, max_retries, defer_colour
 
     def __len__(self) -> int:
         return len(self.index)
@@ -252,7 +274,7 @@ class ShardClipDataset(Dataset):
             try:
                 jpegs, meta = read_sample(self.index, j)
                 it = _item(jpegs, meta, j, self.index[j].label, self.num_frames, self.size, self.train,
-                           self.seed, epoch)
+                           self.seed, epoch, self.defer_colour)
                 it["bad"] = bad
                 return it
             except (VideoDecodeError, OSError, ValueError) as e:
@@ -268,10 +290,11 @@ class ShardStreamDataset(IterableDataset):
     ``buffer`` samples. Each sample's frames and augmentations depend only on (seed, epoch, entry)."""
 
     def __init__(self, index: PreparedIndex, *, num_frames: int = 8, size: int = 224, train: bool = True,
-                 seed: int = 0, buffer: int = 256, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, buffer: int = 256, rank: int = 0, world_size: int = 1, defer_colour: bool = False):
         if len(index) == 0:
             raise ValueError("index is empty")
         self.index, self.num_frames, self.size, self.train = index, num_frames, size, train
+        self.defer_colour = defer_colour
         self.seed, self.buffer, self.rank, self.world_size = seed, max(1, buffer), rank, world_size
         self.epoch = 0
 
@@ -317,7 +340,7 @@ class ShardStreamDataset(IterableDataset):
                 try:
                     jpegs, meta = parse_sample(block[a:a + int(e["size"])], f"{path}:{e['key']}")
                     it = _item(jpegs, meta, k, self.index[k].label, self.num_frames, self.size, self.train,
-                               self.seed, self.epoch)
+                               self.seed, self.epoch, self.defer_colour)
                 except (VideoDecodeError, ValueError) as err:
                     it = None
                     bad = [(self.index.paths[k], f"prepared sample unreadable: {err}")]
@@ -340,7 +363,10 @@ class ShardClipLoader:
     samples); otherwise entries are read by random access in the sampler's order (eval passes, caption
     generation, feature extraction). ``method`` is accepted for drop-in use and ignored (no video
     decoding happens here). The videos prepare could not decode are in ``bad_files`` from the start and
-    count toward ``max_bad_fraction``, like missing files in the PyAV loader.
+    count toward ``max_bad_fraction``, like missing files in the PyAV loader. ``colour_on_device``
+    (default: when ``device`` is CUDA) leaves flip/jitter/grayscale to the main process on ``device``
+    (the same :func:`~rest_fast.data.augment.apply_colour`; on a GPU it costs almost nothing, on CPU
+    workers it is most of a train clip's cost).
     """
 
     def __init__(self, index: PreparedIndex | str | os.PathLike, *, batch_size: int, mean: Sequence[float],
@@ -348,7 +374,8 @@ class ShardClipLoader:
                  device: str | torch.device = "cpu", num_workers: int = 2, shuffle: bool | None = None,
                  drop_last: bool | None = None, max_bad_fraction: float = 0.05, rank: int = 0, world_size: int = 1,
                  prefetch_factor: int = 2, max_retries: int = 10, method: str = "auto",
-                 dtype: torch.dtype = torch.float32, stream: bool = False, shuffle_buffer: int = 256):
+                 dtype: torch.dtype = torch.float32, stream: bool = False, shuffle_buffer: int = 256,
+                 colour_on_device: bool | None = None):
         if not isinstance(index, PreparedIndex):
             index = PreparedIndex.load(index)
         if batch_size < 1:
@@ -366,22 +393,24 @@ class ShardClipLoader:
         for p in index.missing:
             self.bad_files.add(p, index.bad_reasons.get(p, "missing file"))
         self.stream = stream
+        self.defer = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
         kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
         pin = self.device.type == "cuda"
         if stream:
             self.dataset = ShardStreamDataset(index, num_frames=num_frames, size=size, train=train, seed=seed,
-                                              buffer=shuffle_buffer, rank=rank, world_size=world_size)
+                                              buffer=shuffle_buffer, rank=rank, world_size=world_size,
+                                              defer_colour=self.defer)
             self.sampler = self.dataset  # has .epoch, like the sampler
             self._loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
-                                      collate_fn=_collate, drop_last=train if drop_last is None else drop_last,
+                                      collate_fn=_collate_params, drop_last=train if drop_last is None else drop_last,
                                       pin_memory=pin, **kw)
         else:
             self.dataset = ShardClipDataset(index, num_frames=num_frames, size=size, train=train, seed=seed,
-                                            max_retries=max_retries)
+                                            max_retries=max_retries, defer_colour=self.defer)
             self.sampler = _EpochSampler(len(index), shuffle=train if shuffle is None else shuffle, seed=seed,
                                          rank=rank, world_size=world_size)
             self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
-                                      num_workers=num_workers, collate_fn=_collate,
+                                      num_workers=num_workers, collate_fn=_collate_params,
                                       drop_last=train if drop_last is None else drop_last, pin_memory=pin, **kw)
 
     def set_epoch(self, epoch: int) -> None:
@@ -403,5 +432,9 @@ class ShardClipLoader:
             for path, reason in b["bad"]:
                 self.bad_files.add(path, reason)
             self._check_bad()
-            clips = normalize_clips(b["clips"], self.mean, self.std, self.device, self.dtype)
+            u8 = b["clips"]
+            if self.defer:
+                u8 = u8.to(self.device, non_blocking=True)
+                u8 = torch.stack([augment.apply_colour(u8[k], p) for k, p in enumerate(b["params"])])
+            clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)
             yield ClipBatch(clips, b["labels"].to(self.device), b["index"], b["frame_indices"])
