@@ -1,5 +1,9 @@
 """Prepared clip shards: decode each dataset once into WebDataset tar shards of JPEG frames, then read
 them on CPU (:class:`ShardClipLoader`) or with DALI (:class:`DALIShardLoader`, nvJPEG on the GPU).
+Both read by random access (index -> byte range) in the epoch sampler's order, or stream the shards
+sequentially with a shuffle buffer (``stream=True``; DALI's ``fn.readers.webdataset`` for the latter).
+Layout and guarantees of ``prepare``: :mod:`rest_fast.data.shards.prepare`; reading rules:
+:mod:`rest_fast.data.shards.reader`.
 
     rest-fast prepare --data splits/k400_train.txt --out /data/k400_prep --frames 32 --short-side 256
 
