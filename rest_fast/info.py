@@ -21,8 +21,7 @@ def _version(module: str) -> str:
 
 def collect() -> dict[str, object]:
     """Return a flat, JSON-serialisable description of the environment."""
-    from rest_fast import __version__
-    from rest_fast import cache
+    from rest_fast import __version__, cache
 
     info: dict[str, object] = {
         "rest_fast": __version__,
