@@ -499,6 +499,24 @@ void CaptionCache::add_pending(const IndexView& videos, const IndexView& ids) {
 }
 
 namespace {
+// Maps in (and zeroes) the pages of a large fresh heap block with one madvise call instead of one
+// page fault per 4 KB. The candidate buffers are hundreds of MB written once; taking their page faults
+// one by one (each a trap plus a page-table walk, contended across threads on the process's mm lock)
+// cost as much CPU as the whole gather and dedup. Only advice: an older kernel returns EINVAL and the
+// pages then fault in as usual. (Transparent huge pages were measured too: slower here, because
+// the kernel compacts memory to find them.)
+void prefault(void* p, size_t bytes) {
+#if defined(__linux__)
+  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, Linux >= 5.14
+  if (bytes < (size_t{1} << 20) || std::getenv("CC_NOPOP")) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + bytes;
+  const uintptr_t pa = (a + 4095) & ~uintptr_t{4095}, pe = e & ~uintptr_t{4095};
+  if (pe > pa) ::madvise(reinterpret_cast<void*>(pa), pe - pa, kPopulateWrite);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 // Growable int32 buffer without zero-filling; realloc lets large blocks grow without a copy (mremap).
 struct IdBuffer {
   int32_t* p = nullptr;
@@ -514,11 +532,13 @@ struct IdBuffer {
     if (!q) throw std::bad_alloc();
     p = static_cast<int32_t*>(q);
     cap = nc;
+    prefault(p, cap * sizeof(int32_t));
   }
 };
 }  // namespace
 
-std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, const IndexView& nb, int64_t& L) const {
+std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, const IndexView& nb, int64_t& L,
+                                                     int64_t bitset_max) const {
   const auto vids = read_videos(videos, num_videos_);
   const int64_t n = videos.rows, H = nb.cols, W = k_ + 1, N = num_videos_;
   std::shared_lock lk(mu_);
@@ -533,49 +553,66 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
   std::vector<Part> parts(T);
   const int32_t* rows = rows_.data();
   const size_t row_max = static_cast<size_t>((H + 1) * W);
-  // Dedup within a row uses "last row that saw this id" stamps, never a hash set per row. With few
-  // captions, one stamp per caption id (direct index). With many, that array no longer fits in cache
-  // and every id is a DRAM miss, so a per-thread open-addressing table of (id, stamp) sized to twice
-  // the longest possible row (load <= 0.5, L2-resident) is used instead; stamps make clearing free.
+  // Dedup within a row keeps each id's first occurrence. Normally a per-thread bitset over all caption
+  // ids (bit id + 1; bit 0 is id -1, always set): C / 8 bytes, 128 KB for 1M captions, so it stays in
+  // L2, needs no hashing or probing, and the test-and-set is branch-free (the new/duplicate outcome is
+  // unpredictable, so a branch there mispredicts about half the time). After a row, only the words of
+  // the ids it kept are cleared. Above `bitset_max` captions the bitset would no longer be cache
+  // resident (and costs C / 8 bytes per thread), so a per-thread open-addressing table of
+  // (id, stamp) sized to twice the longest possible row (load <= 0.5) is used instead; stamps make
+  // clearing free.
   size_t tab_size = 16;
   while (tab_size < 2 * row_max) tab_size *= 2;
-  const bool direct = C + 1 <= std::max<size_t>(size_t{1} << 16, tab_size);
+  const bool bitset = static_cast<int64_t>(C) <= bitset_max;
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     Part& p = parts[t];
-    std::vector<uint32_t> stamp(direct ? C + 1 : 0, 0);  // indexed by id + 1; [0] is id -1
+    std::vector<uint64_t> bits(bitset ? (C + 1 + 63) / 64 : 0, 0);
+    if (bitset) bits[0] = 1;
     struct Slot {
       int32_t id;
       uint32_t st;
     };
-    std::vector<Slot> tab(direct ? 0 : tab_size, Slot{-1, 0});
+    std::vector<Slot> tab(bitset ? 0 : tab_size, Slot{-1, 0});
     const uint32_t mask = static_cast<uint32_t>(tab_size - 1);
     int shift = 32;
     for (size_t s = tab_size; s > 1; s >>= 1) --shift;
     p.start.reserve(static_cast<size_t>(e - b + 1));
     p.ids.reserve(static_cast<size_t>(e - b) * std::min<size_t>(row_max, 64));
-    std::vector<int32_t> gathered(row_max);
-    constexpr size_t kAhead = 16;  // prefetch distance, in rows (gather) and ids (dedup)
+    std::vector<int32_t> gathered(row_max), nbrow(static_cast<size_t>(H));
+    constexpr size_t kAhead = 16;  // dedup prefetch distance, in ids (the bitset / table is in L2)
+    // Neighbour rows are random reads over N * (K+1) * 4 bytes (3.8 MB at N=240K: L3 or DRAM), and a
+    // gather step is only a few cycles, so the prefetch must run much further ahead than in the dedup.
+    constexpr int64_t kRowAhead = 64;
     auto slot_of = [&](int32_t id) { return (static_cast<uint32_t>(id) * 0x9E3779B1u) >> shift; };
     for (int64_t i = b; i < e; ++i) {
       const uint32_t st = static_cast<uint32_t>(i - b + 1);
       p.start.push_back(p.ids.size);
-      // 1) Gather the row's ids (own row, then neighbours' rows) into an L1-resident buffer; the
-      //    neighbour rows are random reads, so they are prefetched kAhead ahead.
-      int32_t* g = gathered.data();
-      size_t m = 0;
-      for (int64_t j = 0; j < W; ++j) g[m++] = rows[vids[i] * W + j];
+      // 0) Read and check the row's neighbour ids once (any dtype / strides) into a dense int32 row,
+      //    so the gather below is a tight loop over trusted ids.
+      int32_t* nr = nbrow.data();
       for (int64_t h = 0; h < H; ++h) {
-        if (h + static_cast<int64_t>(kAhead) < H) {
-          const int64_t f = nb.at(i, h + kAhead);
-          if (f >= 0 && f < N) __builtin_prefetch(rows + f * W);
-        }
         const int64_t u = nb.at(i, h);
-        if (u == -1) continue;
         if (u < -1 || u >= N) {
           p.bad_i = i, p.bad_j = h, p.bad_v = u;
           return;
         }
-        const int32_t* r = rows + u * W;
+        nr[h] = static_cast<int32_t>(u);
+      }
+      for (int64_t h = 0; h < std::min(H, kRowAhead); ++h)
+        if (nr[h] >= 0) __builtin_prefetch(rows + static_cast<int64_t>(nr[h]) * W);
+      // 1) Gather the row's ids (own row, then neighbours' rows) into an L1-resident buffer,
+      //    prefetching the neighbour row kRowAhead columns ahead.
+      int32_t* g = gathered.data();
+      size_t m = 0;
+      for (int64_t j = 0; j < W; ++j) g[m++] = rows[vids[i] * W + j];
+      for (int64_t h = 0; h < H; ++h) {
+        if (h + kRowAhead < H) {
+          const int32_t f = nr[h + kRowAhead];
+          if (f >= 0) __builtin_prefetch(rows + static_cast<int64_t>(f) * W);
+        }
+        const int32_t u = nr[h];
+        if (u < 0) continue;
+        const int32_t* r = rows + static_cast<int64_t>(u) * W;
         if (W == 4) {  // K = 3, the paper's setting: a fixed-size copy the compiler inlines
           std::memcpy(g + m, r, 16);
           m += 4;
@@ -583,21 +620,24 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
           for (int64_t j = 0; j < W; ++j) g[m++] = r[j];
         }
       }
-      // 2) Keep each id's first occurrence. The stamp (or table slot) of the id kAhead positions
-      //    later is prefetched, so the random accesses overlap instead of stalling one by one.
+      // 2) Keep each id's first occurrence. The bitset word (or table slot) of the id kAhead
+      //    positions later is prefetched, so the random accesses overlap instead of stalling.
       p.ids.reserve(p.ids.size + m);
       int32_t* out = p.ids.p + p.ids.size;
       size_t cnt = 0;
-      if (direct) {
-        stamp[0] = st;  // id -1 (empty slot) always counts as seen
+      if (bitset) {
+        uint64_t* w = bits.data();
         for (size_t j = 0; j < m; ++j) {
-          if (j + kAhead < m) __builtin_prefetch(&stamp[static_cast<size_t>(g[j + kAhead] + 1)]);
+          if (j + kAhead < m) __builtin_prefetch(&w[static_cast<uint32_t>(g[j + kAhead] + 1) >> 6]);
           const int32_t id = g[j];
-          const uint32_t old = stamp[id + 1];
-          stamp[id + 1] = st;
-          out[cnt] = id;  // branch-free: advance only if the stamp was not this row's
-          cnt += old != st;
+          const uint32_t x = static_cast<uint32_t>(id + 1);
+          const uint64_t word = w[x >> 6], bit = uint64_t{1} << (x & 63);
+          w[x >> 6] = word | bit;
+          out[cnt] = id;  // branch-free: advance only if the bit was clear
+          cnt += (word & bit) == 0;
         }
+        for (size_t c = 0; c < cnt; ++c) w[static_cast<uint32_t>(out[c] + 1) >> 6] = 0;
+        w[0] = 1;
       } else {
         for (size_t j = 0; j < m; ++j) {
           if (j + kAhead < m && g[j + kAhead] >= 0) __builtin_prefetch(&tab[slot_of(g[j + kAhead])]);
@@ -624,7 +664,9 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
   L = 0;
   for (const Part& p : parts)
     for (size_t r = 0; r + 1 < p.start.size(); ++r) L = std::max<int64_t>(L, p.start[r + 1] - p.start[r]);
-  std::unique_ptr<int32_t[]> out(new int32_t[static_cast<size_t>(std::max<int64_t>(n * L, 1))]);
+  const size_t total = static_cast<size_t>(std::max<int64_t>(n * L, 1));
+  std::unique_ptr<int32_t[]> out(new int32_t[total]);
+  prefault(out.get(), total * sizeof(int32_t));
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     const Part& p = parts[t];
     for (int64_t i = b; i < e; ++i) {

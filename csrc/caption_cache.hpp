@@ -73,6 +73,8 @@ struct IndexView {
 inline constexpr int kMaxK = 1024;
 inline constexpr int64_t kMaxVideos = INT32_MAX;
 inline constexpr int64_t kMaxCaptions = INT32_MAX - 1;
+// candidates dedups with a bitset of size()/8 bytes per thread up to this many captions (8 MB).
+inline constexpr int64_t kCandidatesBitsetMax = int64_t{1} << 26;
 inline constexpr size_t kHeaderBytes = 64;
 inline constexpr char kMagic[8] = {'R', 'F', 'C', 'C', 'A', 'C', 'H', 'E'};
 inline constexpr uint32_t kFormatVersion = 1;
@@ -99,7 +101,10 @@ class CaptionCache {
   void set(const IndexView& videos, const IndexView& ids, const float* scores);
   void add_pending(const IndexView& videos, const IndexView& ids);
   // Returns the dense [n, L] matrix row-major (uninitialised allocation, every entry written) and sets L.
-  std::unique_ptr<int32_t[]> candidates(const IndexView& videos, const IndexView& neighbours, int64_t& L) const;
+  // Dedup uses a per-thread bitset over caption ids while size() <= bitset_max, else a hashed stamp
+  // table (same result; the parameter exists so the tests can exercise both paths on small caches).
+  std::unique_ptr<int32_t[]> candidates(const IndexView& videos, const IndexView& neighbours, int64_t& L,
+                                        int64_t bitset_max = kCandidatesBitsetMax) const;
   void sample(const IndexView& videos, uint64_t seed, int32_t* out) const;
 
   void snapshot_round(int64_t round);

@@ -94,7 +94,26 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from rest_fast.train.loop import train
+    from rest_fast.train.loop import RunExistsError, train
 
-    train(cfg, resume=args.resume)
+    out_given = getattr(args, "cfg__out", None) is not None or "out" in parse_key_values(list(args.overrides or []))
+    if cfg.is_demo and args.resume is None and not out_given:
+        # Running the demo again starts a new demo run beside the finished one (never over it).
+        cfg = dataclasses.replace(cfg, out=_next_free_dir(cfg.out))
+    try:
+        train(cfg, resume=args.resume)
+    except RunExistsError as exc:
+        print(f"rest-fast train: error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _next_free_dir(path: str) -> str:
+    """``path`` if it holds no run yet, else the first of ``path-2``, ``path-3``, ... that does not."""
+    from pathlib import Path
+
+    candidate, n = Path(path), 1
+    while (candidate / "state.json").exists():
+        n += 1
+        candidate = Path(f"{path}-{n}")
+    return str(candidate)
