@@ -499,24 +499,6 @@ void CaptionCache::add_pending(const IndexView& videos, const IndexView& ids) {
 }
 
 namespace {
-// Maps in (and zeroes) the pages of a large fresh heap block with one madvise call instead of one
-// page fault per 4 KB. The candidate buffers are hundreds of MB written once; taking their page faults
-// one by one (each a trap plus a page-table walk, contended across threads on the process's mm lock)
-// cost as much CPU as the whole gather and dedup. Only advice: an older kernel returns EINVAL and the
-// pages then fault in as usual. (Transparent huge pages were measured too: slower here, because
-// the kernel compacts memory to find them.)
-void prefault(void* p, size_t bytes) {
-#if defined(__linux__)
-  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, Linux >= 5.14
-  if (bytes < (size_t{1} << 20) || std::getenv("CC_NOPOP")) return;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + bytes;
-  const uintptr_t pa = (a + 4095) & ~uintptr_t{4095}, pe = e & ~uintptr_t{4095};
-  if (pe > pa) ::madvise(reinterpret_cast<void*>(pa), pe - pa, kPopulateWrite);
-#else
-  (void)p, (void)bytes;
-#endif
-}
-
 // Growable int32 buffer without zero-filling; realloc lets large blocks grow without a copy (mremap).
 struct IdBuffer {
   int32_t* p = nullptr;
@@ -532,7 +514,6 @@ struct IdBuffer {
     if (!q) throw std::bad_alloc();
     p = static_cast<int32_t*>(q);
     cap = nc;
-    prefault(p, cap * sizeof(int32_t));
   }
 };
 }  // namespace
@@ -563,7 +544,10 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
   // clearing free.
   size_t tab_size = 16;
   while (tab_size < 2 * row_max) tab_size *= 2;
-  const bool bitset = static_cast<int64_t>(C) <= bitset_max;
+  // The bitset is zeroed once per thread and call, so a call with few rows over a huge caption set
+  // takes the table instead (no more zeroing than its own gather work).
+  const bool bitset = static_cast<int64_t>(C) <= bitset_max &&
+                      (C + 1) / 64 <= std::max<size_t>(size_t{1} << 12, static_cast<size_t>(n) * row_max / T);
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     Part& p = parts[t];
     std::vector<uint64_t> bits(bitset ? (C + 1 + 63) / 64 : 0, 0);
@@ -664,9 +648,7 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
   L = 0;
   for (const Part& p : parts)
     for (size_t r = 0; r + 1 < p.start.size(); ++r) L = std::max<int64_t>(L, p.start[r + 1] - p.start[r]);
-  const size_t total = static_cast<size_t>(std::max<int64_t>(n * L, 1));
-  std::unique_ptr<int32_t[]> out(new int32_t[total]);
-  prefault(out.get(), total * sizeof(int32_t));
+  std::unique_ptr<int32_t[]> out(new int32_t[static_cast<size_t>(std::max<int64_t>(n * L, 1))]);
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     const Part& p = parts[t];
     for (int64_t i = b; i < e; ++i) {

@@ -73,8 +73,9 @@ struct IndexView {
 inline constexpr int kMaxK = 1024;
 inline constexpr int64_t kMaxVideos = INT32_MAX;
 inline constexpr int64_t kMaxCaptions = INT32_MAX - 1;
-// candidates dedups with a bitset of size()/8 bytes per thread up to this many captions (8 MB).
-inline constexpr int64_t kCandidatesBitsetMax = int64_t{1} << 26;
+// candidates dedups with a bitset of size()/8 bytes per thread up to this many captions (2 MB; measured
+// at 1M captions = 128 KB, where it is L2-resident).
+inline constexpr int64_t kCandidatesBitsetMax = int64_t{1} << 24;
 inline constexpr size_t kHeaderBytes = 64;
 inline constexpr char kMagic[8] = {'R', 'F', 'C', 'C', 'A', 'C', 'H', 'E'};
 inline constexpr uint32_t kFormatVersion = 1;

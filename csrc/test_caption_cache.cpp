@@ -188,8 +188,9 @@ static std::vector<int32_t> reference_row(const std::vector<int32_t>& rows, int6
 }
 
 static void test_candidates_paths() {
-  // 100 captions -> direct stamps; 70000 -> hashed stamp table. Both must match the reference.
-  for (int captions : {100, 70000}) {
+  // Both dedup paths (bitset over caption ids; hashed stamp table, forced by bitset_max = 0) on a small
+  // and a larger caption set must match the reference.
+  for (int captions : {100, 70000}) for (int64_t bitset_max : {kCandidatesBitsetMax, int64_t{0}}) {
     const int64_t N = 300, K = 3, W = 4, H = 25;
     CaptionCache c(N, K);
     std::vector<std::string> texts;
@@ -212,7 +213,7 @@ static void test_candidates_paths() {
       rows[v * W + K] = pend[v];
     }
     int64_t L = 0;
-    auto out = c.candidates(col(all), mat(nb, N, H), L);
+    auto out = c.candidates(col(all), mat(nb, N, H), L, bitset_max);
     bool same = true;
     for (int64_t i = 0; i < N; ++i) {
       auto ref = reference_row(rows, W, i, std::vector<int32_t>(nb.begin() + i * H, nb.begin() + (i + 1) * H));
