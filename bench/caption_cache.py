@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="rows per candidates call")
     ap.add_argument("--py-rows", type=int, default=None, help="rows for the Python class / numpy candidates")
     ap.add_argument("--no-save", action="store_true", help="do not append rows to bench/results/")
+    ap.add_argument("--only", choices=("candidates",), default=None,
+                    help="time only this operation (the caches are still built; no memory table)")
     args = ap.parse_args()
     if not cache.NATIVE_AVAILABLE:
         sys.exit(f"the native extension is not available: {cache.NATIVE_ERROR}")
@@ -162,10 +164,11 @@ def main() -> None:
 
     # intern: all captions of a cache built from scratch (a fresh cache per repetition)
     texts = make_texts(int(distinct * 1.2), distinct, rng)
-    t_py = time_fn(lambda: PyCaptionCache(1, k).intern(texts), warmup=0, min_time_s=0, max_reps=py_reps)
-    t_c = time_fn(lambda: _C.CaptionCache(1, k).intern(texts), warmup=1, min_time_s=0.5, max_reps=10)
-    add("intern", "python class", len(texts), t_py)
-    add("intern", "C++", len(texts), t_c, ref_py=t_py.median_ms)
+    if args.only is None:
+        t_py = time_fn(lambda: PyCaptionCache(1, k).intern(texts), warmup=0, min_time_s=0, max_reps=py_reps)
+        t_c = time_fn(lambda: _C.CaptionCache(1, k).intern(texts), warmup=1, min_time_s=0.5, max_reps=10)
+        add("intern", "python class", len(texts), t_py)
+        add("intern", "C++", len(texts), t_c, ref_py=t_py.median_ms)
 
     nat, py = _C.CaptionCache(n, k), PyCaptionCache(n, k)
     ids_nat, ids_py = nat.intern(texts), py.intern(texts)
@@ -226,6 +229,12 @@ def main() -> None:
     add("candidates", "C++", n, t_cand_c, ref_py=t_py_all.median_ms, ref_np=t_np_all.median_ms, note=cand_note)
     print(f"# candidates C++: {t_cand_c_row * 1e3:.2f} us/row, "
           f"{n * (h + 1) * (k + 1) / (t_cand_c.median_ms * 1e-3) / 1e9:.2f} G ids/s", flush=True)
+
+    if args.only == "candidates":
+        print(table.format())
+        if not args.no_save:
+            table.save(hw, extra={"size": f"{size}, candidates only"})
+        return
 
     # sample
     videos = np.arange(n)

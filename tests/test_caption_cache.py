@@ -413,13 +413,38 @@ def test_native_matches_python_random():
 
 @needs_native
 def test_native_matches_python_many_captions():
-    """More than 65536 captions: the native dedup switches from per-id stamps to a hashed stamp table."""
+    """70000 captions (bitset dedup over caption ids), repeated neighbours included."""
     (py, nat), ids, nb, rng = random_pair(n=200, h=30, captions=70000, seed=5)
     assert len(nat) > 65536
     videos = rng.permutation(200)
     assert np.array_equal(py.candidates(videos, nb), nat.candidates(videos, nb))
     nb_dup = np.concatenate([nb, nb[:, ::-1]], axis=1)  # every neighbour twice
     assert np.array_equal(py.candidates(videos, nb_dup), nat.candidates(videos, nb_dup))
+
+
+@needs_native
+def test_native_matches_python_hashed_dedup():
+    """Few rows over many captions: the native dedup takes the hashed stamp table instead of zeroing a
+    bitset over all caption ids (that switch depends on the call's size, so both sizes are checked)."""
+    n, k, captions = 40, 3, 300_000
+    rng = np.random.default_rng(9)
+    texts = [f"caption {i}" for i in range(captions)]
+    py, nat = PyCaptionCache(n, k), _C.CaptionCache(n, k)
+    for c in (py, nat):
+        c.intern(texts)
+    pool = rng.choice(captions, 60, replace=False)  # a small pool, so rows share many ids
+    slot = np.stack([rng.choice(pool, k, replace=False) for _ in range(n)])
+    slot[rng.random((n, k)) < 0.2] = -1
+    pend = np.where(rng.random(n) < 0.2, -1, rng.choice(pool, n))
+    for c in (py, nat):
+        c.set(np.arange(n), slot, np.ones((n, k), np.float32))
+        c.add_pending(np.arange(n), pend)
+    for rows, h in ((3, 7), (1, 300), (n, 300)):  # table, table, bitset
+        videos = rng.integers(0, n, rows)
+        nb = rng.integers(-1, n, (rows, h)).astype(np.int32)
+        nb_strided = np.asfortranarray(nb.astype(np.int64))[:, ::-1]  # non-contiguous, int64
+        for arr in (nb, nb_strided):
+            assert np.array_equal(py.candidates(videos, arr), nat.candidates(videos, arr))
 
 
 @needs_native
