@@ -115,9 +115,19 @@ def read_classes(path: str | os.PathLike) -> list[str]:
 
 def _data_set(data: str, classes: str | None, data_root: str | None) -> EvalSet:
     from rest_fast.data.index import VideoIndex
+    from rest_fast.data.shards import PreparedIndex, is_prepared_dir, register_prepared
 
     p = Path(data)
-    if p.is_dir():
+    if is_prepared_dir(p):  # `rest-fast prepare` output: captioning reads its JPEG shards
+        index = PreparedIndex.load(p)
+        register_prepared(index)
+        names = read_classes(classes) if classes is not None else list(index.class_names or [])
+        if not names:
+            raise ValueError(f"--data {data}: the prepared set has no class names; pass --classes FILE")
+        if index.labels is None:
+            raise ValueError(f"--data {data}: the prepared videos have no labels (eval needs labels)")
+        root = Path(index.info.get("source_root") or os.path.dirname(os.path.commonpath(index.paths + index.missing)))
+    elif p.is_dir():
         index = VideoIndex.from_folder(p)
         root = p
         names = list(index.class_names)
@@ -199,11 +209,11 @@ class _EvalClips(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from rest_fast.data.clip import read_clip
         from rest_fast.data.decode import VideoDecodeError
+        from rest_fast.data.shards import read_clip_any  # a registered prepared set's paths read its shards
 
         try:
-            return i, read_clip(self.paths[i], self.num_frames, size=self.size, train=False), None
+            return i, read_clip_any(self.paths[i], self.num_frames, size=self.size, train=False), None
         except VideoDecodeError as exc:
             return i, None, exc.reason
         except (OSError, ValueError) as exc:  # e.g. a directory or a permission problem: report, go on

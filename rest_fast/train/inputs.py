@@ -39,8 +39,13 @@ def build_index(data: str, data_root: str | None):
     Missing files of a list are dropped and reported as bad files (they count toward the threshold).
     """
     from rest_fast.data.index import VideoIndex
+    from rest_fast.data.shards import PreparedIndex, is_prepared_dir, register_prepared
 
     p = Path(data)
+    if is_prepared_dir(p):  # `rest-fast prepare` output: clips come from its JPEG shards
+        index = PreparedIndex.load(p)
+        register_prepared(index)
+        return index
     if p.is_dir():
         return VideoIndex.from_folder(p)
     if p.is_file():
@@ -133,8 +138,8 @@ class Inputs:
         if clip.image_size[0] != clip.image_size[1]:
             raise ValueError(f"CLIP image_size must be square, got {clip.image_size}")
         self.bad_files = BadFilesReport()
-        for p in index.missing:
-            self.bad_files.add(p, "missing file")
+        for p in index.missing:  # a prepared dir lists the videos prepare could not decode, with why
+            self.bad_files.add(p, getattr(index, "bad_reasons", {}).get(p, "missing file"))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -145,9 +150,9 @@ class Inputs:
 
     def _loader(self, index, *, train: bool, size: int, mean, std, batch_size: int, shuffle: bool = False,
                 rank: int = 0, world_size: int = 1):
-        from rest_fast.data.loader import PyAVClipLoader
+        from rest_fast.data.shards import make_clip_loader  # shard reader for a prepared dir, else PyAV
 
-        return PyAVClipLoader(index, batch_size=batch_size, mean=mean, std=std, num_frames=self.cfg.num_frames,
+        return make_clip_loader(index, batch_size=batch_size, mean=mean, std=std, num_frames=self.cfg.num_frames,
                               size=size, train=train, seed=self.cfg.seed, device=self.env.device,
                               num_workers=self.cfg.num_workers, shuffle=shuffle, drop_last=False,
                               max_bad_fraction=self.cfg.bad_files_threshold, rank=rank, world_size=world_size)
@@ -211,9 +216,9 @@ class Inputs:
 
     def frame_strip(self, i: int, size: int = 96) -> np.ndarray:
         """uint8 [T, size, size, 3]: the un-augmented frames of video ``i`` (for the report)."""
-        from rest_fast.data.clip import read_clip
+        from rest_fast.data.shards import read_clip_any
 
-        return read_clip(self.paths[i], self.cfg.num_frames, size=size).numpy()
+        return read_clip_any(self.paths[i], self.cfg.num_frames, size=size).numpy()
 
     def write_bad_files(self, run_dir: str | Path) -> None:
         """Write ``bad_files.tsv``/``.json`` with every rank's records (all ranks call this; rank 0 writes)."""
