@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from rest_fast.atomic_io import atomic_write_text
 
 __all__ = ["BadFilesReport", "TooManyBadFiles"]
 
@@ -70,8 +71,5 @@ class BadFilesReport:
             f"{p}\t{r.replace(chr(9), ' ').replace(chr(10), ' ')}\t{c}\n" for p, r, c in rows)
         js = json.dumps([{"path": p, "reason": r, "count": c} for p, r, c in rows], indent=1)
         for name, text in (("bad_files.tsv", tsv), ("bad_files.json", js)):
-            fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, run_dir / name)
+            atomic_write_text(run_dir / name, text)
         return run_dir / "bad_files.tsv"

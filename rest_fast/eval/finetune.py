@@ -224,6 +224,7 @@ def run_finetune(args) -> int:
 
 
 def _run_finetune(args) -> int:
+    from rest_fast.atomic_io import atomic_write_json, atomic_write_text
     from rest_fast.data.bad_files import TooManyBadFiles
     from rest_fast.eval.checkpoint import (
         CheckpointError,
@@ -236,7 +237,6 @@ def _run_finetune(args) -> int:
     )
     from rest_fast.eval.matchers import get_matcher
     from rest_fast.eval.run import _device, _settings, evaluate_model
-    from rest_fast.train.rundir import atomic_write_json, atomic_write_text
 
     try:
         plan = _plan(args)

@@ -273,7 +273,7 @@ def caption_videos(model, paths: Sequence[str], *, num_frames: int, size: int, m
 
 # ------------------------------------------------------------------------------------------- evaluation
 def _atomic_text(path: Path, text: str) -> None:
-    from rest_fast.train.rundir import atomic_write_text
+    from rest_fast.atomic_io import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -377,7 +377,7 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
         results["summary"][name] = summary
     table = format_table(results)
     if out_dir is not None:
-        from rest_fast.train.rundir import atomic_write_json
+        from rest_fast.atomic_io import atomic_write_json
 
         atomic_write_json(out_dir / "results.json", results)
         _atomic_text(out_dir / "table.md", table)

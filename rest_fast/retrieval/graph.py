@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rest_fast.atomic_io import atomic_open, atomic_write_text
 from rest_fast.ops.topk import topk_similarity
 
 __all__ = ["NeighbourGraph", "feature_hash", "cap_neighbours"]
@@ -65,29 +65,8 @@ def cap_neighbours(k: int, n: int, *, exclude_self: bool = True, warn: bool = Tr
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.save(f, array)
 
 
 @dataclass
@@ -152,7 +131,7 @@ class NeighbourGraph:
         _atomic_save_npy(root / names["scores"], self.scores.cpu().numpy().astype(np.float32, copy=False))
         meta = {"format": _FORMAT, "n": self.n, "k": self.k, "exclude_self": self.exclude_self,
                 "feature_hash": self.feature_hash, **names}
-        _atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(root / "meta.json", json.dumps(meta, indent=1))
         for f in [*root.glob("indices-*.npy"), *root.glob("scores-*.npy")]:  # superseded graphs
             if f.name not in names.values():
                 f.unlink(missing_ok=True)

@@ -43,6 +43,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from rest_fast.atomic_io import atomic_write_text
+
 FORMAT = "rest_fast.shards"
 VERSION = 1
 ENTRY_FIELDS = ("id", "key", "path", "label", "shard", "offset", "size", "frames", "num_decoded", "height", "width")
@@ -63,15 +65,6 @@ def parse_size(text: str | int) -> int:
     if n < 1:
         raise ValueError(f"shard_size must be positive, got {text!r}")
     return n
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- one video
@@ -298,7 +291,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
             raise ValueError(f"{out} holds a prepare run with other settings ({', '.join(diff)} differ); "
                              "use another --out or delete it")
     else:
-        _atomic_write(sfile, json.dumps(settings, indent=1))
+        atomic_write_text(sfile, json.dumps(settings, indent=1))
 
     mfile = out / "manifest.json"
     manifest = json.loads(mfile.read_text()) if mfile.exists() else {"shards": [], "bad": [], "next": 0}
@@ -335,14 +328,14 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
             nonlocal writer
             if writer is not None:
                 writer.commit()
-                _atomic_write(out / writer.name.replace(".tar", ".json"),
+                atomic_write_text(out / writer.name.replace(".tar", ".json"),
                               "".join(json.dumps(e) + "\n" for e in writer.entries))
                 manifest["shards"].append({"name": writer.name, "videos": len(writer.entries), "bytes": writer.bytes})
                 writer = None
             manifest["bad"].extend(pending_bad)
             pending_bad.clear()
             manifest["next"] = nxt
-            _atomic_write(mfile, json.dumps(manifest))
+            atomic_write_text(mfile, json.dumps(manifest))
 
         pool = mp.get_context("fork").Pool(nworkers, initializer=_init_worker) if nworkers > 0 else None
         try:
@@ -385,7 +378,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
         lines = []
         for s in manifest["shards"]:
             lines.append((out / s["name"].replace(".tar", ".json")).read_text())
-        _atomic_write(out / "index.jsonl", "".join(lines))
+        atomic_write_text(out / "index.jsonl", "".join(lines))
         report = BadFilesReport()
         for p in index.missing:
             report.add(p, "missing file")
@@ -398,7 +391,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
                 "source_root": source_root,
                 "shards": [s["name"] for s in manifest["shards"]],
                 "bytes": sum(s["bytes"] for s in manifest["shards"])}
-        _atomic_write(done_marker, json.dumps(info, indent=1))
+        atomic_write_text(done_marker, json.dumps(info, indent=1))
     info = json.loads(done_marker.read_text())
     return PrepareResult(out, info["num_videos"], info["num_bad"], info["num_shards"], time.perf_counter() - t0,
                          start, decoded_now)
