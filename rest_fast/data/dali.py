@@ -33,7 +33,7 @@ from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, probe_video, sample_indices
 from rest_fast.data.index import VideoIndex
-from rest_fast.data.loader import ClipBatch, _EpochSampler, resample_index, sample_seed
+from rest_fast.data.loader import ClipBatch, _EpochSampler, _LoaderBase, resample_index, sample_seed
 
 __all__ = ["DALIClipLoader", "dali_available"]
 
@@ -82,7 +82,7 @@ def build_pipeline(*, batch_size: int, size: int, mean: Sequence[float], std: Se
     return p
 
 
-class DALIClipLoader:
+class DALIClipLoader(_LoaderBase):
     """Same contract as :class:`~rest_fast.data.PyAVClipLoader` (float [B, T, 3, S, S] on ``device``,
     ``ClipBatch``, ``set_epoch``, ``bad_files``, ``max_bad_fraction``), decoded by DALI.
 
@@ -120,19 +120,9 @@ class DALIClipLoader:
                                    device_id=device_id if decoder_device == "mixed" else None,
                                    num_threads=num_threads)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = int(epoch)
-
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _check_bad(self) -> None:
-        total = len(self.index) + len(self.index.missing)
-        if len(self.bad_files) > self.max_bad_fraction * total:
-            raise TooManyBadFiles(
-                f"{len(self.bad_files)} of {total} files are bad (> max_bad_fraction={self.max_bad_fraction}); "
-                f"{self.bad_files.summary()}")
 
     def prepare(self, epoch: int, entry: int):
         """(entry read, label, frame indices, params, file bytes) for one sample, with bad-file resampling."""

@@ -125,7 +125,22 @@ def _collate(items):
     }
 
 
-class PyAVClipLoader:
+class _LoaderBase:
+    """What every clip loader shares (PyAV, DALI, prepared shards): the epoch its sampler draws for, and the
+    bad-files threshold. Subclasses set ``index``, ``sampler``, ``bad_files`` and ``max_bad_fraction``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = int(epoch)
+
+    def _check_bad(self) -> None:
+        total = len(self.index) + len(self.index.missing)
+        if len(self.bad_files) > self.max_bad_fraction * total:
+            raise TooManyBadFiles(
+                f"{len(self.bad_files)} of {total} files are bad (> max_bad_fraction={self.max_bad_fraction}); "
+                f"{self.bad_files.summary()}")
+
+
+class PyAVClipLoader(_LoaderBase):
     """Batches of normalised clips decoded by PyAV in DataLoader worker processes.
 
     Args:
@@ -175,18 +190,8 @@ class PyAVClipLoader:
                                   collate_fn=_collate, drop_last=train if drop_last is None else drop_last,
                                   pin_memory=self.device.type == "cuda", **kw)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = int(epoch)
-
     def __len__(self) -> int:
         return len(self._loader)
-
-    def _check_bad(self) -> None:
-        total = len(self.index) + len(self.index.missing)
-        if len(self.bad_files) > self.max_bad_fraction * total:
-            raise TooManyBadFiles(
-                f"{len(self.bad_files)} of {total} files are bad (> max_bad_fraction={self.max_bad_fraction}); "
-                f"{self.bad_files.summary()}")
 
     def __iter__(self):
         self._check_bad()

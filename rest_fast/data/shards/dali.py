@@ -33,7 +33,14 @@ from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, sample_indices
-from rest_fast.data.loader import ClipBatch, _EpochSampler, normalize_clips, resample_index, sample_seed
+from rest_fast.data.loader import (
+    ClipBatch,
+    _EpochSampler,
+    _LoaderBase,
+    normalize_clips,
+    resample_index,
+    sample_seed,
+)
 
 from .reader import PreparedIndex, read_sample
 
@@ -88,7 +95,7 @@ def build_shard_pipeline(*, batch_size: int, size: int, decoder_device: str = "m
     return p
 
 
-class DALIShardLoader:
+class DALIShardLoader(_LoaderBase):
     """Same constructor and :class:`~rest_fast.data.ClipBatch` as
     :class:`~rest_fast.data.shards.ShardClipLoader` (random-access order from the epoch sampler), decoded
     by DALI. Extra args: ``decoder_device`` ("mixed" = nvJPEG, default when CUDA is available, else
@@ -142,21 +149,11 @@ class DALIShardLoader:
         self._pipe_args = dict(size=size, decoder_device=decoder_device,
                                device_id=device_id if decoder_device == "mixed" else None, num_threads=num_threads)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = int(epoch)
-
     def __len__(self) -> int:
         n = len(self.sampler)
         if self.stream:
             n = len(self.index) * (self.rank + 1) // self.world_size - len(self.index) * self.rank // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _check_bad(self) -> None:
-        total = len(self.index) + len(self.index.missing)
-        if len(self.bad_files) > self.max_bad_fraction * total:
-            raise TooManyBadFiles(
-                f"{len(self.bad_files)} of {total} files are bad (> max_bad_fraction={self.max_bad_fraction}); "
-                f"{self.bad_files.summary()}")
 
     def sample(self, epoch: int, entry: int):
         """(entry read, label, source frame indices, params, T JPEG byte arrays), with resampling."""

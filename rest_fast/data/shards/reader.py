@@ -46,6 +46,7 @@ from rest_fast.data.loader import (
     ClipBatch,
     _collate,
     _EpochSampler,
+    _LoaderBase,
     normalize_clips,
     resample_index,
     sample_seed,
@@ -355,7 +356,7 @@ class ShardStreamDataset(IterableDataset):
             yield buf.pop(int(rng.integers(len(buf))))
 
 
-class ShardClipLoader:
+class ShardClipLoader(_LoaderBase):
     """Batches from a prepared directory, with the constructor and batches of
     :class:`rest_fast.data.PyAVClipLoader` (``index`` may be a :class:`PreparedIndex` or its directory).
 
@@ -413,18 +414,8 @@ class ShardClipLoader:
                                       num_workers=num_workers, collate_fn=_collate_params,
                                       drop_last=train if drop_last is None else drop_last, pin_memory=pin, **kw)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = int(epoch)
-
     def __len__(self) -> int:
         return len(self._loader)
-
-    def _check_bad(self) -> None:
-        total = len(self.index) + len(self.index.missing)
-        if len(self.bad_files) > self.max_bad_fraction * total:
-            raise TooManyBadFiles(
-                f"{len(self.bad_files)} of {total} files are bad (> max_bad_fraction={self.max_bad_fraction}); "
-                f"{self.bad_files.summary()}")
 
     def __iter__(self):
         self._check_bad()
