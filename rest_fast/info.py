@@ -34,6 +34,14 @@ def collect() -> dict[str, object]:
         info[name] = _version(name)
     info["triton interpreter (TRITON_INTERPRET)"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
     try:
+        from rest_fast.ops._dispatch import KERNEL_IMPORT_ERRORS, load_kernels
+
+        for name in ("dwconv3d", "topk", "rerank"):
+            ok = load_kernels(name) is not None
+            info[f"kernels.{name}"] = "importable" if ok else f"not importable: {KERNEL_IMPORT_ERRORS.get(name)}"
+    except Exception as exc:  # noqa: BLE001
+        info["kernels"] = f"unknown ({exc})"
+    try:
         import torch
 
         if torch.cuda.is_available():

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rest_fast.ops._dispatch import triton_interpret, use_triton
+from rest_fast.ops._dispatch import load_kernels, next_pow2, triton_interpret, use_triton
 
 __all__ = [
     "temporal_dwconv3d",
@@ -141,27 +141,13 @@ def temporal_dwconv3d_backward_ref(dy: Tensor, x: Tensor, weight: Tensor, *,
 # ----------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    """Import the Triton kernels once; ``None`` (with the error kept) when Triton is unusable."""
-    try:
-        from rest_fast.kernels import dwconv3d as k
-    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton path"
-        _IMPORT_ERROR.append(repr(e))
-        return None
-    return k
-
-
-_IMPORT_ERROR: list[str] = []
+    return load_kernels("dwconv3d")
 
 
 def triton_available() -> bool:
-    """Whether the Triton kernels import; if not, :data:`_IMPORT_ERROR` says why and the reference serves."""
+    """Whether the Triton kernels import; if not, ``KERNEL_IMPORT_ERRORS`` says why and the reference serves."""
     return _kernels() is not None
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _needs_int64(*tensors: Tensor) -> bool:
@@ -189,7 +175,7 @@ def _fwd_configs():
 
 def _prune_fwd(configs, named_args, **kwargs):
     # A channel tile much wider than C only burns masked lanes.
-    cap = max(32, _next_pow2(int(named_args["C"])))
+    cap = max(32, next_pow2(int(named_args["C"])))
     kept = [c for c in configs if c.kwargs["BLOCK_C"] <= cap]
     return kept or configs[:1]
 
@@ -205,7 +191,7 @@ def _fwd_autotuned():
 
 def _interp_block_c(C: int) -> int:
     # The interpreter costs per op, not per element: large tiles, few programs.
-    return min(64, max(16, _next_pow2(C)))
+    return min(64, max(16, next_pow2(C)))
 
 
 def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: bool = False,
@@ -242,7 +228,7 @@ def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, resid
         _fwd_autotuned()[grid](*args, **flags)
         return y
     if block_c is None:
-        block_c = _interp_block_c(C) if x.device.type != "cuda" else min(64, max(32, _next_pow2(C)))
+        block_c = _interp_block_c(C) if x.device.type != "cuda" else min(64, max(32, next_pow2(C)))
     if block_c > _MAX_BLOCK_C:
         raise ValueError(f"block_c={block_c} exceeds the weight padding {_MAX_BLOCK_C}")
     if block_p is None:
@@ -264,7 +250,7 @@ def _bwd_w_config(C: int, taps_p2: int, device: torch.device) -> tuple[int, int,
     # `bench/dwconv.py --sweep` times the alternatives.
     num_warps = 4
     per_cta = 64 * 32 * num_warps
-    block_c = min(64, max(16, _next_pow2(C)))
+    block_c = min(64, max(16, next_pow2(C)))
     while taps_p2 * block_c > per_cta and block_c > 16:
         block_c //= 2
     block_p = max(1, per_cta // (taps_p2 * block_c))
@@ -298,7 +284,7 @@ def dwconv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, *, residual: bool = Fals
     if N == 0 or C == 0:
         return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format), weight.new_zeros((C,))
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    taps_p2 = _next_pow2(taps)
+    taps_p2 = next_pow2(taps)
     bp, bc, progs, nw = _bwd_w_config(C, taps_p2, x.device)
     bp, bc, progs, nw = block_p or bp, block_c or bc, programs or progs, num_warps or nw
     n_blocks = -(-N // bp)

@@ -17,12 +17,10 @@ candidates are padded with score ``-inf`` and id ``-1``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from rest_fast.ops._dispatch import use_triton
+from rest_fast.ops._dispatch import kernels_unavailable, load_kernels, next_pow2, use_triton
 from rest_fast.ops.topk import _KEY_MIN, pack_keys, unpack_indices, unpack_scores
 
 __all__ = ["rerank_captions", "rerank_captions_ref", "rerank_captions_triton", "MAX_TRITON_K"]
@@ -113,21 +111,8 @@ def rerank_captions_ref(video_feats: Tensor, caption_feats: Tensor, candidates: 
     return out_s, out_i
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    try:
-        from rest_fast.kernels import rerank as kern
-    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton path"
-        _IMPORT_ERROR.append(repr(e))
-        return None
-    return kern
-
-
-_IMPORT_ERROR: list[str] = []
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    return load_kernels("rerank")
 
 
 def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
@@ -138,7 +123,7 @@ def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidate
         raise ValueError(f"k={k} exceeds the Triton kernel's limit {MAX_TRITON_K}; use rerank_captions_ref")
     kern = _kernels()
     if kern is None:
-        raise RuntimeError(f"Triton kernels unavailable: {_IMPORT_ERROR}")
+        raise kernels_unavailable("rerank")
     N, L = candidates.shape
     D = video_feats.shape[1]
     dev = video_feats.device
@@ -147,14 +132,14 @@ def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidate
     if N == 0:
         return out_s, out_i
     if dev.type == "cuda":
-        BL, BD, warps = 64, min(128, max(16, _next_pow2(D))), 4
+        BL, BD, warps = 64, min(128, max(16, next_pow2(D))), 4
     else:  # interpreter: cost per op, so few large chunks
-        BL, BD, warps = min(1024, max(16, _next_pow2(L))), min(256, max(16, _next_pow2(D))), 4
+        BL, BD, warps = min(1024, max(16, next_pow2(L))), min(256, max(16, next_pow2(D))), 4
     kern.rerank_kernel[(N,)](
         video_feats, caption_feats, candidates, out_s, out_i, L, D, caption_feats.shape[0],
         video_feats.stride(0), video_feats.stride(1), caption_feats.stride(0), caption_feats.stride(1),
         candidates.stride(0), candidates.stride(1),
-        K=k, KP=max(2, _next_pow2(k)), BL=BL, BD=BD, num_warps=warps)
+        K=k, KP=max(2, next_pow2(k)), BL=BL, BD=BD, num_warps=warps)
     return out_s, out_i
 
 

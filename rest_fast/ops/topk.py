@@ -45,13 +45,12 @@ current k-th best), ``torch.topk`` only on the block's survivors, and packed-key
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from rest_fast.ops._dispatch import use_triton
+from rest_fast.ops._dispatch import kernels_unavailable, load_kernels, next_pow2, use_triton
 
 try:  # triton is optional at import time: the reference serves without it
     import triton
@@ -260,27 +259,13 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
 # ----------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    """Import the Triton kernels once; ``None`` (with the error kept) when Triton is unusable."""
-    try:
-        from rest_fast.kernels import topk as kern
-    except Exception as e:  # noqa: BLE001 - any import failure means "no Triton path"
-        _IMPORT_ERROR.append(repr(e))
-        return None
-    return kern
-
-
-_IMPORT_ERROR: list[str] = []
+    return load_kernels("topk")
 
 
 def triton_available() -> bool:
-    """Whether the Triton kernels import; if not, :data:`_IMPORT_ERROR` says why and the reference serves."""
+    """Whether the Triton kernels import; if not, ``KERNEL_IMPORT_ERRORS`` says why and the reference serves."""
     return _kernels() is not None
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _plan(N: int, k: int, sample_fraction: float) -> tuple[int, int, int, int]:
@@ -305,7 +290,7 @@ def _tiles(device: torch.device, D: int) -> dict:
     if device.type == "cuda":
         return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, BG=64)
     # Interpreter: cost is per op, so few large tiles.
-    return dict(BM=64, BN=64, BK=min(128, max(16, _next_pow2(D))), GROUP_M=4, num_warps=4, num_stages=1, BG=64)
+    return dict(BM=64, BN=64, BK=min(128, max(16, next_pow2(D))), GROUP_M=4, num_warps=4, num_stages=1, BG=64)
 
 
 def _filter_select(kern, q: Tensor, keys: Tensor, ex: Tensor | None, tau: Tensor, k: int, cap: int,
@@ -346,7 +331,7 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
     exclude = _check_inputs(queries, keys, k, exclude)
     kern = _kernels()
     if kern is None:
-        raise RuntimeError(f"Triton kernels unavailable: {_IMPORT_ERROR}")
+        raise kernels_unavailable("topk")
     M, D = queries.shape
     N = keys.shape[0]
     dev = queries.device
