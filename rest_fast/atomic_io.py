@@ -32,12 +32,16 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO]:
-    """``with atomic_open(p) as f: f.write(...)``: ``p`` appears complete when the block exits normally."""
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
+                make_parents: bool = True) -> Iterator[IO]:
+    """``with atomic_open(p) as f: f.write(...)``: ``p`` appears complete when the block exits normally.
+
+    ``make_parents=False`` makes a missing parent folder an error (``FileNotFoundError``) instead."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:

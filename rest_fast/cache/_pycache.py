@@ -10,15 +10,14 @@ from __future__ import annotations
 import operator
 import os
 import threading
-from itertools import count
 
 import numpy as np
 
+from rest_fast.atomic_io import atomic_open
 from rest_fast.cache import _format
 
 _MASK64 = (1 << 64) - 1
 _INT64_MAX = (1 << 63) - 1
-_tmp_counter = count()
 
 
 def normalize_caption(text: str) -> str:
@@ -305,32 +304,10 @@ class PyCaptionCache:
         path = os.fsdecode(os.fspath(path))
         with self._lock:
             header, pieces = _format.pack(self._state())
-        tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_counter)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            with os.fdopen(fd, "wb", closefd=True) as f:
-                f.write(header)
-                for p in pieces:
-                    f.write(p)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:  # make the rename durable (best effort: not every file system can fsync a directory)
-            dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        with atomic_open(path, "wb", make_parents=False) as f:
+            f.write(header)
+            for p in pieces:
+                f.write(p)
 
     @classmethod
     def load(cls, path, mmap: bool = False) -> PyCaptionCache:
