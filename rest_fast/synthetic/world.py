@@ -10,16 +10,17 @@ frame embeddings) can still see. The action names are the phrases the captions u
 action                 what the frames do (phase and amplitude drawn per clip)
 =====================  ===============================================================================
 standing still         nothing changes
-spinning               the shape turns through one period of its symmetry over the clip
 blinking               the shape alternates between full colour and nearly faded into the background
 changing colour        the shape alternates between its colour and another colour of the palette
+changing shape         the shape alternates between its shape and another shape
 sliding sideways       the shape moves back and forth horizontally
 sliding up and down    the shape moves back and forth vertically
+sliding diagonally     the shape moves back and forth along a diagonal
 pulsing                the shape alternates between small and large
-shaking                the shape jumps by 2.5-4 pixels in random diagonal directions
 =====================  ===============================================================================
 
-Two extra **order-dependent** actions (``moving left``/``moving right``, ``growing``/``shrinking``) exist for the test
+``spinning`` and ``shaking`` (:data:`EXTRA_ACTIONS`) are drawn too but left out of the demo. Two extra
+**order-dependent** actions (``moving left``/``moving right``, ``growing``/``shrinking``) exist for the test
 that the temporal adapters learn time: their frame *sets* are the same in both directions, only the order differs.
 
 :func:`web_corpus` is the disjoint "web" data the demo models are pretrained on: clips with captions drawn from
@@ -34,8 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ACTIONS: tuple[str, ...] = ("standing still", "spinning", "blinking", "changing colour", "sliding sideways",
-                            "sliding up and down", "pulsing", "shaking")
+ACTIONS: tuple[str, ...] = ("standing still", "blinking", "changing colour", "changing shape", "sliding sideways",
+                            "sliding up and down", "sliding diagonally", "pulsing")
+# Subtler actions the renderer also draws (not in the demo: the tiny demo CLIP confuses them with standing still).
+EXTRA_ACTIONS: tuple[str, ...] = ("spinning", "shaking")
 ORDERED_ACTIONS: tuple[str, ...] = ("moving left", "moving right", "growing", "shrinking")
 SHAPES: tuple[str, ...] = ("square", "triangle", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -60,7 +63,7 @@ def vocabulary() -> list[str]:
     """Every word the world's captions use (the demo models' vocabularies are built from it)."""
     words: list[str] = []
     texts = [t.format(o=f"{c} {s}", a=a) for t in TEMPLATES + ACTION_ONLY_TEMPLATES
-             for c in COLOURS for s in SHAPES for a in ACTIONS + ORDERED_ACTIONS]
+             for c in COLOURS for s in SHAPES for a in ACTIONS + EXTRA_ACTIONS + ORDERED_ACTIONS]
     texts.append("a video of")
     for t in texts:
         for w in t.split():
@@ -112,6 +115,7 @@ def _states(spec: ClipSpec, rng: np.random.Generator, T: int, size: int) -> list
     base = np.asarray(COLOURS[spec.colour], dtype=np.float64)
     others = [c for c in COLOURS if c != spec.colour]
     other = np.asarray(COLOURS[others[int(rng.integers(len(others)))]], dtype=np.float64)
+    other_shape = [x for x in SHAPES if x != spec.shape][int(rng.integers(len(SHAPES) - 1))]
     phase = int(rng.integers(2))  # which of the two alternating states comes first
     sign = 1.0 if rng.random() < 0.5 else -1.0
     amp = size * float(rng.uniform(0.17, 0.22))  # half the sliding distance
@@ -119,7 +123,7 @@ def _states(spec: ClipSpec, rng: np.random.Generator, T: int, size: int) -> list
     for t in range(T):
         u = t / max(T - 1, 1)  # 0 → 1 over the clip
         alt = (t + phase) % 2  # 0, 1, 0, 1 ... (or 1, 0, ...)
-        s = {"x": cx0, "y": cy0, "r": r0, "angle": angle0, "colour": base, "opacity": 1.0}
+        s = {"x": cx0, "y": cy0, "r": r0, "angle": angle0, "colour": base, "opacity": 1.0, "shape": spec.shape}
         a = spec.action
         if a == "standing still":
             pass
@@ -133,6 +137,11 @@ def _states(spec: ClipSpec, rng: np.random.Generator, T: int, size: int) -> list
             s["x"] = size / 2 + amp * (1.0 if alt == 0 else -1.0) * sign
         elif a == "sliding up and down":
             s["y"] = size / 2 + amp * (1.0 if alt == 0 else -1.0) * sign
+        elif a == "sliding diagonally":  # down-right/up-left or down-left/up-right
+            d = 0.75 * amp * (1.0 if alt == 0 else -1.0)
+            s["x"], s["y"] = size / 2 + d, size / 2 + d * sign
+        elif a == "changing shape":
+            s["shape"] = spec.shape if alt == 0 else other_shape
         elif a == "pulsing":
             s["r"] = r0 * (1.4 if alt == 0 else 0.65)
         elif a == "shaking":
@@ -145,7 +154,7 @@ def _states(spec: ClipSpec, rng: np.random.Generator, T: int, size: int) -> list
             g = u if a == "growing" else 1.0 - u
             s["r"] = r0 * (0.6 + 0.9 * g)
         else:
-            raise ValueError(f"unknown action {a!r}; expected one of {ACTIONS + ORDERED_ACTIONS}")
+            raise ValueError(f"unknown action {a!r}; expected one of {ACTIONS + EXTRA_ACTIONS + ORDERED_ACTIONS}")
         out.append(s)
     return out
 
@@ -167,7 +176,7 @@ def render_clip(spec: ClipSpec, rng: np.random.Generator, *, frames: int = 4, si
     for t, s in enumerate(states):
         col = bg + s["opacity"] * (s["colour"] - bg)
         img = Image.new("RGB", (size * scale, size * scale), tuple(int(v) for v in bg))
-        poly = _polygon(spec.shape, s["x"] * scale, s["y"] * scale, s["r"] * scale, s["angle"])
+        poly = _polygon(s["shape"], s["x"] * scale, s["y"] * scale, s["r"] * scale, s["angle"])
         ImageDraw.Draw(img).polygon(poly, fill=tuple(int(round(v)) for v in col))
         frame = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float64)
         frame = frame + rng.normal(0.0, noise, size=frame.shape)

@@ -21,8 +21,8 @@ from rest_fast.synthetic.video import write_video  # noqa: F401 - re-exported (t
 
 DEMO_NOTICE = (
     "DEMO: a synthetic world of 32x32 clips, one coloured shape (square, triangle or cross; red, green, blue or "
-    "yellow) doing one of 8 actions (standing still, spinning, blinking, changing colour, sliding sideways, "
-    "sliding up and down, pulsing, shaking) that only the set of frames reveals. The captioner is a tiny BLIP "
+    "yellow) doing one of 8 actions (standing still, blinking, changing colour, changing shape, sliding sideways, "
+    "sliding up and down, sliding diagonally, pulsing) that only the set of frames reveals. The captioner is a tiny BLIP "
     "pretrained on single web frames: it names the object but can only guess the action. The frozen CLIP is a "
     "tiny CLIP pretrained on web clips: it knows the actions. REST never sees a label. Accuracy is CLIP-TAM "
     "top-1 over the 8 action names (chance 12.5%): tam_initial_top1 = the frame captioner on the middle frame "

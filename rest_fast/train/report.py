@@ -215,12 +215,12 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
                 cells.append(f"<td>{e(str(v))}</td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</table>")
-    for p in plots:
-        parts.append(f"<img src='plots/{e(p.name)}' style='max-width:100%'>")
+    for p in sorted(plots, key=lambda p: p.name != "accuracy.png"):  # the accuracy plot first
+        parts.append(f"<img src='plots/{e(p.name)}' style='max-width:100%;height:260px'>")
     if rounds:
         first = rounds[min(rounds)]
         n_show = min(max_videos, len(first))
-        parts.append(f"<h2>Caption evolution ({n_show} of {len(first)} videos)</h2>")
+        parts.append(f"<h2 id='videos'>Caption evolution ({n_show} of {len(first)} videos)</h2>")
         frames_dir = run / "plots" / "frames"
         initial = _initial(run)
         for i in range(n_show):
