@@ -52,8 +52,8 @@ def _train_and_score(adapter_layers, train, test) -> tuple[float, list[float]]:
     torch.manual_seed(0)
     model = GARModel.from_pretrained(src, num_frames=T, adapter_layers=adapter_layers)
     names = [world.folder_name(a) for a in world.ORDERED_ACTIONS]
-    records, _ = finetune(model, train, names, mean=mean, std=std, num_frames=T, image_size=SIZE, epochs=12,
-                          lr=2e-3, lr_min=1e-5, batch_size=16, augment=False,  # a flip would swap left and right
+    records, _ = finetune(model, train, names, mean=mean, std=std, num_frames=T, image_size=SIZE, epochs=40,
+                          lr=3e-3, lr_min=1e-5, batch_size=8, augment=False,  # a flip would swap left and right
                           label_smoothing=0.1, seed=0, progress=False)
     return _accuracy(model, test, class_captions(names), mean, std), [r["loss"] for r in records]
 
