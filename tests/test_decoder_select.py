@@ -1,0 +1,144 @@
+"""--decoder auto|dali|pyav: the selection logic and its reasons (DALI present or absent, CUDA present or
+absent, all simulated on CPU), validation, the worker-count defaults, and which loader each choice builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import video_fixtures as vf
+
+from rest_fast.data import select, workers
+from rest_fast.data.select import choose_decoder, validate_decoder
+
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+
+
+def _fake(monkeypatch, *, cuda: bool, dali: bool):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    status = (True, "nvidia-dali 9.9.9") if dali else (
+        False, "nvidia-dali is not importable (ModuleNotFoundError: No module named 'nvidia.dali')")
+    monkeypatch.setattr(select, "dali_status", lambda: status)
+
+
+def test_validate_decoder():
+    assert validate_decoder(" DALI ") == "dali"
+    with pytest.raises(ValueError, match=r"^decoder must be one of auto, dali, pyav; got 'nvdec'$"):
+        validate_decoder("nvdec")
+
+
+def test_auto_without_dali_falls_back_with_the_reason(monkeypatch):
+    _fake(monkeypatch, cuda=True, dali=False)
+    c = choose_decoder("auto", "cuda:0")
+    assert c.name == "pyav" and c.device_id is None
+    assert c.reason.startswith("auto: nvidia-dali is not importable (ModuleNotFoundError")
+    assert "CPU path" in c.reason
+
+
+def test_auto_without_cuda_falls_back_with_the_reason(monkeypatch):
+    _fake(monkeypatch, cuda=False, dali=True)
+    c = choose_decoder("auto", "cpu")
+    assert (c.name, c.device_id) == ("pyav", None)
+    assert c.reason == "auto: no CUDA device, so the CPU path (PyAV / CPU shard reader)"
+    _fake(monkeypatch, cuda=True, dali=True)  # a CPU run on a GPU machine also stays on the CPU path
+    assert choose_decoder("auto", "cpu").reason.startswith("auto: the run computes on cpu")
+
+
+def test_auto_with_cuda_and_dali_picks_dali_on_the_ranks_gpu(monkeypatch):
+    _fake(monkeypatch, cuda=True, dali=True)
+    c = choose_decoder("auto", "cuda:3")
+    assert (c.name, c.device_id) == ("dali", 3)
+    assert c.reason == "auto: CUDA device cuda:3 and nvidia-dali 9.9.9 present (NVDEC / nvJPEG)"
+    assert choose_decoder("auto", None).device_id == 0  # device "auto": the current CUDA device
+
+
+def test_explicit_choices(monkeypatch):
+    _fake(monkeypatch, cuda=True, dali=True)
+    assert choose_decoder("pyav", "cuda:1").name == "pyav"
+    assert choose_decoder("dali", "cuda:1") == ("dali", choose_decoder("dali", "cuda:1").reason, 1)
+    _fake(monkeypatch, cuda=False, dali=True)
+    c = choose_decoder("dali", "cpu")
+    assert (c.name, c.device_id) == ("dali", None) and "CPU variant" in c.reason
+    _fake(monkeypatch, cuda=True, dali=False)
+    with pytest.raises(ValueError, match=r"--decoder dali: nvidia-dali is not importable.*pip install"):
+        choose_decoder("dali", "cuda:0")
+
+
+def test_config_validates_decoder_and_loader_fields():
+    from rest_fast.run.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert (cfg.decoder, cfg.num_workers, cfg.prefetch_factor, cfg.decode_timeout_s) == ("auto", -1, 4, 60.0)
+    for bad, match in ((dict(decoder="gpu"), "decoder must be one of"), (dict(num_workers=-2), "num_workers"),
+                       (dict(prefetch_factor=0), "prefetch_factor"), (dict(decode_timeout_s=-1.0), "decode_timeout_s")):
+        with pytest.raises(ValueError, match=match):
+            cfg.replace(**bad)
+
+
+def test_cli_bad_decoder_one_line_exit_2(capsys, monkeypatch):
+    from rest_fast.cli import main
+
+    assert main(["train", "--decoder", "nvdec"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rest-fast train: error: decoder must be one of auto, dali, pyav; got 'nvdec'"]
+    monkeypatch.setattr(select, "dali_status", lambda: (False, "nvidia-dali is not importable (ModuleNotFoundError)"))
+    assert main(["train", "--decoder", "dali", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rest-fast train: error: decoder=dali: nvidia-dali is not importable")
+    assert main(["prepare", "--data", "x", "--out", "y", "--decoder", "dali"]) == 2
+    assert "rest-fast prepare: error: --decoder dali" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["eval", "caption", "finetune", "prepare"])
+def test_every_video_command_takes_decoder(cmd):
+    from rest_fast.cli import build_parser
+
+    required = {"eval": ["--checkpoint", "c"], "caption": ["v.mp4"], "finetune": ["--checkpoint", "c"],
+                "prepare": ["--data", "d", "--out", "o"]}[cmd]
+    args = build_parser().parse_args([cmd, *required, "--decoder", "pyav"])
+    assert args.decoder == "pyav"
+    assert build_parser().parse_args([cmd, *required]).decoder == "auto"
+
+
+def test_info_says_which_decoder_and_why(monkeypatch):
+    from rest_fast.info import collect
+
+    _fake(monkeypatch, cuda=False, dali=True)
+    info = collect()
+    assert info["decoder (auto)"] == "pyav: auto: no CUDA device, so the CPU path (PyAV / CPU shard reader)"
+    assert "per rank" in info["decoding workers (default)"]
+    _fake(monkeypatch, cuda=True, dali=False)
+    assert collect()["decoder (auto)"] == ("pyav: auto: nvidia-dali is not importable (ModuleNotFoundError: No "
+                                           "module named 'nvidia.dali'), so the CPU path (PyAV / CPU shard reader)")
+
+
+def test_worker_count_from_cpus_per_rank(monkeypatch):
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert workers.cpus_available() == 64
+    assert workers.default_num_workers() == 7  # 64 CPUs / 8 ranks, one left for the rank itself
+    assert workers.resolve_num_workers(-1) == 7 and workers.resolve_num_workers(None) == 7
+    assert workers.resolve_num_workers(3) == 3
+    assert workers.resolve_num_workers(500) == 64  # never more than the machine has
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert workers.default_num_workers() == 0  # one CPU: decode in the main process
+
+
+def test_make_clip_loader_builds_the_chosen_loader(tmp_path):
+    from rest_fast.data import PyAVClipLoader, VideoIndex
+    from rest_fast.data.shards import make_clip_loader
+
+    idx = VideoIndex.from_paths([str(vf.write_index_clip(tmp_path / "a.webm", 6, "vp9", width=32, height=24))])
+    kw = dict(batch_size=1, mean=MEAN, std=STD, num_frames=2, size=16, num_workers=0, stream=False,
+              persistent_workers=True, prefetch=2, decode_timeout_s=5.0)
+    assert type(make_clip_loader(idx, decoder="pyav", **kw)) is PyAVClipLoader
+    with pytest.raises(ValueError, match="resolve 'auto'"):
+        make_clip_loader(idx, decoder="auto", **kw)
+    pytest.importorskip("nvidia.dali")
+    from rest_fast.data.dali import DALIClipLoader
+
+    d = make_clip_loader(idx, decoder="dali", **kw)
+    assert type(d) is DALIClipLoader and d.decoder_device == "cpu" and d.device_id is None
+    (b,) = list(d)
+    assert b.clips.shape == (1, 2, 3, 16, 16)
