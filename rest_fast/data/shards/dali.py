@@ -103,8 +103,8 @@ def build_shard_pipeline(*, batch_size: int, size: int, decoder_device: str = "m
 def select_frames(index: PreparedIndex, *, num_frames: int, train: bool, seed: int, epoch: int, j: int,
                   jpegs, meta) -> dict:
     """Frames and parameters of entry ``j`` from its stored sample (the CPU reader's draws): a dict with
-    ``entry``, ``label``, ``frames`` (source frame indices, int64 [T]), ``params`` and ``jpegs`` (T uint8
-    arrays)."""
+    ``entry``, ``label``, ``frames`` (source frame indices, int64 [T]), ``params`` and ``jpegs`` (the T JPEGs
+    packed: a uint8 tensor and their end offsets)."""
     rng = clip_rng(sample_seed(seed, epoch, j)) if train else None
     off = draw_offsets(num_frames, rng) if train else None
     sel = sample_indices(len(jpegs), num_frames, train=train, offsets=off)
@@ -113,7 +113,20 @@ def select_frames(index: PreparedIndex, *, num_frames: int, train: bool, seed: i
     label = index[j].label
     return {"entry": j, "label": -1 if label is None else label,
             "frames": np.asarray([int(meta["frame_indices"][k]) for k in sel], dtype=np.int64), "params": params,
-            "jpegs": [np.frombuffer(jpegs[k], dtype=np.uint8) for k in sel], "bad": []}
+            "jpegs": _pack([jpegs[k] for k in sel]), "bad": []}
+
+
+def _pack(parts) -> tuple[torch.Tensor, list[int]]:
+    """T JPEGs as one uint8 tensor and their end offsets: one shared-memory block per sample when it crosses
+    from a worker process (not T pickled byte strings)."""
+    ends = np.cumsum([len(p) for p in parts]).tolist()
+    return torch.from_numpy(np.frombuffer(b"".join(bytes(p) for p in parts), dtype=np.uint8).copy()), ends
+
+
+def _unpack(packed) -> list[np.ndarray]:
+    blob, ends = packed
+    a = blob.numpy()
+    return [a[s:e] for s, e in zip([0, *ends[:-1]], ends)]
 
 
 class ShardSampleSource(Dataset):
@@ -265,7 +278,7 @@ class DALIShardLoader(_LoaderBase):
         jpg, anchor, shape = [], [], []
         for s in samples:
             x, y, w, h = s["params"].crop
-            for f in s["jpegs"]:
+            for f in _unpack(s["jpegs"]):
                 jpg.append(f)
                 anchor.append(np.array([x, y], dtype=np.float32))
                 shape.append(np.array([w, h], dtype=np.float32))
