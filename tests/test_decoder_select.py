@@ -142,3 +142,36 @@ def test_make_clip_loader_builds_the_chosen_loader(tmp_path):
     assert type(d) is DALIClipLoader and d.decoder_device == "cpu" and d.device_id is None
     (b,) = list(d)
     assert b.clips.shape == (1, 2, 3, 16, 16)
+
+
+def test_trainer_inputs_keep_one_loader_per_pass(tmp_path, capsys):
+    """Inputs builds each pass's loader once (workers forked once, not per epoch or caption round), logs the
+    decoder and why, and absorbs a kept loader's growing bad-files report without double counting."""
+    from types import SimpleNamespace
+
+    from rest_fast.data import VideoIndex
+    from rest_fast.run.config import TrainConfig
+    from rest_fast.train.distributed import DistEnv
+    from rest_fast.train.inputs import Inputs
+
+    paths = [str(vf.write_index_clip(tmp_path / f"v{i}.webm", 6 + i, "vp9", width=32, height=24)) for i in range(3)]
+    (tmp_path / "bad.webm").write_text("garbage")
+    index = VideoIndex.from_paths([*paths, str(tmp_path / "bad.webm")], [0, 1, 0, 1])
+    cfg = TrainConfig(data="x", num_workers=1, num_frames=2, image_size=16, batch_size=2, eval_batch_size=2,
+                      decoder="pyav", bad_files_threshold=0.5)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    clip = SimpleNamespace(mean=MEAN, std=STD, image_size=(16, 16))
+    inputs = Inputs(index, cfg, env, blip_source=str(tmp_path), clip=clip)
+    assert "decoder: pyav (requested (--decoder pyav)" in capsys.readouterr().out
+    for epoch in range(2):
+        assert sum(len(i) for i, _ in inputs.train_batches(epoch)) == 4
+        if epoch == 0:
+            loader = inputs._loaders["train"]
+            pids = [w.pid for w in loader._loader._iterator._workers]
+    assert inputs._loaders["train"] is loader and [w.pid for w in loader._loader._iterator._workers] == pids
+    for _ in range(2):
+        assert sum(len(i) for i, _ in inputs.eval_batches("blip")) == 4
+    rows = inputs.bad_files.rows()
+    assert len(rows) == 1 and rows[0][0].endswith("bad.webm")
+    hits = loader.bad_files.rows()[0][2] + inputs._loaders["blip"].bad_files.rows()[0][2]
+    assert hits >= 4 and rows[0][2] == hits  # hit in each of 2 epochs and 2 passes, each hit counted once
