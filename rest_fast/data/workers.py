@@ -10,9 +10,9 @@
   unreadable file (recorded in ``bad_files`` and replaced by the deterministic resample), so one bad file
   costs ``seconds`` once instead of stalling the rank. It uses ``SIGALRM`` in the calling thread, which
   is the main thread of each DataLoader worker process (and of the main process with ``num_workers=0``);
-  elsewhere it is a no-op. A hang inside C code that never returns to Python (no signal check) is not
-  interrupted; the loaders' DataLoader ``timeout`` (a few deadlines) then stops the pass with an error
-  naming the setting instead of hanging forever.
+  elsewhere it is a no-op. Python's handler runs when control comes back to the interpreter: PyAV's
+  demux/decode loop returns to Python between packets, so a stream that never ends or a read that keeps
+  retrying is interrupted; a single C call that blocks forever (no return to Python) is not (known limit).
 """
 
 from __future__ import annotations
