@@ -198,3 +198,26 @@ def test_dali_skip_bad_and_hung_probe(vids, monkeypatch):
     (b,) = list(ld)
     assert b.clips.shape[0] == 3 and int(b.index[0]) != 0
     assert ld.bad_files.rows()[0][:2] == (vids["vp9_index"], "decoding took longer than decode_timeout_s=0.3")
+
+
+@pytest.mark.gpu
+def test_dali_mixed_async_prefetch_on_the_ranks_gpu(tmp_path):
+    """On a GPU: auto picks DALI on the current device; NVDEC + prefetch + persistent workers give the same
+    batches as the synchronous settings, on the GPU, over two epochs."""
+    from rest_fast.data.select import choose_decoder
+
+    c = choose_decoder("auto", "cuda")
+    assert c.name == "dali" and c.device_id == torch.cuda.current_device()
+    paths = [str(vf.write_video(tmp_path / f"t{i}.mp4", (vf.textured_frame(i + k, 96, 72) for k in range(20)), "h264"))
+             for i in range(5)]
+    idx = VideoIndex.from_paths(paths)
+    kw = dict(batch_size=2, mean=MEAN, std=STD, num_frames=4, size=32, train=True, seed=1, device="cuda")
+    sync = DALIClipLoader(idx, num_workers=0, prefetch=1, **kw)
+    fast = DALIClipLoader(idx, num_workers=2, prefetch=3, **kw)
+    assert fast.decoder_device == "mixed" and fast.device_id == torch.cuda.current_device()
+    for epoch in (0, 1):
+        sync.set_epoch(epoch)
+        fast.set_epoch(epoch)
+        for a, b in zip(list(sync), list(fast), strict=True):
+            assert b.clips.is_cuda and torch.equal(a.index, b.index)
+            torch.testing.assert_close(a.clips, b.clips, atol=1e-5, rtol=0)
