@@ -3,7 +3,9 @@
 Every row is a whole loader as the trainer builds it (train mode: Table-10 augmentations, T = 8, S = 224,
 normalised float batches on ``--device``): workers persistent across epochs, an untimed first epoch (worker
 start-up, DALI pipeline build), then ``--epochs`` timed epochs; clips/s = clips delivered / wall seconds
-(CUDA synchronised). ``ratio`` is clips/s over the ``pyav`` row's.
+(CUDA synchronised). ``ratio`` is clips/s over the ``pyav`` row's. Two more rows time the colour
+augmentations of one batch on ``--device``: ``colour-batched`` (what the loaders run) against
+``colour-per-clip`` (the per-clip loop it replaced); their ``ratio`` is over the per-clip row.
 
 * ``pyav`` — :class:`~rest_fast.data.PyAVClipLoader` (PyAV decoding in ``--workers`` processes);
 * ``shards`` — :class:`~rest_fast.data.shards.ShardClipLoader` (CPU JPEG reader of a prepared dir);
@@ -59,6 +61,24 @@ def time_loader(loader, epochs: int, device: torch.device) -> tuple[float, int]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return m / (time.perf_counter() - t0), n
+
+
+def colour_rows(table, device: torch.device, bs: int, quick: bool) -> None:
+    """Flip/jitter/grayscale of one batch on ``device``: batched (what the loaders run) vs the per-clip loop
+    (the baseline of this pair: ``ratio`` = batched clips/s over per-clip clips/s)."""
+    import numpy as np
+
+    from rest_fast.data import augment
+
+    rng = np.random.default_rng(0)
+    params = [augment.draw_train_params(rng, 256, 340) for _ in range(bs)]
+    u8 = torch.randint(0, 256, (bs, T, S, S, 3), dtype=torch.uint8, device=device)
+    kw = dict(device=device, warmup=1, min_time_s=0.3 if quick else 1.0, max_reps=10 if quick else 50)
+    loop = harness.time_fn(lambda: [augment.apply_colour(u8[k], p) for k, p in enumerate(params)], **kw)
+    batched = harness.time_fn(lambda: augment.apply_colour_batch(u8, params), **kw)
+    for name, t in (("colour-per-clip", loop), ("colour-batched", batched)):
+        table.add(loader=name, decoder="torch", workers=0, batch=bs, clips=bs, clips_s=bs / (t.median_ms * 1e-3),
+                  ratio=loop.median_ms / t.median_ms)
 
 
 def main() -> None:
@@ -124,13 +144,15 @@ def main() -> None:
             base = rate if name == "pyav" else base
             table.add(loader=name, decoder=dec, workers=workers, batch=bs, clips=per_epoch, clips_s=rate,
                       ratio=rate / base if base else float("nan"))
+        colour_rows(table, device, bs, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     hw = harness.hardware_name(device)
     head = (f"loaders (train, T={T}, S={S}, {secs} s 604x340 {codec} clips, {epochs} timed epoch(s), ratio vs pyav) "
             f"on {hw} ({os.cpu_count()} CPUs)")
-    summary = [f"loaders: {r['loader']:<11} {r['clips_s']:8.1f} clips/s  x{r['ratio']:.2f} vs pyav  "
-               f"[{r['decoder']}, {args.device}, B={bs}, workers={workers}]" for r in table.rows]
+    summary = [f"loaders: {r['loader']:<15} {r['clips_s']:8.1f} clips/s  x{r['ratio']:.2f} vs "
+               f"{'per-clip' if r['loader'].startswith('colour') else 'pyav'}  "
+               f"[{r['decoder']}, {args.device}, B={bs}, workers={r['workers']}]" for r in table.rows]
     print("\n".join([head, table.format(), *notes, *summary]))
     table.save(hw, {"quick": args.quick, "device": args.device, "codec": codec})
     if args.summary:
