@@ -205,3 +205,25 @@ def test_colour_on_device_equals_colour_in_workers(clips):
     for x, y in zip(a, b):
         torch.testing.assert_close(x.clips, y.clips, atol=1e-6, rtol=0)  # identical uint8 -> identical floats
         assert torch.equal(x.index, y.index)
+
+
+def test_stream_epoch_reaches_persistent_workers(tmp_path):
+    """ShardClipLoader(stream=True) with workers kept across epochs still reads each epoch's own order."""
+    from rest_fast.data.shards import PreparedIndex, ShardClipLoader, prepare
+
+    src = tmp_path / "v" / "c"
+    src.mkdir(parents=True)
+    for i in range(4):
+        vf.write_index_clip(src / f"{i}.webm", 5 + i, "vp9", width=32, height=24)
+    prepare(src.parent, tmp_path / "prep", frames=4, short_side=24, workers=0, progress=False, shard_size=1)
+    idx = PreparedIndex.load(tmp_path / "prep")
+    kw = dict(batch_size=4, mean=MEAN, std=STD, num_frames=2, size=16, train=True, seed=1, stream=True,
+              shuffle_buffer=2, drop_last=False)
+    kept = ShardClipLoader(idx, num_workers=1, **kw)
+    ref = ShardClipLoader(idx, num_workers=0, **kw)
+    orders = []
+    for epoch in range(3):
+        (a,), (b,) = _batches(kept, epoch), _batches(ref, epoch)
+        assert torch.equal(a.index, b.index) and torch.equal(a.clips, b.clips)
+        orders.append(a.index.tolist())
+    assert len({tuple(o) for o in orders}) > 1  # the epoch changed the order inside the kept worker
