@@ -68,7 +68,7 @@ def test_config_validates_decoder_and_loader_fields():
     from rest_fast.run.config import TrainConfig
 
     cfg = TrainConfig()
-    assert (cfg.decoder, cfg.num_workers, cfg.prefetch_factor, cfg.decode_timeout_s) == ("auto", -1, 4, 60.0)
+    assert (cfg.decoder, cfg.num_workers, cfg.prefetch_factor, cfg.decode_timeout_s) == ("auto", -1, 2, 60.0)
     for bad, match in ((dict(decoder="gpu"), "decoder must be one of"), (dict(num_workers=-2), "num_workers"),
                        (dict(prefetch_factor=0), "prefetch_factor"), (dict(decode_timeout_s=-1.0), "decode_timeout_s")):
         with pytest.raises(ValueError, match=match):

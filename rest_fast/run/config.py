@@ -51,7 +51,7 @@ class TrainConfig:
     augment: bool = _f(True, "Table 10 augmentations while self-training (flip, multi-scale crop, colour jitter, grayscale)", group="data")
     num_workers: int = _f(-1, "decoding worker processes per rank (-1 = from the CPUs: CPUs available / local ranks - 1; never more than the CPUs available; 0 = in the main process)", group="data", runtime=True)
     decoder: str = _f("auto", "video decoding: 'auto' (DALI on the GPU when a CUDA device and DALI are present, else the CPU path), 'dali' or 'pyav'", group="data", runtime=True)
-    prefetch_factor: int = _f(4, "batches each decoding worker prepares ahead (DataLoader prefetch_factor); DALI keeps min(this, 4) batches in flight", group="data", runtime=True)
+    prefetch_factor: int = _f(2, "batches each decoding worker prepares ahead (DataLoader prefetch_factor: num_workers x this batches wait in shared memory); DALI keeps min(this, 4) batches in flight", group="data", runtime=True)
     decode_timeout_s: float = _f(60.0, "a clip whose decoding takes longer than this is a bad file (recorded, replaced) instead of stalling the rank; 0 = no limit", group="data", runtime=True)
     bad_files_threshold: float = _f(0.05, "stop with an error when more than this fraction of the videos cannot be decoded", group="data")
 
