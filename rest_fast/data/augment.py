@@ -123,14 +123,22 @@ def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     f = h6 - i
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     i = i.long() % 6
-    sel = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out_r, out_g, out_b = torch.zeros_like(v), torch.zeros_like(v), torch.zeros_like(v)
-    for k, (cr, cg, cb) in enumerate(sel):
-        m = i == k
-        out_r = torch.where(m, cr, out_r)
-        out_g = torch.where(m, cg, out_g)
-        out_b = torch.where(m, cb, out_b)
-    return torch.stack([out_r, out_g, out_b], dim=-3)
+    # sector i takes (r, g, b) from (v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q): one gather
+    # from the stacked candidates (a selection, so the values are the same as a chain of torch.where)
+    cand = torch.stack([v, p, q, t], dim=-3)
+    return cand.gather(-3, _hue_table(x.device)[i].movedim(-1, -3))
+
+
+_HUE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _hue_table(device: torch.device) -> torch.Tensor:
+    """int64 [6, 3]: per hue sector, the index into (v, p, q, t) of r, g and b (cached per device: no copy per call)."""
+    t = _HUE_TABLES.get(device)
+    if t is None:
+        t = _HUE_TABLES[device] = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]],
+                                               device=device)
+    return t
 
 
 _COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
