@@ -527,6 +527,9 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
                           "has no accumulation key yet: otherwise lower batch_size)")
     else:
         advice.append(f"fits in 90% of {gpu.memory_gib:.0f} GiB without changes")
+    eager = act["eager_attention_extra"] / GIB
+    advice.append(f"with eager ViT attention instead of SDPA (n x n scores kept for backward) activations grow by "
+                  f"{eager:.1f} GiB: {mem['total'] + eager:.1f} GiB in all")
 
     out = {
         "config": {"blip": cfg.blip, "clip": cfg.clip, "num_frames": T, "image_size": S, "batch_size": cfg.batch_size,

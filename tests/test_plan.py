@@ -96,7 +96,7 @@ def test_decode_flops_equal_flop_counter(blip):
     image = gar.encode(torch.randn(2, 1, 3, 48, 48))
     prompt = len(gar.prompt_ids("a video of"))
     for beams, length in ((1, 9), (3, 11)):
-        counted = _count(lambda: gar.decode(image, num_beams=beams, max_length=length, min_length=length))
+        counted = _count(lambda b=beams, n=length: gar.decode(image, num_beams=b, max_length=n, min_length=n))
         assert counted == 2 * plan.decode_flops(arch, prompt_tokens=prompt, beams=beams, max_length=length,
                                                 image_tokens=37)
 
@@ -206,3 +206,38 @@ def test_bad_input_is_one_line(capsys, argv, needle):
     rc, out, err = _run(capsys, *argv)
     assert rc == 2 and out == ""
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_vit_activation_bytes_match_saved_tensors():
+    """The per-token activation formula against the tensors autograd really saves in one ViT layer under bf16
+    autocast (CPU autocast: same casts of linear inputs; the weights' bf16 copies are left out, the plan counts
+    them with the parameters). Eager attention saves the n x n probabilities; SDPA does not, but keeps its
+    output; either way the rest must agree with the formula."""
+    model, tok = tiny_blip(image_size=64, patch_size=8, vision_hidden=64, vision_layers=2, num_heads=2)
+    gar = GARModel(model, tok, num_frames=2, adapter_layers=[])
+    gar.train()
+    layer = model.vision_model.encoder.layers[1]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, tuple] = {}
+    on = {"v": False}
+
+    def pack(t):
+        if on["v"] and t.dim() >= 2:  # skip vectors: LayerNorm weights and statistics
+            st = t.untyped_storage()
+            saved[st.data_ptr()] = (st.nbytes(), tuple(t.shape))
+        return t
+
+    h1 = layer.register_forward_pre_hook(lambda *a: on.__setitem__("v", True))
+    h2 = layer.register_forward_hook(lambda *a: on.__setitem__("v", False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        gar.encode(torch.randn(2, 2, 3, 64, 64))
+    h1.remove()
+    h2.remove()
+    n, d, m, tokens = 65, 64, 128, 4 * 65
+    weights = {k for k, (nb, shape) in saved.items() if shape in ((d, 3 * d), (d, d), (d, m), (m, d), (3 * d, d))}
+    probs = {k for k, (nb, shape) in saved.items() if shape[-2:] == (n, n)}
+    rest = sum(nb for k, (nb, _) in saved.items() if k not in weights | probs | params)
+    formula = plan.vit_layer_bytes_per_token(d, m, adapter=False) * tokens
+    if probs:  # eager: the probabilities replace SDPA's saved output (2d per token)
+        formula -= 2 * d * tokens
+    assert rest == pytest.approx(formula, rel=0.02)
