@@ -676,14 +676,17 @@ def config_for_plan(yaml_file: str | None, overrides: list[str]) -> TrainConfig:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    import yaml
+
     try:
         cfg = config_for_plan(args.config, list(args.overrides or []))
         opts = PlanOptions(num_videos=args.num_videos, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu,
                            decode_efficiency=args.decode_efficiency, distinct_fraction=args.distinct_fraction,
                            prepared_frames=args.prepared_frames)
         plan = make_plan(cfg, opts)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
-        print(f"rest-fast plan: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as exc:
+        msg = " ".join(str(exc).split())  # one line, also for YAML errors that span several
+        print(f"rest-fast plan: error: {msg}", file=sys.stderr)
         return 2
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
