@@ -26,7 +26,7 @@ adapters; T=8, global batch 64 → 512 frames; captions padded to L=23 tokens, 1
 
 * ViT layer per frame: ``2·197·(4·768² + 2·768·3072) = 2.789 GFLOP`` + attention ``4·197²·768 = 0.119 GFLOP``
   → 12 layers 34.90 GFLOP; patch embedding ``2·196·768·768 = 0.231``; adapters ``12·2·196·768·27 = 0.098``:
-  **35.23 GFLOP per frame forward** (ViT-B/16's often-quoted 17.6 G is multiply-adds without attention).
+  **35.23 GFLOP per frame forward** (the often-quoted 17.6 G of ViT-B/16 counts multiply-adds).
 * Forward + backward: ``3·(34.90 + 0.098) + 2·0.231 = 105.45 GFLOP`` per frame, × 512 = **53.99 TFLOP**
   (the issue's independent "≈ 54 TFLOP").
 * Text decoder per caption: 12 layers × (``2·23·(6·768² + 2·768·3072) = 0.380`` + cross k/v on the image
@@ -381,6 +381,7 @@ class PlanOptions:
     decode_efficiency: float = 0.2
     distinct_fraction: float = 0.5
     prepared_frames: int = 32
+    loader_clips_per_second: float | None = None  # measured loader rate per GPU; None = assume it keeps up
 
 
 def caption_lengths(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -407,6 +408,8 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
     """Every figure of the plan as a JSON-able dict (see the module docstring for what is counted/modelled)."""
     if opts.gpu not in GPUS:
         raise ValueError(f"--gpu must be one of {', '.join(GPUS)}, got {opts.gpu!r}")
+    if opts.loader_clips_per_second is not None and opts.loader_clips_per_second <= 0:
+        raise ValueError(f"--clips-per-second must be > 0, got {opts.loader_clips_per_second}")
     if opts.num_videos < 2:
         raise ValueError(f"--num-videos must be >= 2, got {opts.num_videos}")
     if opts.gpus < 1:
@@ -438,7 +441,9 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
     recompute = fl["vit_layers_forward"] if cfg.grad_checkpointing else 0
     hw_flops = fl["total"] + recompute
     rate = gpu.bf16_flops * opts.mfu
-    step_s = hw_flops / (G * rate)
+    compute_step_s = hw_flops / (G * rate)
+    cps = opts.loader_clips_per_second
+    step_s = max(compute_step_s, per_rank / cps) if cps else compute_step_s
     epoch_s = steps_per_epoch * step_s
     train_s = cfg.epochs * epoch_s
 
@@ -459,6 +464,8 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
     init_s = (N * T * vit_frame / rate + N * T * init_dec / dec_rate
               + per_rank_eval_batches * P * dec_steps * DECODE_STEP_OVERHEAD_S * G) / G
     clip_video_s = N * T * f_clip_img / rate / G
+    if cps:  # each pass over the videos reads every clip once
+        init_s, clip_video_s = max(init_s, videos_per_rank / cps), max(clip_video_s, videos_per_rank / cps)
     topk_flops = 2 * N * N * D
     topk_s = (topk_flops / rate + (videos_per_rank / 1024) * N * D * 2 / bw * G) / G  # GEMM + reading keys per block
     text0_s = distinct0 * f_clip_txt / rate / G
@@ -471,6 +478,8 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
     gen_dec = decode_flops(a, prompt_tokens=prompt_tokens, beams=cfg.num_beams, max_length=cfg.max_length,
                            image_tokens=image_tokens)
     gen_s = (N * T * vit_frame / rate + N * gen_dec / dec_rate) / G + per_rank_eval_batches * dec_steps * DECODE_STEP_OVERHEAD_S
+    if cps:
+        gen_s = max(gen_s, videos_per_rank / cps)
     rerank_r_bytes = videos_per_rank * (H + K + 1) * D * 2
     round_s = gen_s + N * f_clip_txt / rate / G + rerank_r_bytes / bw
     rounds = cfg.num_rounds
@@ -537,6 +546,7 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
                    "rounds": rounds, "grad_checkpointing": cfg.grad_checkpointing, "adapters": n_adapt,
                    "num_beams": cfg.num_beams, "max_length": cfg.max_length},
         "num_videos": N, "gpus": G, "gpu": gpu.name,
+        "loader_clips_per_second": cps,
         "mfu": opts.mfu, "decode_efficiency": opts.decode_efficiency, "distinct_fraction": opts.distinct_fraction,
         "params": {"trainable": p_train, "frozen_clip": p_clip},
         "flops_per_step": fl["total"],
@@ -544,7 +554,8 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
         "flops_breakdown": {k: v for k, v in fl.items() if k not in ("total", "vit_layers_forward")},
         "steps_per_epoch": steps_per_epoch,
         "step_seconds": step_s,
-        "clips_per_second_needed": per_rank / step_s,
+        "clips_per_second_needed": per_rank / compute_step_s,
+        "input_bound": bool(cps) and step_s > compute_step_s,
         "epoch_seconds": epoch_s,
         "run_hours": run_s / 3600,
         "time_seconds": {"training": train_s, "round0": round0_s, "round0_initial_captions": init_s,
@@ -618,7 +629,8 @@ def format_plan(p: dict[str, Any]) -> str:
          "counted"),
         ("step_seconds", _dur(p["step_seconds"]) + f" at {p['mfu']:.0%} of dense bf16 peak"
          + (" (incl. checkpoint recompute)" if c["grad_checkpointing"] else ""), "modelled"),
-        ("clips_per_second_needed", f"{p['clips_per_second_needed']:.0f} per GPU", "modelled"),
+        ("clips_per_second_needed", f"{p['clips_per_second_needed']:.0f} per GPU"
+         + (f" (loader gives {p['loader_clips_per_second']:g}: input-bound)" if p["input_bound"] else ""), "modelled"),
         ("epoch_seconds", f"{_dur(p['epoch_seconds'])} ({p['steps_per_epoch']:,} steps)", "modelled"),
         ("round 0", f"{_dur(t['round0'])} (initial captions {_dur(t['round0_initial_captions'])}, CLIP "
                     f"{_dur(t['round0_clip_features'])}, top-k {_dur(t['round0_neighbours'])}, re-rank "
@@ -663,6 +675,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distinct-fraction", type=float, default=0.5, help="fraction of the T x P initial captions of a "
                    "video that are distinct (default 0.5; 1.0 = upper bound)")
     p.add_argument("--prepared-frames", type=int, default=32, help="frames per clip in prepared shards (default 32)")
+    p.add_argument("--clips-per-second", type=float, metavar="R", help="what the loader delivers per GPU (e.g. from "
+                   "bench/): steps and data passes take at least clips/R (default: assume it keeps up)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -682,7 +696,7 @@ def run_plan(args: argparse.Namespace) -> int:
         cfg = config_for_plan(args.config, list(args.overrides or []))
         opts = PlanOptions(num_videos=args.num_videos, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu,
                            decode_efficiency=args.decode_efficiency, distinct_fraction=args.distinct_fraction,
-                           prepared_frames=args.prepared_frames)
+                           prepared_frames=args.prepared_frames, loader_clips_per_second=args.clips_per_second)
         plan = make_plan(cfg, opts)
     except (ValueError, TypeError, OSError, yaml.YAMLError) as exc:
         msg = " ".join(str(exc).split())  # one line, also for YAML errors that span several

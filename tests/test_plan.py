@@ -241,3 +241,14 @@ def test_vit_activation_bytes_match_saved_tensors():
     if probs:  # eager: the probabilities replace SDPA's saved output (2d per token)
         formula -= 2 * d * tokens
     assert rest == pytest.approx(formula, rel=0.02)
+
+
+def test_slow_loader_bounds_the_step(capsys):
+    args = ("--num-videos", "240000", "--gpus", "8", "--json")
+    fast = json.loads(_run(capsys, *args)[1])
+    rc, out, _ = _run(capsys, *args, "--clips-per-second", "100")
+    slow = json.loads(out)
+    assert rc == 0 and slow["input_bound"] and not fast["input_bound"]
+    assert slow["step_seconds"] == pytest.approx(8 / 100)
+    assert slow["clips_per_second_needed"] == pytest.approx(fast["clips_per_second_needed"])
+    assert slow["time_seconds"]["per_round"] >= 30000 / 100
