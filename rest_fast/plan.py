@@ -604,6 +604,8 @@ def _si(x: float, unit: str = "") -> str:
 
 
 def _dur(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
     if s < 1:
         return f"{s * 1e3:.1f} ms"
     if s < 120:
