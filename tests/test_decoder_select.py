@@ -175,3 +175,31 @@ def test_trainer_inputs_keep_one_loader_per_pass(tmp_path, capsys):
     assert len(rows) == 1 and rows[0][0].endswith("bad.webm")
     hits = loader.bad_files.rows()[0][2] + inputs._loaders["blip"].bad_files.rows()[0][2]
     assert hits >= 4 and rows[0][2] == hits  # hit in each of 2 epochs and 2 passes, each hit counted once
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "dali"])
+def test_caption_videos_reports_unreadable_videos_with_either_decoder(tmp_path, decoder):
+    """Captioning drops (does not replace) unreadable videos with both decoders: the same rows are captioned
+    and the same files reported; the model sees normalised [B, T, 3, S, S] clips."""
+    from types import SimpleNamespace
+
+    from rest_fast.eval.run import caption_videos
+
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
+    paths = [str(vf.write_index_clip(tmp_path / f"v{i}.webm", 6 + i, "vp9", width=32, height=24)) for i in range(3)]
+    (tmp_path / "bad.webm").write_text("garbage")
+    paths.insert(1, str(tmp_path / "bad.webm"))
+    seen = []
+
+    def generate(clips, **kw):
+        seen.append(tuple(clips.shape))
+        n = clips.shape[0] * kw["num_return_sequences"]
+        return SimpleNamespace(texts=[f"clip {float(clips[i // kw['num_return_sequences']].mean()):.3f}"
+                                      for i in range(n)], scores=torch.zeros(n))
+
+    results, bad = caption_videos(SimpleNamespace(generate=generate), paths, num_frames=2, size=16, mean=MEAN,
+                                  std=STD, batch_size=2, num_workers=0, progress=False, decoder=decoder)
+    assert [r is None for r in results] == [False, True, False, False]
+    assert [p for p, _ in bad] == [paths[1]]
+    assert all(s[1:] == (2, 3, 16, 16) for s in seen) and sum(s[0] for s in seen) == 3
