@@ -453,7 +453,7 @@ class Trainer:
         """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot)."""
         if self.inputs.labels is None or not self.env.is_main:
             return {}
-        from rest_fast.eval.clip_tam import clip_tam
+        from rest_fast.run.clip_tam import clip_tam
 
         ids, _ = self.cache.get(np.arange(self.n, dtype=np.int64))
         top = [self.cache.text(int(c)) if c >= 0 else "" for c in ids[:, 0]]
