@@ -74,6 +74,10 @@ class ForeignFolderError(ValueError):
     """``--out`` holds files that ``rest-fast train`` did not write: we neither use nor delete them."""
 
 
+class UnsafePath(ValueError):
+    """A path read from a run's own files that would lead outside the run folder."""
+
+
 class VideoListChanged(ValueError):
     """The videos differ from those the run was made from (its captions are stored by position)."""
 
@@ -99,11 +103,11 @@ def safe_relative(root: str | Path, rel: str, what: str) -> Path:
     that leave ``root`` (a hand-edited or planted file must not make us read or delete elsewhere)."""
     root = Path(root)
     if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts or "\0" in rel:
-        raise ValueError(f"{what}: {rel!r} is not a path inside {root}")
+        raise UnsafePath(f"{what}: {rel!r} is not a path inside {root}")
     p = root / rel
     real_root = os.path.realpath(root)
     if os.path.commonpath([real_root, os.path.realpath(p)]) != real_root:
-        raise ValueError(f"{what}: {rel!r} leads outside {root}")
+        raise UnsafePath(f"{what}: {rel!r} leads outside {root} (not a path inside it)")
     return p
 
 
@@ -327,14 +331,17 @@ class RunDir:
 
         Raises ``ValueError`` naming how many videos were added and removed (and the first few) when
         the list changed: captions are stored by position, so a changed list would mix videos up."""
-        record = {"count": len(videos), "sha256": video_list_hash(videos), "videos": list(videos)}
+        now = {"count": len(videos), "sha256": video_list_hash(videos), "videos": list(videos)}
         path = self.root / VIDEOS_FILE
         if record or not path.is_file():
             if self.writable:
-                atomic_write_json(path, record)
+                atomic_write_json(path, now)
             return
-        saved = json.loads(path.read_text())
-        if saved.get("sha256") == record["sha256"] and saved.get("count") == record["count"]:
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("sha256") == now["sha256"] and saved.get("count") == now["count"]:
             return
         raise VideoListChanged(describe_video_change(saved.get("videos") or [], videos, str(self.root)))
 

@@ -125,7 +125,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from rest_fast.run.rundir import CheckpointCorrupt, ForeignFolderError, RunLockedError, VideoListChanged
+    from rest_fast.run.rundir import (
+        CheckpointCorrupt,
+        ForeignFolderError,
+        RunLockedError,
+        UnsafePath,
+        VideoListChanged,
+    )
     from rest_fast.train.loop import RunExistsError, train
 
     out_given = getattr(args, "cfg__out", None) is not None or "out" in parse_key_values(list(args.overrides or []))
@@ -134,7 +140,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, out=_next_free_dir(cfg.out))
     try:
         train(cfg, resume=args.resume)
-    except (RunExistsError, RunLockedError, ForeignFolderError, CheckpointCorrupt, VideoListChanged) as exc:
+    except (RunExistsError, RunLockedError, ForeignFolderError, CheckpointCorrupt, VideoListChanged, UnsafePath) as exc:
         print(f"rest-fast train: error: {exc}", file=sys.stderr)
         return 2
     return 0
