@@ -115,8 +115,10 @@ def _run_checkpoint(root: Path) -> tuple[Path, str | None]:
     best, more = run.newest_intact_checkpoint()
     skipped += [m for m in more if m not in skipped]
     if best is None:
-        why = f" ({'; '.join(skipped)})" if skipped else " (checkpoints/epoch_XXXX is written after each epoch)"
-        raise CheckpointError(f"run {root} has no intact checkpoint{why}")
+        if skipped:
+            raise CheckpointError(f"run {root} has no intact checkpoint ({'; '.join(skipped)})")
+        raise CheckpointError(
+            f"run {root} has no complete checkpoint yet (checkpoints/epoch_XXXX is written after each epoch)")
     note = None
     if skipped:
         note = f"skipped: {'; '.join(skipped)}"
