@@ -86,6 +86,17 @@ def _main(args: list[str]) -> int:
     return main(args)
 
 
+def _main_or_bad(args: list[str], capsys) -> tuple[int, str]:
+    """(exit code, message) of a command that stops on too many bad files (raised, or printed with code 2)."""
+    from rest_fast.data.bad_files import TooManyBadFiles
+
+    try:
+        code = _main(args)
+    except TooManyBadFiles as exc:
+        return 2, str(exc)
+    return code, capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- item 2
 def test_resume_auto_without_data_takes_the_saved_config(made, tmp_path, capsys):
     """The README's `rest-fast train --out runs/k400 --resume auto`: no --data, no demo preset; epochs may grow."""
@@ -304,7 +315,6 @@ def test_files_and_folders_follow_the_umask(tmp_path, umask):
 def test_bad_files_threshold_checked_after_features_and_changeable_on_resume(made, tmp_path, monkeypatch, capsys):
     """The copy's features are cached, so nothing is decoded before training: the 1 unreadable file of 7
     recorded by the run must still stop a resume under a 10% threshold before any training starts."""
-    from rest_fast.data.bad_files import TooManyBadFiles
     from rest_fast.train.loop import Trainer
 
     _, run = _copy(made, tmp_path)
@@ -314,14 +324,27 @@ def test_bad_files_threshold_checked_after_features_and_changeable_on_resume(mad
 
     with monkeypatch.context() as m:
         m.setattr(Trainer, "setup_training", too_late)
-        try:
-            code = _main(["train", "--out", str(run), "--resume", "auto", "epochs=3", "bad_files_threshold=0.1"])
-        except TooManyBadFiles as exc:
-            code, msg = 2, str(exc)
-        else:
-            msg = capsys.readouterr().err
+        code, msg = _main_or_bad(["train", "--out", str(run), "--resume", "auto", "epochs=3",
+                                  "bad_files_threshold=0.1"], capsys)
     assert code == 2 and "1 of 7 videos cannot be read" in msg and "broken.mp4" in msg
     assert _state(run)["epoch"] == 2
     # raising the threshold on resume is allowed
     assert _main(["train", "--out", str(run), "--resume", "auto", "epochs=3", "bad_files_threshold=0.3"]) == 0
     assert _state(run)["epoch"] == 3
+
+
+def test_missing_files_over_the_threshold_stop_before_models_load(made, tmp_path, monkeypatch, capsys):
+    """Right after indexing: a list whose files are mostly missing stops before any model is loaded."""
+    from rest_fast.train import inputs
+
+    clips, _ = made
+    good = sorted(str(p.relative_to(clips)) for p in clips.rglob("*_00.mp4"))
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in good) + "gone/a.mp4\ngone/b.mp4\n")
+
+    def too_late(*a, **k):
+        raise AssertionError("models were loaded before the missing files were counted")
+
+    monkeypatch.setattr(inputs, "load_models", too_late)
+    code, msg = _main_or_bad(["train", f"--data={tmp_path / 'list.txt'}", f"data_root={clips}",
+                              f"--out={tmp_path / 'run'}", *ARGS], capsys)
+    assert code == 2 and "2 of 5 videos cannot be read" in msg
