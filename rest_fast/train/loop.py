@@ -156,16 +156,23 @@ def _too_many_bad(bad: int, total: int, threshold: float, examples: list[str], r
             f"{run / 'bad_files.tsv'}; fix the files or raise bad_files_threshold (allowed on --resume)")
 
 
-def _video_names(index) -> list[str]:
-    """The ordered video list as the run records it: paths relative to the videos' common folder (so a
-    dataset moved as a whole still matches), missing files of a list included."""
+def _video_names(index, data: str | None = None, data_root: str | None = None) -> list[str]:
+    """The ordered video list as the run records it: paths relative to where ``data`` says the videos live
+    (the class-folder root, the list's root, a prepared set's source root), so a dataset moved as a whole
+    still matches; missing files of a list included."""
     import os
 
     paths = [os.path.abspath(p) for p in list(index.paths) + list(index.missing)]
     if not paths:
         return []
-    common = os.path.commonpath(paths)
-    root = common if os.path.isdir(common) else os.path.dirname(common)
+    root = getattr(index, "info", {}).get("source_root") if hasattr(index, "info") else None
+    if root is None and data is not None:
+        p = Path(data)
+        root = str(p) if p.is_dir() else (data_root if data_root is not None else str(p.parent))
+    if root is None:
+        common = os.path.commonpath(paths)
+        root = common if os.path.isdir(common) else os.path.dirname(common)
+    root = os.path.abspath(root)
     return [os.path.relpath(p, root) for p in paths]
 
 
@@ -304,7 +311,7 @@ class Trainer:
         error = None
         if env.is_main:
             try:
-                names = _video_names(index)
+                names = _video_names(index, self.data_source, cfg.data_root)
                 self.run_dir.check_videos(names, record=self.state is None)
                 known = set(index.paths) | set(index.missing)
                 prev = self.run_dir.path("bad_files.json")
