@@ -9,6 +9,7 @@ each test works on a copy of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,6 @@ from rest_fast.run.rundir import (
     RunLockedError,
     atomic_write_json,
     atomic_write_text,
-    sha256_file,
 )
 
 ARGS = ["--blip=tiny", "--clip=tiny", "clip_pretrained=none", "image_size=32", "num_frames=2", "epochs=2",
@@ -86,6 +86,15 @@ def _main(args: list[str]) -> int:
     return main(args)
 
 
+def _resume_args(run: Path, clips: Path, *extra: str) -> list[str]:
+    """`train --resume auto` with the run's own flags repeated (as a job script would), then ``extra``."""
+    return ["train", f"--data={clips}", "--out", str(run), "--resume", "auto", *ARGS, *extra]
+
+
+def _resume(run: Path, clips: Path, *extra: str) -> int:
+    return _main(_resume_args(run, clips, *extra))
+
+
 def _main_or_bad(args: list[str], capsys) -> tuple[int, str]:
     """(exit code, message) of a command that stops on too many bad files (raised, or printed with code 2)."""
     from rest_fast.data.bad_files import TooManyBadFiles
@@ -131,7 +140,7 @@ def test_resume_refuses_a_changed_video_list(made, tmp_path, capsys):
     shutil.copy(gone, clips / ACTIONS[2] / "zz_new.mp4")
     gone.unlink()
     before = (run / "state.json").read_text()
-    assert _main(["train", "--out", str(run), "--resume", "auto", "epochs=3"]) == 2
+    assert _resume(run, clips, "epochs=3") == 2
     err = capsys.readouterr().err
     assert "1 added (e.g. " in err and "zz_new.mp4" in err
     assert "1 removed (e.g. " in err and gone.name in err and "7 then, 7 now" in err
@@ -148,16 +157,17 @@ class _Planted:
 
 
 def test_planted_pickle_in_train_state_is_never_run(made, tmp_path, capsys):
-    _, run = _copy(made, tmp_path)
+    clips, run = _copy(made, tmp_path)
     ckpt = run / "checkpoints" / "epoch_0002"
     marker = tmp_path / "code_ran"
     torch.save({"step": 1, "evil": _Planted(str(marker))}, ckpt / "train_state.pt")
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta.setdefault("sha256", {})["train_state.pt"] = sha256_file(ckpt / "train_state.pt")  # an attacker fixes the checksum too
+    digest = hashlib.sha256((ckpt / "train_state.pt").read_bytes()).hexdigest()
+    meta.setdefault("sha256", {})["train_state.pt"] = digest  # an attacker fixes the checksum too
     (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointCorrupt, match="weights_only"):
         RunDir.load_checkpoint(ckpt)
-    assert _main(["train", "--out", str(run), "--resume", "auto", "epochs=3"]) == 2
+    assert _resume(run, clips, "epochs=3") == 2
     assert "weights_only" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -190,7 +200,7 @@ def test_corrupt_latest_checkpoint_is_skipped_by_eval_and_train(made, tmp_path, 
 
     from rest_fast.eval.checkpoint import CheckpointError, load_model, resolve_checkpoint
 
-    _, run = _copy(made, tmp_path)
+    clips, run = _copy(made, tmp_path)
     _flip_a_bit(run / "checkpoints" / "epoch_0002" / "model.safetensors")
     # eval: never the flipped weights; the epoch used is said on stdout
     with pytest.warns(UserWarning, match="epoch_0002"):
@@ -208,7 +218,7 @@ def test_corrupt_latest_checkpoint_is_skipped_by_eval_and_train(made, tmp_path, 
     assert "at epoch 1 (epoch_0001)" in out and "epoch_0002" in out
     # train: resumes from the newest intact checkpoint, with a warning, and redoes epoch 2
     with pytest.warns(UserWarning, match="latest checkpoint unusable"):
-        assert _main(["train", "--out", str(run), "--resume", "auto"]) == 0
+        assert _resume(run, clips) == 0
     assert "resuming from epoch_0001" in capsys.readouterr().out
     assert _state(run)["epoch"] == 2 and RunDir.load_checkpoint(run / "checkpoints" / "epoch_0002")
     # an explicitly named corrupt checkpoint is refused
@@ -218,11 +228,11 @@ def test_corrupt_latest_checkpoint_is_skipped_by_eval_and_train(made, tmp_path, 
 
 
 def test_missing_checkpoints_fall_back_to_round_zero(made, tmp_path, capsys):
-    _, run = _copy(made, tmp_path)
+    clips, run = _copy(made, tmp_path)
     shutil.rmtree(run / "checkpoints" / "epoch_0002")
     (run / "checkpoints" / "epoch_0001" / "train_state.pt").unlink()
     with pytest.warns(UserWarning, match="round 0"):
-        assert _main(["train", "--out", str(run), "--resume", "auto"]) == 0
+        assert _resume(run, clips) == 0
     assert _state(run)["epoch"] == 2 and sorted(_epochs(run)) == [1, 2]
 
 
@@ -252,10 +262,10 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 
 
 def test_second_trainer_on_a_locked_run_refuses(made, tmp_path, capsys):
-    _, run = _copy(made, tmp_path)
+    clips, run = _copy(made, tmp_path)
     atomic_write_json(run / ".lock", {"pid": os.getpid(), "host": socket.gethostname(), "since": 0})
     before = (run / "state.json").read_text()
-    assert _main(["train", "--out", str(run), "--resume", "auto", "epochs=3"]) == 2
+    assert _resume(run, clips, "epochs=3") == 2
     err = capsys.readouterr().err
     assert f"pid {os.getpid()} on host {socket.gethostname()}" in err
     assert (run / "state.json").read_text() == before
@@ -278,13 +288,13 @@ def test_train_out_into_a_foreign_folder_is_refused(made, tmp_path, capsys):
 def test_state_paths_must_stay_inside_the_run(made, tmp_path, capsys):
     from rest_fast.eval.checkpoint import CheckpointError, resolve_checkpoint
 
-    _, run = _copy(made, tmp_path)
+    clips, run = _copy(made, tmp_path)
     outside = tmp_path / "outside" / "epoch_0002"
     shutil.copytree(run / "checkpoints" / "epoch_0002", outside)
     state = _state(run)
     for bad in ("../outside/epoch_0002", str(outside)):
         atomic_write_json(run / "state.json", {**state, "checkpoint": bad})
-        assert _main(["train", "--out", str(run), "--resume", "auto"]) == 2
+        assert _resume(run, clips) == 2
         assert "inside" in capsys.readouterr().err
         with pytest.raises(CheckpointError, match="inside"):
             resolve_checkpoint(run)
@@ -317,19 +327,18 @@ def test_bad_files_threshold_checked_after_features_and_changeable_on_resume(mad
     recorded by the run must still stop a resume under a 10% threshold before any training starts."""
     from rest_fast.train.loop import Trainer
 
-    _, run = _copy(made, tmp_path)
+    clips, run = _copy(made, tmp_path)
 
     def too_late(self):
         raise AssertionError("the threshold was not checked before training")
 
     with monkeypatch.context() as m:
         m.setattr(Trainer, "setup_training", too_late)
-        code, msg = _main_or_bad(["train", "--out", str(run), "--resume", "auto", "epochs=3",
-                                  "bad_files_threshold=0.1"], capsys)
+        code, msg = _main_or_bad(_resume_args(run, clips, "epochs=3", "bad_files_threshold=0.1"), capsys)
     assert code == 2 and "1 of 7 videos cannot be read" in msg and "broken.mp4" in msg
     assert _state(run)["epoch"] == 2
     # raising the threshold on resume is allowed
-    assert _main(["train", "--out", str(run), "--resume", "auto", "epochs=3", "bad_files_threshold=0.3"]) == 0
+    assert _resume(run, clips, "epochs=3", "bad_files_threshold=0.3") == 0
     assert _state(run)["epoch"] == 3
 
 
