@@ -78,7 +78,7 @@ def ensure_tiny_blip(save_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
 
 def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistEnv):
     """(GARModel on ``env.device`` in fp32, FrozenCLIP on ``env.device``)."""
-    from rest_fast.clip import FrozenCLIP, tiny_clip
+    from rest_fast.clip import FrozenCLIP, pretrained_for, tiny_clip
     from rest_fast.models import GARModel
 
     model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames, adapter_layers=cfg.adapter_layers_value())
@@ -91,7 +91,7 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
         size = cfg.image_size if cfg.image_size % 8 == 0 else 32
         clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)
     else:
-        clip = FrozenCLIP(clip_source, pretrained=cfg.clip_pretrained, device=env.device,
+        clip = FrozenCLIP(clip_source, pretrained=pretrained_for(clip_source, cfg.clip_pretrained), device=env.device,
                           batch_size=cfg.eval_batch_size)
     return model, clip
 
