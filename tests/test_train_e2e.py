@@ -22,7 +22,7 @@ import torch
 SMALL = ["demo_videos_per_class=2", "demo_frames=8", "num_frames=2", "epochs=2", "epochs_per_round=1",
          "batch_size=6", "num_beams=1", "max_length=8", "min_length=2", "prompts=[a video of, someone is]",
          "num_neighbours=4", "progress=false",
-         "blip=tiny", "clip=tiny", "clip_pretrained=none"]  # the random-init fixture (old demo clips)
+         "blip=tiny", "clip=tiny", "clip_pretrained=none", "k=3"]  # the random-init fixture (old demo clips)
 
 
 def _env() -> dict:
