@@ -8,7 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from rest_fast.errors import UserError, one_line
+
+# Ordinary path mistakes surface as these wherever a file is opened; they name the path, so main() reports
+# them as one line too. Everything else (a bug) keeps its traceback.
+_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a :class:`UserError` (one line from :func:`main`), not usage + exit."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -46,6 +60,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from rest_fast.data.shards import prepare
 
+    out = os.path.expanduser(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    if not os.path.exists(args.data):
+        raise UserError(f"--data {args.data} does not exist")
     res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None, quality=args.quality,
                   workers=args.workers, shard_size=args.shard_size, data_root=args.data_root,
                   progress=not args.no_progress)
@@ -53,6 +72,46 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
           f"(bad_files.tsv); {res.decoded_now} decoded in {res.seconds:.1f} s"
           + (f", resumed at video {res.resumed_from}" if res.resumed_from else ""))
     return 0
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+    """argparse type: an int in ``[lo, hi]`` (the message names the allowed range)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
+        return v
+
+    return parse
+
+
+def _byte_size(text: str) -> str:
+    """argparse type for ``--shard-size``: checked here (``1GB``, ``500MB``, a byte count), passed on as given."""
+    from rest_fast.data.shards.prepare import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 1GB, 500MB or 1e9, got {text!r}") from None
+    return text
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a finite number in [0, 1]."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not (math.isfinite(v) and 0 <= v <= 1):
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return v
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
@@ -91,7 +150,7 @@ def _add_set_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rest-fast",
         description="REST: label-free self-training of a generative action recognizer (BLIP + temporal adapters).",
     )
@@ -166,24 +225,48 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of class sub-folders, or a list of 'path [label]' lines")
     p_prep.add_argument("--data-root", metavar="DIR", help="root of a --data list's paths (default: its folder)")
     p_prep.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p_prep.add_argument("--frames", type=int, default=32, help="F, frames kept per video (>= the T used later; 32)")
-    p_prep.add_argument("--short-side", type=int, default=256, help="resize the shorter side to this (0 = keep; 256)")
-    p_prep.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    p_prep.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
-    p_prep.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
+    p_prep.add_argument("--frames", type=_int_at_least(1), default=32,
+                        help="F, frames kept per video (>= the T used later; 32)")
+    p_prep.add_argument("--short-side", type=_int_at_least(0), default=256,
+                        help="resize the shorter side to this (0 = keep; 256)")
+    p_prep.add_argument("--quality", type=_int_at_least(1, 100), default=90, help="JPEG quality, 1-100 (default 90)")
+    p_prep.add_argument("--workers", type=_int_at_least(0), help="decoding processes (default: all CPU cores; "
+                        "0 = in this process)")
+    p_prep.add_argument("--shard-size", type=_byte_size, default="1GB",
+                        help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
     p_prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_prep.set_defaults(func=_cmd_prepare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command. An ordinary mistake (:class:`rest_fast.errors.UserError`, or a path that is missing or
+    of the wrong kind) prints ONE line ``rest-fast CMD: error: ...`` on stderr and returns 2; set
+    ``REST_FAST_DEBUG=1`` to get the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    prog = f"rest-fast {command}" if command else "rest-fast"
+    try:
+        return _run(build_parser(), argv)
+    except (UserError, *_PATH_ERRORS) as exc:
+        if os.environ.get("REST_FAST_DEBUG"):
+            raise
+        msg = one_line(exc)
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+            msg = f"{exc.filename}: {exc.strerror}"
+        for p in (f"{prog}: ", "rest-fast: "):  # argparse prefixes its messages with the program name
+            msg = msg[len(p):] if msg.startswith(p) else msg
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # `train` takes key=value overrides anywhere among its flags: argparse alone accepts positionals
     # only in one run, so the ones it leaves over are handed to the command (which validates them).
     args, extra = parser.parse_known_args(argv)
     if extra:
         if getattr(args, "command", None) != "train" or any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (see `rest-fast --help`)")
         args.overrides = [*(args.overrides or []), *extra]
     if not getattr(args, "func", None):
         parser.print_help()

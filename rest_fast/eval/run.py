@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from rest_fast.errors import UserError
+
 __all__ = [
     "EvalSet",
     "CaptionSettings",
@@ -130,6 +132,9 @@ def _data_set(data: str, classes: str | None, data_root: str | None) -> EvalSet:
     elif p.is_dir():
         index = VideoIndex.from_folder(p)
         root = p
+        if index.labels is None:
+            raise UserError(f"--data {data}: its videos have no labels (no class sub-folders); eval needs "
+                            "labelled videos: one sub-folder per class, or a list file with --classes")
         names = list(index.class_names)
         if classes is not None:
             names = read_classes(classes)
@@ -147,6 +152,10 @@ def _data_set(data: str, classes: str | None, data_root: str | None) -> EvalSet:
             raise ValueError(f"--data {data}: lines must be 'relative/path label' (eval needs labels)")
     else:
         raise FileNotFoundError(f"--data {data}: neither a folder of class sub-folders nor a list file")
+    if index.labels is not None and index.num_unlabelled:  # loose videos beside class folders: not evaluable
+        print(f"note: --data {data}: {index.num_unlabelled} unlabelled videos left out of the evaluation",
+              file=sys.stderr)
+        index = _labelled_only(index)
     labels = index.labels or []
     bad = sorted({y for y in labels if not 0 <= y < len(names)})
     if bad:
@@ -155,6 +164,16 @@ def _data_set(data: str, classes: str | None, data_root: str | None) -> EvalSet:
     missing = [os.path.relpath(q, root) for q in index.missing]
     name = p.name if p.is_dir() else p.stem
     return EvalSet(name, None, names, list(zip(index.paths, labels)), rel, missing)
+
+
+def _labelled_only(index):
+    """The labelled entries of a partly labelled index, as a plain VideoIndex (a prepared index's paths stay
+    registered, so they still read from its shards); the missing list is kept."""
+    from rest_fast.data.index import UNLABELLED, VideoIndex
+
+    keep = [i for i, y in enumerate(index.labels) if y != UNLABELLED]
+    return VideoIndex([index.paths[i] for i in keep], [index.labels[i] for i in keep], index.class_names,
+                      list(index.missing))
 
 
 def build_sets(*, protocol: str | None = None, data_root: str | None = None, split=None,

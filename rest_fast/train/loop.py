@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.run.config import TrainConfig, identity_differences
+from rest_fast.errors import UserError
+from rest_fast.run.config import TrainConfig, identity_differences, load_run_config
 from rest_fast.run.rundir import (
     CONFIG_FILE,
     RunDir,
@@ -104,7 +105,7 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
     state = run.read_state()
     if state is None:
         return cfg, root, None, None
-    saved = TrainConfig(**_yaml_load(run.config_path))
+    saved = load_run_config(run.config_path)
     diffs = identity_differences(saved, cfg)
     if diffs:
         raise ValueError("the run at {} was made with another config; differing keys:\n  {}".format(root, "\n  ".join(diffs)))
@@ -217,7 +218,7 @@ class Trainer:
         self.n = len(index)
         if self.n < 2:
             missing = f" ({len(index.missing)} listed files are missing, e.g. {index.missing[0]})" if index.missing else ""
-            raise ValueError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}{missing}")
+            raise UserError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}{missing}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said below, once, on rank 0
             from rest_fast.retrieval import cap_neighbours
@@ -233,6 +234,11 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, 11))
         self.model, self.clip = inputs.load_models(self.blip_source, cfg.clip, cfg, env)
         self.inputs = inputs.Inputs(index, cfg, env, blip_source=self.blip_source, clip=self.clip)
+        if self.inputs.labels is None:
+            log(env, "note: the videos have no labels: self-training needs none; CLIP-TAM accuracy is skipped")
+        elif (unlabelled := sum(1 for y in self.inputs.labels if y < 0)):
+            log(env, f"note: {unlabelled} of {self.n} videos are unlabelled: CLIP-TAM accuracy is over the "
+                     f"{self.n - unlabelled} labelled ones")
         log(env, f"REST: {self.n} videos, T={cfg.num_frames}, S={cfg.image_size}, K={cfg.k}, H={self.h}, "
                  f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.num_rounds} rounds), world size {env.world_size}, "
                  f"device {env.device}; run dir {self.run_dir.root}")
@@ -327,7 +333,7 @@ class Trainer:
                        "scores": [round(float(s), 6) for s, c in zip(scores[i], ids[i]) if c >= 0]}
                 if generated is not None:
                     rec["generated"] = generated[i]
-                if self.inputs.labels is not None:
+                if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
                     rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
                 recs.append(rec)
             atomic_write_jsonl(self.run_dir.captions_path(r), recs)
@@ -350,10 +356,15 @@ class Trainer:
             return {}
         from rest_fast.eval.clip_tam import clip_tam
 
-        ids, _ = self.cache.get(np.arange(self.n, dtype=np.int64))
+        # only the labelled videos count (a folder may mix class sub-folders with loose, unlabelled videos)
+        have = np.flatnonzero(np.asarray(self.inputs.labels) >= 0)
+        if have.size == 0:
+            return {}
+        ids, _ = self.cache.get(have.astype(np.int64))
         top = [self.cache.text(int(c)) if c >= 0 else "" for c in ids[:, 0]]
-        labels = np.asarray(self.inputs.labels)
-        out = {}
+        labels = np.asarray(self.inputs.labels)[have]
+        generated = None if generated is None else [generated[i] for i in have]
+        out = {"tam_videos": int(have.size)}
         topk = min(5, len(self.inputs.class_names))
         for name, caps in (("tam", generated), ("tam_pseudo", top)):
             if caps is None:
@@ -507,14 +518,27 @@ class Trainer:
             print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
 
 
+def _discard_failed_start(root: Path) -> None:
+    """Remove the run folder a start that failed on a user error made (it did not exist before this call, so
+    everything in it is ours), unless the run got as far as a complete state."""
+    if root.is_dir() and not (root / "state.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     """Run (or resume) Algorithm 1 with ``cfg``; returns the run directory. Works under torchrun."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = dist_utils.setup(cfg.device)
+    out = Path(cfg.out)
+    fresh = not out.exists()
     try:
         return Trainer(cfg, env, resume=resume).run()
+    except UserError:
+        if fresh and env.is_main:
+            _discard_failed_start(out)
+        raise
     finally:
         dist_utils.cleanup(env)
         torch.set_num_threads(threads)
