@@ -69,9 +69,11 @@ class TrainConfig:
     )
     train_prompt: str = _f("a video of", "prompt the captioner is trained and decoded with", group="rest")
     num_neighbours: int = _f(2000, "H: nearest videos (by CLIP video feature, self excluded) whose captions are candidates; capped at N-1", group="rest")
+    neighbours_include_self: bool = _f(False, "Ω_i holds video i itself plus its H-1 nearest others (H counts it); num_neighbours=1 with this is the paper's 'self-training only' ablation (each video's own captions)", group="rest")
     k: int = _f(3, "K: pseudo-captions kept per video", group="rest")
     epochs_per_round: int = _f(10, "R: self-training epochs between two caption rounds", group="rest")
     epochs: int = _f(60, "total self-training epochs (rounds = epochs / R)", group="rest")
+    final_caption_round: bool = _f(False, "also caption the videos after the final epoch (a round whose captions are never trained on; off saves one captioning pass - evaluate with `rest-fast eval`)", group="rest", runtime=True)
 
     # --- optimisation ------------------------------------------------------------------------
     batch_size: int = _f(64, "global batch size (split over the processes)", group="optim")
@@ -117,6 +119,12 @@ class TrainConfig:
     def num_rounds(self) -> int:
         """Caption rounds after the initial one: one every R epochs, the last one may be shorter."""
         return -(-self.epochs // self.epochs_per_round)
+
+    @property
+    def caption_rounds(self) -> int:
+        """Caption rounds this run generates: :attr:`num_rounds`, less the one after the final epoch unless
+        ``final_caption_round`` (the last round always ends at ``epochs``; nothing trains on its captions)."""
+        return self.num_rounds if self.final_caption_round else self.num_rounds - 1
 
     def round_end_epoch(self, r: int) -> int:
         """Epoch count after which round ``r`` (1-based) generates its captions."""
@@ -229,6 +237,8 @@ DEMO_PRESET: dict[str, Any] = {
     "min_length": 3,
     "eval_batch_size": 16,
     "log_every": 1,
+    # the demo has no eval step: its last round shows the final captions and their CLIP-TAM accuracy
+    "final_caption_round": True,
     "out": "runs/demo",
 }
 

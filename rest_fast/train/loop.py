@@ -223,9 +223,10 @@ class Trainer:
             warnings.simplefilter("ignore")  # said below, once, on rank 0
             from rest_fast.retrieval import cap_neighbours
 
-            self.h = cap_neighbours(cfg.num_neighbours, self.n)
+            self.h = cap_neighbours(cfg.num_neighbours, self.n, exclude_self=not cfg.neighbours_include_self)
         if self.h < cfg.num_neighbours:
-            msg = f"num_neighbours H={cfg.num_neighbours} capped at N-1={self.h} (only {self.n} videos)"
+            cap = "N" if cfg.neighbours_include_self else "N-1"
+            msg = f"num_neighbours H={cfg.num_neighbours} capped at {cap}={self.h} (only {self.n} videos)"
             if env.is_main:
                 warnings.warn(msg, stacklevel=2)
             log(env, f"warning: {msg}")
@@ -240,7 +241,7 @@ class Trainer:
             log(env, f"note: {unlabelled} of {self.n} videos are unlabelled: CLIP-TAM accuracy is over the "
                      f"{self.n - unlabelled} labelled ones")
         log(env, f"REST: {self.n} videos, T={cfg.num_frames}, S={cfg.image_size}, K={cfg.k}, H={self.h}, "
-                 f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.num_rounds} rounds), world size {env.world_size}, "
+                 f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.caption_rounds} rounds), world size {env.world_size}, "
                  f"device {env.device}; run dir {self.run_dir.root}")
 
     # --- Algorithm 1 steps ---------------------------------------------------------------------------
@@ -255,7 +256,8 @@ class Trainer:
         self.video_feats = video_features(
             self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
             key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
-        self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"))
+        self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"),
+                                          include_self=cfg.neighbours_include_self)
         self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device)
         self._record_bad_files()
         log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
@@ -344,7 +346,7 @@ class Trainer:
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
                                       "caption_features": f"features/captions_{r:02d}.npy"})
             acc = f", CLIP-TAM top-1 {tam['tam_top1']:.1%}" if "tam_top1" in tam else ""
-            print(f"round {r}/{cfg.num_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
+            print(f"round {r}/{cfg.caption_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
                   f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
                   f"{stats['cache_size']} captions in cache"
                   f"{acc} [{seconds:.1f} s]", flush=True)
@@ -463,8 +465,8 @@ class Trainer:
     def run(self) -> Path:
         cfg, env = self.cfg, self.env
         t_start = self._last_report = time.time()
-        if self.state is not None and int(self.state["epoch"]) >= cfg.epochs and int(self.state["round"]) >= cfg.num_rounds:
-            log(env, f"{self.run_dir.root} is already complete ({cfg.epochs} epochs, {cfg.num_rounds} rounds); "
+        if self.state is not None and int(self.state["epoch"]) >= cfg.epochs and int(self.state["round"]) >= cfg.caption_rounds:
+            log(env, f"{self.run_dir.root} is already complete ({cfg.epochs} epochs, {cfg.caption_rounds} rounds); "
                      "raise `epochs` to train further")
             return self.run_dir.root
         self.setup()
@@ -484,7 +486,8 @@ class Trainer:
             rnd = 0
         while True:
             nxt = rnd + 1
-            if nxt <= cfg.num_rounds and epoch >= cfg.round_end_epoch(nxt):
+            if nxt <= cfg.caption_rounds and epoch >= cfg.round_end_epoch(nxt):  # no round after the last epoch
+                # unless final_caption_round: its captions would never be trained on
                 self.caption_round(nxt, epoch)
                 rnd = nxt
                 if time.time() - self._last_report > 60:  # keep the report fresh on long runs, cheap on short ones
