@@ -147,6 +147,9 @@ def _add_set_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="LIST_OR_DIR", help="a labelled set: folder of class sub-folders, or a list "
                    "of 'path label' lines (with --classes)")
     g.add_argument("--classes", metavar="FILE", help="class names of a --data list, one a line (or 'index name')")
+    g.add_argument("--max-unreadable", type=_fraction, default=0.05, metavar="FRACTION",
+                   help="fail (exit 2, results still written) when more than this fraction of the videos to "
+                   "evaluate cannot be decoded (default 0.05)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,19 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_ft = sub.add_parser("finetune", help="few-shot (--shots) or supervised (--supervised) fine-tuning with "
                           "class names as captions, then eval",
                           description="Fine-tune the captioner with each video's class name as its caption: "
-                          "few-shot on a protocol's 2/4/8/16-shot list (epochs max(400/M, 30), paper Table 10), "
-                          "or --supervised on a labelled --data set (the class-label GAR baseline); then evaluate.")
+                          "few-shot on a protocol's 2/4/8/16-shot lists, on each of its 3 train/test splits "
+                          "(epochs max(400/M, 30), paper Table 10; top-1/top-5 mean ± std over splits), "
+                          "or --supervised on a labelled --data set (the class-label GAR baseline: 60 epochs at "
+                          "S=224, Table 10); then evaluate.")
     p_ft.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR", help="model to start from (as for eval)")
     _add_set_arguments(p_ft)
     p_ft.add_argument("--shots", type=int, help="M = 2, 4, 8 or 16 videos per class (few-shot)")
     p_ft.add_argument("--supervised", action="store_true", help="train on all of --data (class-label baseline)")
-    p_ft.add_argument("--split", help="evaluation split of --protocol for --supervised (default: all)")
+    p_ft.add_argument("--split", help="few-shot: the train/test split to run, 1, 2, 3 or all (default all: "
+                      "mean ± std); --supervised: the evaluation split of --protocol (default all)")
     p_ft.add_argument("--eval-data", metavar="LIST_OR_DIR", help="labelled set to evaluate on (--supervised)")
     p_ft.add_argument("--eval-classes", metavar="FILE", help="class names of an --eval-data list")
     p_ft.add_argument("--no-eval", action="store_true", help="train only")
     p_ft.add_argument("--out", metavar="DIR", help="output dir: model/, metrics.jsonl, eval/ (default runs/finetune/..)")
     t = p_ft.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, help="default: max(400/M, 30) few-shot, 10 supervised")
+    t.add_argument("--epochs", type=int, help="default: max(400/M, 30) few-shot, 60 supervised (Table 10)")
     t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate, cosine decay (default 2e-5)")
     t.add_argument("--lr-min", type=float, default=2e-8, help="final learning rate (default 2e-8)")
     t.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay (default 1e-3)")

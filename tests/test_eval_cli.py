@@ -111,7 +111,7 @@ def test_eval_protocol_missing_and_corrupt_videos(tiny_gar, hmdb, tmp_path, caps
     out = tmp_path / "hm"
     rc = main(["eval", "--protocol", "hmdb51", "--data-root", str(root), "--split", "all", "--checkpoint",
                str(tiny_gar), "--clip", "tiny", "--out", str(out), "--num-beams", "2", "--max-length", "8",
-               "--min-length", "2", *FAST])
+               "--min-length", "2", "--max-unreadable", "0.2", *FAST])  # 1 corrupt of 9 found
     assert rc == 0
     err = capsys.readouterr().err
     assert "missing" in err and "unreadable" in err

@@ -41,6 +41,8 @@ from rest_fast.errors import UserError
 __all__ = [
     "EvalSet",
     "CaptionSettings",
+    "TooManyUnreadable",
+    "DEFAULT_MAX_UNREADABLE",
     "build_sets",
     "read_classes",
     "caption_videos",
@@ -51,6 +53,13 @@ __all__ = [
     "run_eval",
     "run_caption",
 ]
+
+
+DEFAULT_MAX_UNREADABLE = 0.05  # fraction of the videos to evaluate that may fail to decode before eval fails
+
+
+class TooManyUnreadable(UserError):
+    """More than the allowed fraction of the evaluated videos could not be decoded (results are still written)."""
 
 
 @dataclass
@@ -323,12 +332,17 @@ def format_table(results: dict) -> str:
 def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int, image_size: int,
                    matcher, settings: CaptionSettings | None = None, out: str | os.PathLike | None = None,
                    batch_size: int = 16, device: torch.device | str = "cpu", num_workers: int = 0,
-                   progress: bool = True, info: dict | None = None, verbose: bool = True) -> dict:
+                   progress: bool = True, info: dict | None = None, verbose: bool = True,
+                   max_unreadable: float | None = DEFAULT_MAX_UNREADABLE) -> dict:
     """Caption the union of the sets' videos once, CLIP-TAM each set, write the outputs to ``out``.
 
     ``matcher``: a text encoder with ``encode_text`` (see :func:`rest_fast.eval.matchers.get_matcher`).
     Returns the results dict written to ``results.json`` (without the per-video predictions).
+    Raises :class:`TooManyUnreadable` AFTER writing everything when more than ``max_unreadable`` of the distinct
+    videos found could not be decoded (``None``: never); missing videos are reported, not counted here.
     """
+    if max_unreadable is not None and not (0 <= max_unreadable <= 1):
+        raise UserError(f"--max-unreadable must be a fraction in [0, 1], got {max_unreadable}")
     from rest_fast.data.bad_files import BadFilesReport
     from rest_fast.eval.clip_tam import score_captions
     from rest_fast.eval.metrics import mean_std
@@ -359,7 +373,8 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
                                             "prompt": settings.prompt, "num_beams": settings.num_beams,
                                             "max_length": settings.max_length, "min_length": settings.min_length,
                                             "matcher": repr(matcher)},
-               "sets": [], "summary": {}}
+               "sets": [], "summary": {},
+               "unreadable": {"videos": len(bad), "of": len(unique), "max_fraction": max_unreadable}}
     for s in sets:
         keep = [(p, y, r) for (p, y), r in zip(s.videos, s.rel) if by_path.get(p) is not None]
         unreadable = [r for (p, _), r in zip(s.videos, s.rel) if by_path.get(p) is None]
@@ -404,6 +419,12 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
         results["out"] = str(out_dir)
     if verbose:
         print(table, end="", flush=True)
+    if max_unreadable is not None and len(bad) > max_unreadable * len(unique):
+        where = f" (list in {out_dir / 'bad_files.tsv'})" if out_dir is not None else ""
+        raise TooManyUnreadable(
+            f"{len(bad)} of {len(unique)} videos ({len(bad) / len(unique):.1%}) could not be decoded, more than "
+            f"--max-unreadable {max_unreadable:g}{where}; the accuracy is not comparable - fix or remove them, or "
+            "raise --max-unreadable")
     return results
 
 
@@ -439,7 +460,8 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
              num_beams: int | None = None, max_length: int | None = None, min_length: int | None = None,
              prompt: str | None = None, batch_size: int = 16, num_frames: int | None = None,
              image_size: int | None = None, device: str | None = "auto", out: str | None = None,
-             num_workers: int = 0, progress: bool = True, walk: bool = False, verbose: bool = True) -> dict:
+             num_workers: int = 0, progress: bool = True, walk: bool = False, verbose: bool = True,
+             max_unreadable: float | None = DEFAULT_MAX_UNREADABLE) -> dict:
     """``rest-fast eval`` as a function: resolve ``checkpoint``, build the sets, caption, CLIP-TAM, write.
 
     With neither ``protocol`` nor ``data``, a trainer run is evaluated on the labelled set it trained on (the
@@ -478,7 +500,8 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
             "clip": getattr(clip_model, "name", None)}
     return evaluate_model(model, sets, mean=mean, std=std, num_frames=int(t), image_size=int(size),
                           matcher=text_encoder, settings=settings, out=out_dir, batch_size=batch_size, device=dev,
-                          num_workers=num_workers, progress=progress, info=info, verbose=verbose)
+                          num_workers=num_workers, progress=progress, info=info, verbose=verbose,
+                          max_unreadable=max_unreadable)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -512,7 +535,8 @@ def run_eval(args) -> int:
                            num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
                            prompt=args.prompt, batch_size=args.batch_size, num_frames=args.num_frames,
                            image_size=args.image_size, device=args.device, out=args.out,
-                           num_workers=args.num_workers, progress=not args.no_progress, walk=args.walk)
+                           num_workers=args.num_workers, progress=not args.no_progress, walk=args.walk,
+                           max_unreadable=getattr(args, "max_unreadable", DEFAULT_MAX_UNREADABLE))
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         return _error("eval", exc)
     print(f"results in {res['out']}", file=sys.stderr)
