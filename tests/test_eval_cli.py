@@ -169,8 +169,9 @@ def test_eval_single_split_and_argument_errors(tiny_gar, hmdb, tmp_path, capsys)
     assert "--classes" in capsys.readouterr().err
     assert main(["eval", "--data", str(root), "--checkpoint", str(tmp_path / "nope"), *FAST]) == 2
     assert "no such directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["eval", "--data", str(root)])  # --checkpoint is required
+    assert main(["eval", "--data", str(root)]) == 2  # --checkpoint is required: one line, no usage dump
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--checkpoint" in err[0] and "required" in err[0]
 
 
 def test_eval_list_file_with_indexed_classes(tiny_gar, tmp_path):
