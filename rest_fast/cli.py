@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"rest-fast {command}" if command else "rest-fast"
     try:
         return _run(build_parser(), argv)
-    except (UserError, *_PATH_ERRORS) as exc:
-        if os.environ.get("REST_FAST_DEBUG"):
+    except Exception as exc:
+        if os.environ.get("REST_FAST_DEBUG") or not _user_facing(exc):
             raise
         msg = one_line(exc)
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
@@ -264,6 +264,15 @@ def main(argv: list[str] | None = None) -> int:
             msg = msg[len(p):] if msg.startswith(p) else msg
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _user_facing(exc: BaseException) -> bool:
+    """An ordinary problem with the user's input (reported in one line) rather than a bug (a traceback)."""
+    if isinstance(exc, (UserError, *_PATH_ERRORS)):
+        return True
+    # too many unreadable videos: the loaders' error (its module is loaded whenever it can have been raised)
+    bad_files = sys.modules.get("rest_fast.data.bad_files")
+    return bad_files is not None and isinstance(exc, bad_files.TooManyBadFiles)
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:

@@ -91,6 +91,12 @@ def _setup(case: str, tmp: Path) -> list[str]:
             _two_clips(data)
             (tmp / "f").write_text("x")
             return ["prepare", "--data", str(data), "--out", str(tmp / "f"), "--no-progress"]
+    if case == "prepare_settings_changed":
+        data = _two_clips(tmp / "videos")
+        assert main(["prepare", "--data", str(data), "--out", str(tmp / "p"), "--frames", "4", "--workers", "0",
+                     "--no-progress"]) == 0
+        return ["prepare", "--data", str(data), "--out", str(tmp / "p"), "--frames", "8", "--workers", "0",
+                "--no-progress"]
     if case == "eval_threshold_bad":
         return ["eval", "--checkpoint", str(tmp), "--data", str(tmp), "--max-unreadable", "2"]
     if case == "unknown_flag":
@@ -133,6 +139,7 @@ CASES = {
     "prepare_data_empty": "no video",
     "prepare_out_is_file": "not a folder",
     "eval_threshold_bad": "--max-unreadable",
+    "prepare_settings_changed": "other settings",
     "unknown_flag": "--framez",
 }
 
@@ -189,3 +196,28 @@ def test_debug_env_keeps_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("REST_FAST_DEBUG", "1")
     with pytest.raises(UserError):
         main(["prepare", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quality", "200"])
+
+
+def test_too_many_bad_files_is_one_line(monkeypatch, capsys):
+    """The loaders' bad-files threshold is a data problem: one line with the count, exit 2."""
+    import rest_fast.cli as cli
+    from rest_fast.data.bad_files import TooManyBadFiles
+
+    def boom(args):
+        raise TooManyBadFiles("7 of 20 files are bad (> max_bad_fraction=0.05); see bad_files.tsv")
+
+    monkeypatch.setattr(cli, "_cmd_info", boom)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rest-fast info: error: 7 of 20 files are bad (> max_bad_fraction=0.05); see bad_files.tsv"]
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import rest_fast.cli as cli
+
+    def bug(args):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "_cmd_info", bug)
+    with pytest.raises(KeyError):
+        main(["info"])
