@@ -91,6 +91,10 @@ def _setup(case: str, tmp: Path) -> list[str]:
             _two_clips(data)
             (tmp / "f").write_text("x")
             return ["prepare", "--data", str(data), "--out", str(tmp / "f"), "--no-progress"]
+    if case == "eval_offline_hub":
+        data = _two_clips(tmp / "set" / "growing")
+        return ["eval", "--checkpoint", "Salesforce/not-in-cache", "--data", str(data.parent), "--clip", "tiny",
+                "--device", "cpu", "--no-progress"]
     if case == "prepare_settings_changed":
         data = _two_clips(tmp / "videos")
         assert main(["prepare", "--data", str(data), "--out", str(tmp / "p"), "--frames", "4", "--workers", "0",
@@ -140,16 +144,17 @@ CASES = {
     "prepare_out_is_file": "not a folder",
     "eval_threshold_bad": "--max-unreadable",
     "prepare_settings_changed": "other settings",
+    "eval_offline_hub": "offline, pass --checkpoint with a run directory",
     "unknown_flag": "--framez",
 }
 
 
-LOADS_MODELS = {"adapter_layers_out_of_range", "offline_hub"}
+LOADS_MODELS = {"adapter_layers_out_of_range", "offline_hub", "eval_offline_hub"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys, monkeypatch):
-    if case == "offline_hub":
+    if case in ("offline_hub", "eval_offline_hub"):
         from rest_fast.models import GARModel
 
         def offline(*a, **k):  # what transformers raises without network and without a cached copy

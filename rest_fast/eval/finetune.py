@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.errors import UserError
+from rest_fast.errors import UserError, one_line
 
 __all__ = ["few_shot_epochs", "class_captions", "finetune", "sample_shots", "run_finetune",
            "SUPERVISED_EPOCHS", "SUPERVISED_IMAGE_SIZE"]
@@ -266,7 +266,7 @@ def _run_finetune(args) -> int:
         dev = _device(args.device)
         model = load_model(resolved, dev)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        print(f"rest-fast finetune: error: {exc}", file=sys.stderr)
+        print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path("runs") / "finetune" / plan["name"]
     if out.exists() and not out.is_dir():
@@ -372,7 +372,7 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
                           augment=not args.no_augment, seed=args.seed, prompt=settings.prompt, device=dev,
                           num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch)
     except (ValueError, TooManyBadFiles) as exc:
-        print(f"rest-fast finetune: error: {exc}", file=sys.stderr)
+        print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
         return 2, None
     bad.write(out)
     saved = _save_model(model, resolved.blip_source, out)
@@ -393,7 +393,7 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
                              device=dev, num_workers=args.num_workers, progress=not args.no_progress, info=info,
                              max_unreadable=getattr(args, "max_unreadable", 0.05))
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"rest-fast finetune: evaluation failed: {exc}", file=sys.stderr)
+        print(f"rest-fast finetune: evaluation failed: {one_line(exc)}", file=sys.stderr)
         return 1, None
     print(f"results in {out / 'eval'}", file=sys.stderr)
     return 0, res

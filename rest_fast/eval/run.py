@@ -520,7 +520,9 @@ def cpu_threads(n: int | None):
 
 
 def _error(cmd: str, exc: BaseException) -> int:
-    print(f"rest-fast {cmd}: error: {exc}", file=sys.stderr)
+    from rest_fast.errors import one_line
+
+    print(f"rest-fast {cmd}: error: {one_line(exc)}", file=sys.stderr)
     return 2
 
 
