@@ -63,8 +63,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {args.out} is a file, not a folder")
-    if not os.path.exists(args.data):
-        raise UserError(f"--data {args.data} does not exist")
+    _check_prepare_input(args.data, args.data_root)
     res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None, quality=args.quality,
                   workers=args.workers, shard_size=args.shard_size, data_root=args.data_root,
                   progress=not args.no_progress)
@@ -72,6 +71,30 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
           f"(bad_files.tsv); {res.decoded_now} decoded in {res.seconds:.1f} s"
           + (f", resumed at video {res.resumed_from}" if res.resumed_from else ""))
     return 0
+
+
+def _check_prepare_input(data: str, data_root: str | None) -> None:
+    """Refuse, before anything is written, a ``--data`` that holds no video prepare could read."""
+    import warnings
+
+    from rest_fast.data.index import VideoIndex
+
+    if not os.path.exists(data):
+        raise UserError(f"--data {data} does not exist")
+    if data_root is not None and not os.path.isdir(data_root):
+        raise UserError(f"--data-root {data_root} is not a folder")
+    if os.path.isdir(data):
+        if os.path.isfile(os.path.join(data, "prepared.json")):
+            raise UserError(f"--data {data} is already a prepared folder (train and eval read it as --data)")
+        with warnings.catch_warnings():  # prepare itself says it again
+            warnings.simplefilter("ignore")
+            VideoIndex.from_folder(data)  # raises when it holds no video
+        return
+    root = data_root if data_root is not None else os.path.dirname(os.path.abspath(data))
+    index = VideoIndex.from_list(data, root, skip_missing=True)
+    if not len(index):
+        raise UserError(f"none of the {len(index.missing)} videos listed in {data} exists under {root} "
+                        f"(e.g. {index.missing[0]}); pass --data-root DIR")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

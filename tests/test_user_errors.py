@@ -87,6 +87,11 @@ def _setup(case: str, tmp: Path) -> list[str]:
             return ["prepare", "--data", str(tmp / "nope"), "--out", str(tmp / "shards")]
         if flag == "data_empty":
             return base
+        if flag in ("data_root_missing", "list_all_missing"):
+            (tmp / "list.txt").write_text("a.mp4\nb.mp4\n")
+            root = tmp / ("nope" if flag == "data_root_missing" else "")
+            return ["prepare", "--data", str(tmp / "list.txt"), "--data-root", str(root), "--out",
+                    str(tmp / "shards")]
         if flag == "out_is_file":
             _two_clips(data)
             (tmp / "f").write_text("x")
@@ -141,6 +146,8 @@ CASES = {
     "prepare_workers": "--workers",
     "prepare_data_missing": "does not exist",
     "prepare_data_empty": "no video",
+    "prepare_data_root_missing": "--data-root",
+    "prepare_list_all_missing": "none of the 2 videos",
     "prepare_out_is_file": "not a folder",
     "eval_threshold_bad": "--max-unreadable",
     "prepare_settings_changed": "other settings",
