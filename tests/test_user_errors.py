@@ -54,7 +54,8 @@ def _setup(case: str, tmp: Path) -> list[str]:
     if case == "adapter_layers_negative":
         return ["train", "--out", out, "adapter_layers=-1"]
     if case == "adapter_layers_out_of_range":  # known only once the model is loaded (tiny BLIP: 2 layers)
-        return ["train", "--out", out, "adapter_layers=0,99", "demo_videos_per_class=1", "progress=false"]
+        return ["train", "--out", out, "adapter_layers=0,99", "demo_videos_per_class=1", "demo_frames=4",
+                "demo_resolution=16", "progress=false"]
     if case.startswith("nonfinite_"):
         key, value = case[len("nonfinite_"):].rsplit("_", 1)
         return ["train", "--out", out, f"{key}={value}"]
