@@ -80,16 +80,17 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
              image_size: int, epochs: int, lr: float = 2e-5, lr_min: float = 2e-8, weight_decay: float = 1e-3,
              label_smoothing: float = 0.2, batch_size: int = 64, augment: bool = True, seed: int = 0,
              prompt: str = "a video of", device: torch.device | str = "cpu", num_workers: int = 0,
-             progress: bool = True, on_epoch: Callable[[dict], None] | None = None):
+             progress: bool = True, on_epoch: Callable[[dict], None] | None = None, decoder: str = "pyav"):
     """Train ``model`` in place on ``videos`` = ``[(path, label)]`` with ``class_captions(class_names)[label]``
     as each video's caption. Returns ``(epoch records, bad-files report)``.
 
     Clips are ``[B, T, 3, S, S]`` (``T = num_frames``, ``S = image_size``) normalised with ``mean``/``std``; the
     order and the augmentations are seeded by ``(seed, epoch)``. The loss is :meth:`GARModel.loss` with
-    ``prompt`` (the prompt the model generates with) and ``label_smoothing``.
+    ``prompt`` (the prompt the model generates with) and ``label_smoothing``. ``decoder``: "pyav" or "dali"
+    (:func:`rest_fast.data.shards.make_clip_loader`); ``num_workers`` -1 = from the CPUs.
     """
     from rest_fast.data.index import VideoIndex
-    from rest_fast.data.loader import PyAVClipLoader
+    from rest_fast.data.shards import make_clip_loader
     from rest_fast.run.optim import build_optimizer, build_scheduler, derive_seed
 
     if not videos:
@@ -103,9 +104,9 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
     device = torch.device(device)
     index = VideoIndex.from_paths([p for p, _ in videos], [y for _, y in videos], class_names=list(class_names))
     bs = min(batch_size, len(index))
-    loader = PyAVClipLoader(index, batch_size=bs, mean=mean, std=std, num_frames=num_frames, size=image_size,
-                            train=augment, shuffle=True, drop_last=False, seed=seed, device=device,
-                            num_workers=num_workers)
+    loader = make_clip_loader(index, decoder=decoder, batch_size=bs, mean=mean, std=std, num_frames=num_frames,
+                              size=image_size, train=augment, shuffle=True, drop_last=False, seed=seed, device=device,
+                              num_workers=num_workers)
     steps = len(loader) * epochs
     optimizer = build_optimizer(model, lr, weight_decay, (0.9, 0.98))
     scheduler = build_scheduler(optimizer, steps, 0, lr, lr_min)
@@ -256,7 +257,7 @@ def _run_finetune(args) -> int:
         pixel_normalisation,
         resolve_checkpoint,
     )
-    from rest_fast.eval.run import _device, _settings
+    from rest_fast.eval.run import _device, _settings, resolve_decoder
 
     try:
         plan = _plan(args)
@@ -264,6 +265,7 @@ def _run_finetune(args) -> int:
         settings = _settings(resolved, args.num_beams, args.max_length, args.min_length, args.prompt)
         settings.validate()
         dev = _device(args.device)
+        decoder = resolve_decoder(args.decoder, dev, "finetune")
         model = load_model(resolved, dev)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
@@ -288,7 +290,8 @@ def _run_finetune(args) -> int:
         if len(runs) > 1:
             print(f"== split {run['split']} ({k + 1}/{len(runs)}): training list {run['train_list']}",
                   file=sys.stderr, flush=True)
-        rc, res = _train_and_eval(args, plan, run, model, resolved, settings, dev, run_out, t, size, mean, std)
+        rc, res = _train_and_eval(args, plan, run, model, resolved, settings, dev, run_out, t, size, mean, std,
+                                  decoder)
         if rc:
             return rc
         per_split.append((run, res))
@@ -327,7 +330,7 @@ def _write_split_summary(out: Path, plan: dict, per_split: list) -> dict:
 
 
 def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev, out: Path, t: int, size: int,
-                    mean, std) -> tuple[int, dict | None]:
+                    mean, std, decoder: str = "pyav") -> tuple[int, dict | None]:
     """Fine-tune ``model`` on ``run["train"]``, save it to ``out/model``, evaluate on ``run["eval_sets"]``.
     Returns ``(exit code, evaluation results or None)``."""
     from rest_fast.atomic_io import atomic_write_json, atomic_write_text
@@ -370,7 +373,8 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
                           epochs=plan["epochs"], lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
                           label_smoothing=args.label_smoothing, batch_size=args.train_batch_size,
                           augment=not args.no_augment, seed=args.seed, prompt=settings.prompt, device=dev,
-                          num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch)
+                          num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch,
+                          decoder=decoder)
     except (ValueError, TooManyBadFiles) as exc:
         print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
         return 2, None
@@ -391,7 +395,7 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
         res = evaluate_model(model, run["eval_sets"], mean=mean, std=std, num_frames=t, image_size=size,
                              matcher=matcher, settings=settings, out=out / "eval", batch_size=args.batch_size,
                              device=dev, num_workers=args.num_workers, progress=not args.no_progress, info=info,
-                             max_unreadable=getattr(args, "max_unreadable", 0.05))
+                             decoder=decoder, max_unreadable=getattr(args, "max_unreadable", 0.05))
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"rest-fast finetune: evaluation failed: {one_line(exc)}", file=sys.stderr)
         return 1, None

@@ -57,8 +57,10 @@ class TrainConfig:
     num_frames: int = _f(8, "T: frames sampled uniformly per clip", group="data")
     image_size: int = _f(224, "S: frame size fed to the captioner (CLIP frames are resized to CLIP's own size)", group="data")
     augment: bool = _f(True, "Table 10 augmentations while self-training (flip, multi-scale crop, colour jitter, grayscale)", group="data")
-    num_workers: int = _f(4, "decoding workers per process", group="data", runtime=True)
+    num_workers: int = _f(-1, "decoding worker processes per rank (-1 = from the CPUs: CPUs available / local ranks - 1; never more than the CPUs available; 0 = in the main process)", group="data", runtime=True)
     decoder: str = _f("auto", "video decoding: 'auto' (DALI on the GPU when a CUDA device and DALI are present, else the CPU path), 'dali' or 'pyav'", group="data", runtime=True)
+    prefetch_factor: int = _f(2, "batches each decoding worker prepares ahead (DataLoader prefetch_factor: num_workers x this batches wait in shared memory); DALI keeps min(this, 4) batches in flight", group="data", runtime=True)
+    decode_timeout_s: float = _f(60.0, "a clip whose decoding takes longer than this is a bad file (recorded, replaced) instead of stalling the rank; 0 = no limit", group="data", runtime=True)
     bad_files_threshold: float = _f(0.05, "stop with an error when more than this fraction of the videos cannot be decoded", group="data")
 
     # --- Algorithm 1 -------------------------------------------------------------------------
@@ -182,9 +184,18 @@ def validate_config(cfg: TrainConfig, *, check_paths: bool = False) -> TrainConf
     for name in positive:
         if getattr(cfg, name) < 1:
             raise bad(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("num_workers", "warmup_steps", "report_videos", "min_length", "threads"):
+    for name in ("warmup_steps", "report_videos", "min_length", "threads"):
         if getattr(cfg, name) < 0:
             raise bad(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.num_workers < -1:
+        raise bad(f"num_workers must be >= 0, or -1 for the default from the CPUs; got {cfg.num_workers}")
+    if cfg.prefetch_factor < 1:
+        raise bad(f"prefetch_factor must be >= 1, got {cfg.prefetch_factor}")
+    if not math.isfinite(cfg.decode_timeout_s) or cfg.decode_timeout_s < 0:
+        raise bad(f"decode_timeout_s must be >= 0 (0 = no limit), got {cfg.decode_timeout_s}")
+    # the names of rest_fast.data.select.DECODERS (not imported: this module stays torch-free)
+    if str(cfg.decoder).strip().lower() not in ("auto", "dali", "pyav"):
+        raise bad(f"decoder must be one of auto, dali, pyav; got {cfg.decoder!r}")
     if not 0 < cfg.lr:
         raise bad(f"lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.lr_min <= cfg.lr:

@@ -94,6 +94,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if cfg.decoder.strip().lower() == "dali":  # fail before any work when DALI is asked for and absent
+        from rest_fast.data.select import dali_status
+
+        ok, why = dali_status()
+        if not ok:
+            print(f"rest-fast train: error: decoder=dali: {why}; pip install -e '.[dali]' or use --decoder pyav",
+                  file=sys.stderr)
+            return 2
     from rest_fast.train.loop import RunExistsError, train
 
     out_given = getattr(args, "cfg__out", None) is not None or "out" in parse_key_values(list(args.overrides or []))
