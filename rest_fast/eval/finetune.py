@@ -90,7 +90,7 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
     (:func:`rest_fast.data.shards.make_clip_loader`); ``num_workers`` -1 = from the CPUs.
     """
     from rest_fast.data.index import VideoIndex
-    from rest_fast.data.shards import make_clip_loader
+    from rest_fast.data.shards import make_clip_loader, prepared_index_of
     from rest_fast.run.optim import build_optimizer, build_scheduler, derive_seed
 
     if not videos:
@@ -102,7 +102,11 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
         raise ValueError(f"need lr > 0 and 0 <= lr-min <= lr, got lr={lr}, lr-min={lr_min}")
     captions = class_captions(class_names)
     device = torch.device(device)
-    index = VideoIndex.from_paths([p for p, _ in videos], [y for _, y in videos], class_names=list(class_names))
+    paths, labels = [p for p, _ in videos], [y for _, y in videos]
+    # videos of a prepared --data folder are read from its shards (as train and eval do), others by PyAV
+    index = prepared_index_of(paths, labels, list(class_names))
+    if index is None:
+        index = VideoIndex.from_paths(paths, labels, class_names=list(class_names))
     bs = min(batch_size, len(index))
     loader = make_clip_loader(index, decoder=decoder, batch_size=bs, mean=mean, std=std, num_frames=num_frames,
                               size=image_size, train=augment, shuffle=True, drop_last=False, seed=seed, device=device,

@@ -523,6 +523,10 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
     from rest_fast.eval.matchers import get_matcher
 
     resolved = resolve_checkpoint(checkpoint)
+    if verbose and resolved.kind == "run":  # say which weights are evaluated (never silently an older epoch)
+        note = f" ({resolved.note})" if resolved.note else ""
+        print(f"evaluating run {resolved.run_dir} at epoch {resolved.epoch} ({resolved.weights.parent.name}){note}",
+              flush=True)
     if protocol is None and data is None:
         if resolved.data is None:
             raise ValueError("pass --protocol NAME --data-root DIR or --data LIST_OR_DIR (only a trainer run "

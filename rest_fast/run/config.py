@@ -61,7 +61,7 @@ class TrainConfig:
     decoder: str = _f("auto", "video decoding: 'auto' (DALI on the GPU when a CUDA device and DALI are present, else the CPU path), 'dali' or 'pyav'", group="data", runtime=True)
     prefetch_factor: int = _f(2, "batches each decoding worker prepares ahead (DataLoader prefetch_factor: num_workers x this batches wait in shared memory); DALI keeps min(this, 4) batches in flight", group="data", runtime=True)
     decode_timeout_s: float = _f(60.0, "a clip whose decoding takes longer than this is a bad file (recorded, replaced) instead of stalling the rank; 0 = no limit", group="data", runtime=True)
-    bad_files_threshold: float = _f(0.05, "stop with an error when more than this fraction of the videos cannot be decoded", group="data")
+    bad_files_threshold: float = _f(0.05, "stop with an error when more than this fraction of the videos cannot be decoded (checked after indexing and after the features pass)", group="data", runtime=True)
 
     # --- Algorithm 1 -------------------------------------------------------------------------
     prompts: list[str] = _f(
@@ -387,6 +387,33 @@ def resolve_config(*, yaml_file: str | Path | None = None, overrides: dict[str, 
     for layer in layers:
         cfg = apply_overrides(cfg, layer)
     return validate_config(cfg, check_paths=True)
+
+
+def runtime_keys() -> list[str]:
+    """Keys a resumed run may change (plus ``epochs``, which may grow to extend a finished run)."""
+    return [f.name for f in config_fields() if f.metadata.get("runtime")] + ["epochs"]
+
+
+def resume_config(saved: TrainConfig, *, yaml_file: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config of a resumed run: the run's saved config, then the YAML file and overrides given with
+    ``--resume`` — which may only change runtime keys (and ``epochs``). No demo preset is applied: the run
+    already says what it is. A given key that would change the run's identity raises ``ValueError``
+    naming each such key with both values, and the keys that may change."""
+    layers: list[dict[str, Any]] = []
+    if yaml_file is not None:
+        layers.append(load_yaml(yaml_file))
+    layers.append(dict(overrides or {}))
+    cfg = saved
+    for layer in layers:
+        cfg = apply_overrides(cfg, layer)
+    changed = identity_differences(saved, cfg)
+    if changed:
+        raise ValueError(
+            "these keys define the run and cannot change on --resume:\n  " + "\n  ".join(changed)
+            + "\n(keys that may change: " + ", ".join(runtime_keys())
+            + "; start a new run with another --out to change the others)")
+    return cfg
 
 
 def identity_differences(a: TrainConfig, b: TrainConfig) -> list[str]:

@@ -79,7 +79,7 @@ def ensure_tiny_blip(save_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
 
 def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistEnv):
     """(GARModel on ``env.device`` in fp32, FrozenCLIP on ``env.device``)."""
-    from rest_fast.clip import FrozenCLIP, tiny_clip
+    from rest_fast.clip import FrozenCLIP, pretrained_for, tiny_clip
     from rest_fast.models import GARModel
 
     try:
@@ -97,8 +97,8 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
         clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)
     else:
         try:
-            clip = FrozenCLIP(clip_source, pretrained=cfg.clip_pretrained, device=env.device,
-                              batch_size=cfg.eval_batch_size)
+            clip = FrozenCLIP(clip_source, pretrained=pretrained_for(clip_source, cfg.clip_pretrained),
+                              device=env.device, batch_size=cfg.eval_batch_size)
         except OSError as exc:
             raise _model_error("CLIP", clip_source, exc) from None
     return model, clip

@@ -51,6 +51,7 @@ __all__ = [
     "make_clip_loader",
     "register_prepared",
     "is_registered_prepared",
+    "prepared_index_of",
     "read_clip_any",
 ]
 
@@ -115,6 +116,19 @@ def register_prepared(index: PreparedIndex) -> None:
 def is_registered_prepared(path) -> bool:
     """True when ``path`` is a source path of a prepared index given to :func:`register_prepared`."""
     return str(path) in _REGISTRY
+
+
+def prepared_index_of(paths, labels=None, class_names=None) -> PreparedIndex | None:
+    """A :class:`PreparedIndex` over ``paths`` (in that order, with ``labels``) when every path is a video of
+    one registered prepared set (:func:`register_prepared`), else None. Lets code that passes videos around
+    as ``(path, label)`` pairs read them from the shards again."""
+    hits = [_REGISTRY.get(str(p)) for p in paths]
+    if not hits or any(h is None for h in hits) or len({id(h[0]) for h in hits}) != 1:
+        return None
+    base = hits[0][0]
+    return PreparedIndex([str(p) for p in paths], None if labels is None else [int(y) for y in labels],
+                         list(class_names) if class_names is not None else base.class_names,
+                         entries=[base.entries[k] for _, k in hits], root=base.root, info=base.info)
 
 
 def read_clip_any(path: str, num_frames: int = 8, *, size: int = 224, train: bool = False, seed: int | None = None,

@@ -73,6 +73,12 @@ def is_prepared_dir(path: str | os.PathLike) -> bool:
         return False
 
 
+def _is_shard_name(name) -> bool:
+    """A plain ``*.tar`` file name (no folder part, no ``..``): what prepare writes."""
+    return (isinstance(name, str) and name.endswith(".tar") and os.path.basename(name) == name
+            and "\\" not in name and not name.startswith("."))
+
+
 @dataclass
 class PreparedIndex(VideoIndex):
     """A :class:`VideoIndex` over a prepared directory: ``paths``/``labels``/``class_names`` of the stored
@@ -100,6 +106,10 @@ class PreparedIndex(VideoIndex):
         info = json.loads((root / "prepared.json").read_text())
         with open(root / "index.jsonl", encoding="utf-8") as f:
             entries = [json.loads(line) for line in f if line.strip()]
+        # shard names are joined to the folder: a hand-edited or planted index must not point outside it
+        for name in [e.get("shard") for e in entries] + list(info.get("shards") or []):
+            if not _is_shard_name(name):
+                raise ValueError(f"{root}/index.jsonl: shard {name!r} is not a file name inside {root}")
         bad: dict[str, str] = {}
         bf = root / "bad_files.json"
         if bf.is_file():
