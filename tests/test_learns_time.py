@@ -27,7 +27,7 @@ def _write(root, n_per_class: int, seed: int) -> list[tuple[str, int]]:
             rng = np.random.default_rng([seed, y, j])
             spec = world.random_spec(rng, (action,))
             path = root / world.folder_name(action) / f"{j:02d}.mp4"
-            write_video(path, world.render_clip(spec, rng, frames=T, size=SIZE))
+            write_video(path, world.render_clip(spec, rng, frames=T, size=SIZE), all_intra=True)
             out.append((str(path), y))
     return out
 
@@ -50,17 +50,19 @@ def _train_and_score(adapter_layers, train, test) -> tuple[float, list[float]]:
     src = str(demo_blip_dir())
     mean, std = blip_normalisation(src)
     torch.manual_seed(0)
-    model = GARModel.from_pretrained(src, num_frames=T, adapter_layers=adapter_layers)
+    model = GARModel.from_pretrained(src, num_frames=T, adapter_layers=adapter_layers)  # paper init N(0, 1e-3)
+    # The per-frame ViT stays frozen, so order can only enter through the adapters (the decoder still learns the
+    # class names): with the ViT trainable the tiny demo BLIP fits the 160 clips without using time.
+    model.blip.vision_model.requires_grad_(False)
     names = [world.folder_name(a) for a in world.ORDERED_ACTIONS]
-    records, _ = finetune(model, train, names, mean=mean, std=std, num_frames=T, image_size=SIZE, epochs=20,
-                          lr=3e-3, lr_min=1e-5, batch_size=8, augment=False,  # a flip would swap left and right
-                          label_smoothing=0.1, seed=0, progress=False)
+    # A larger lr than the paper's (its 2e-5 is for a pretrained BLIP-base over many steps): 800 steps here.
+    records, _ = finetune(model, train, names, mean=mean, std=std, num_frames=T, image_size=SIZE, epochs=40,
+                          lr=4e-3, lr_min=1e-5, batch_size=8, augment=False,  # a flip would swap left and right
+                          label_smoothing=0.0, seed=0, progress=False)
     return _accuracy(model, test, class_captions(names), mean, std), [r["loss"] for r in records]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open (issue 15): measured 38% with adapters vs 50% without after 40 epochs "
-                   "(5 min CPU); the adapters do not yet learn order at this budget")
 def test_temporal_adapters_learn_order(tmp_path, monkeypatch):
     import rest_fast.nn.temporal_adapter as ta
 
@@ -72,10 +74,13 @@ def test_temporal_adapters_learn_order(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ta, "temporal_dwconv3d", spy)
+    # The op's CPU path is its float reference (F.conv3d): the interpreted Triton kernel (tested against it in
+    # tests/test_dwconv3d*.py) would take ~10 min of CPU for these 800 steps.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train = _write(tmp_path / "train", 12, seed=1)
+        train = _write(tmp_path / "train", 40, seed=1)
         test = _write(tmp_path / "test", 8, seed=2)
         with_adapters, losses = _train_and_score("all", train, test)
         n_calls = len(calls)
