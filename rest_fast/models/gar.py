@@ -336,21 +336,23 @@ class GARModel(nn.Module):
         target token ids and rows; and each row's number of scored tokens. Raises ``ValueError`` when ``max_length``
         leaves some caption no token after the prompt.
         """
-        n_prompt = len(self.prompt_ids(prompt))  # BOS + prompt tokens
+        import numpy as np  # host arithmetic in numpy: it never touches (or waits for) the device
+
+        n_prompt = len(self.tokenizer(prompt.lower()).input_ids) - 1  # BOS + prompt tokens (see prompt_ids)
         texts = [f"{prompt} {c}".lower().strip() for c in captions]
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-        ids = enc.input_ids.to(torch.int64)
-        mask = enc.attention_mask.to(torch.int64)
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np")
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        mask = np.asarray(enc["attention_mask"], dtype=np.int64)
         ids[:, 0] = self.bos_token_id
-        scored = mask[:, 1:].bool()
+        scored = mask[:, 1:].astype(bool)
         scored[:, : n_prompt - 1] = False
         counts = scored.sum(1)
-        if bool((counts == 0).any()):  # host tensors: no device sync
+        if (counts == 0).any():
             raise ValueError(f"max_length={max_length} leaves no caption token after the prompt for some captions")
-        pos = scored.reshape(-1).nonzero().squeeze(1)
+        pos = np.flatnonzero(scored)
         targets = ids[:, 1:].reshape(-1)[pos]
         row = pos // scored.shape[1]
-        return ids, mask, pos, targets, row, counts.to(torch.float32)
+        return tuple(torch.from_numpy(a) for a in (ids, mask, pos, targets, row, counts.astype(np.float32)))
 
     def forward(self, videos: torch.Tensor, captions: Sequence[str], **kwargs) -> LossOutput:
         """Same as :meth:`loss`."""

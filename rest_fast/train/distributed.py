@@ -63,8 +63,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE`` > 1), else a 1-process env."""
+def setup(device: str = "auto", timeout_s: float = 3600.0) -> DistEnv:
+    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE`` > 1), else a 1-process env.
+
+    ``timeout_s``: how long a collective waits for the slowest rank before failing (config ``nccl_timeout``).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,7 +75,11 @@ def setup(device: str = "auto") -> DistEnv:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        if timeout_s <= 0:
+            raise ValueError(f"nccl_timeout must be > 0 seconds, got {timeout_s}")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -131,6 +138,34 @@ def all_reduce_mean(env: DistEnv, value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t.item()) / env.world_size
+
+
+def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks (a new tensor on ``t``'s device; ``t`` itself when not distributed)."""
+    if not env.distributed:
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What ``amp`` means on a device: ``autocast`` — the captioner and CLIP calls run under bf16 autocast;
+    ``clip_dtype`` — the frozen CLIP's weight dtype (``None`` = its default: bf16/fp16 on CUDA, fp32 on CPU)."""
+
+    autocast: bool
+    clip_dtype: torch.dtype | None
+
+
+def precision(device: torch.device, amp: bool) -> Precision:
+    """The precision decisions for ``device`` under config ``amp`` (pure: testable for CUDA without a GPU).
+
+    ``amp=False`` on CUDA is fp32 everywhere: no autocast in the model, CLIP weights in fp32.
+    """
+    if device.type != "cuda":
+        return Precision(autocast=False, clip_dtype=torch.float32)
+    return Precision(autocast=True, clip_dtype=None) if amp else Precision(autocast=False, clip_dtype=torch.float32)
 
 
 def autocast(device: torch.device, enabled: bool = True):

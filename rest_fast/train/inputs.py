@@ -78,7 +78,12 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     from rest_fast.clip import FrozenCLIP, tiny_clip
     from rest_fast.models import GARModel
 
+    from rest_fast.train.distributed import precision
+
+    prec = precision(env.device, cfg.amp)
     model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames, adapter_layers=cfg.adapter_layers_value())
+    model.autocast = prec.autocast  # amp=false: fp32 on CUDA too
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(env.device)
     vis = model.blip.config.vision_config
     if cfg.image_size != vis.image_size and env.is_main:
@@ -86,10 +91,11 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
               "position embeddings are interpolated to the frame size", flush=True)
     if clip_source == TINY:
         size = cfg.image_size if cfg.image_size % 8 == 0 else 32
-        clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)
+        clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size,
+                         dtype=prec.clip_dtype)
     else:
         clip = FrozenCLIP(clip_source, pretrained=cfg.clip_pretrained, device=env.device,
-                          batch_size=cfg.eval_batch_size)
+                          batch_size=cfg.eval_batch_size, dtype=prec.clip_dtype)
     return model, clip
 
 

@@ -381,8 +381,7 @@ class Trainer:
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            self.train_module = DDP(self.loss_module, device_ids=ids)
+            self.train_module = DDP(self.loss_module, **ddp_options(env))
         else:
             self.train_module = self.loss_module
 
@@ -507,12 +506,24 @@ class Trainer:
             print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
 
 
+def ddp_options(env: DistEnv) -> dict:
+    """DDP arguments of the self-training module.
+
+    ``gradient_as_bucket_view``: gradients are views into the all-reduce buckets (no second copy of the gradients,
+    no bucket↔grad copies). ``static_graph``: every step uses the same parameters in the same order (the loss runs
+    the whole captioner; no branch skips a layer), which lets DDP overlap and skip the unused-parameter search, and
+    is valid with non-reentrant activation checkpointing.
+    """
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return {"device_ids": ids, "gradient_as_bucket_view": True, "static_graph": True}
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     """Run (or resume) Algorithm 1 with ``cfg``; returns the run directory. Works under torchrun."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    env = dist_utils.setup(cfg.device)
+    env = dist_utils.setup(cfg.device, timeout_s=cfg.nccl_timeout)
     try:
         return Trainer(cfg, env, resume=resume).run()
     finally:
