@@ -77,7 +77,6 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     """(GARModel on ``env.device`` in fp32, FrozenCLIP on ``env.device``)."""
     from rest_fast.clip import FrozenCLIP, tiny_clip
     from rest_fast.models import GARModel
-
     from rest_fast.train.distributed import precision
 
     prec = precision(env.device, cfg.amp)
