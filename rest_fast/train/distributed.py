@@ -132,6 +132,47 @@ def gather_rows(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes_i)], dim=0)
 
 
+def gather_rows_into(env: DistEnv, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out [n, ...]`` in place from every rank's block: rank r has written rows ``shard_range(n, r)``
+    of ``out`` and they are broadcast from it straight into the same rows everywhere (no padded or concatenated
+    copy). CPU tensors on gloo, CUDA tensors on NCCL."""
+    if not env.distributed:
+        return out
+    n = out.shape[0]
+    for r in range(env.world_size):
+        rows = shard_range(n, r, env.world_size)
+        if len(rows):
+            view = out[int(rows[0]): int(rows[-1]) + 1]
+            if view.is_contiguous():
+                dist.broadcast(view, src=r)
+            else:
+                buf = view.contiguous()
+                dist.broadcast(buf, src=r)
+                view.copy_(buf)
+    return out
+
+
+def gather_rows_to_main(env: DistEnv, t: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's ``t [n_r, ...]`` concatenated in rank order on rank 0 (``None`` elsewhere): unlike
+    :func:`gather_rows`, the other ranks never hold the whole result."""
+    if not env.distributed:
+        return t
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(env.world_size)]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s.item()) for s in sizes]
+    m = max(sizes_i)
+    padded = t
+    if t.shape[0] != m:
+        padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)] if env.is_main else None
+    dist.gather(padded.contiguous(), parts, dst=0)
+    if not env.is_main:
+        return None
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_i)], dim=0)
+
+
 def all_reduce_mean(env: DistEnv, value: float) -> float:
     if not env.distributed:
         return value

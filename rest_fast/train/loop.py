@@ -249,8 +249,11 @@ class Trainer:
         self.video_feats = video_features(
             self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
             key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
+        # docs/PRECISION: the trainer's CLIP features are L2-normalised, then rounded to fp16 once (fp32 scores)
+        self.video_feats = self.video_feats.to(torch.float16)
+        # this rank's rows of the graph only (all rows in one process)
         self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"))
-        self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device)
+        self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device, dtype=torch.float16)
         self._record_bad_files()
         log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
                  f"({time.time() - t0:.1f} s)")
@@ -290,6 +293,8 @@ class Trainer:
         self.cache = CaptionCache(self.n, cfg.k)
         flat = [c for caps in initial for c in caps]
         initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
+        del flat, initial
+        self.text_feats.reserve(len(self.cache) + self.n)  # room for round 1's captions too: one growth at most
         stats = caption_round(0, None, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours, cfg.k,
                               env, batch_size=cfg.eval_batch_size, amp=cfg.amp, initial_ids=initial_ids,
                               progress=_progress(cfg, env, "embed captions"),
@@ -307,6 +312,7 @@ class Trainer:
         generated = generate_captions(self.model, self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
                                       amp=cfg.amp, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()))
+        self.text_feats.reserve(len(self.cache) + self.n)  # at most N new captions this round
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
                               cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.amp,
                               progress=_progress(cfg, env, "embed captions"), rerank_progress=_progress(cfg, env, "re-rank"))
@@ -318,7 +324,7 @@ class Trainer:
         tam = self._clip_tam(generated)
         if env.is_main:
             self.cache.save(str(self.run_dir.cache_path(r)))
-            self.text_feats.save(self.run_dir.path("features", f"captions_{r:02d}.npy"))
+            self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r)))  # this round's rows only
             ids, scores = self.cache.get(np.arange(self.n, dtype=np.int64))
             recs = []
             for i in range(self.n):
@@ -336,7 +342,7 @@ class Trainer:
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
-                                      "caption_features": f"features/captions_{r:02d}.npy"})
+                                      "caption_features": f"features/{_caption_rows_name(r)}"})
             acc = f", CLIP-TAM top-1 {tam['tam_top1']:.1%}" if "tam_top1" in tam else ""
             print(f"round {r}/{cfg.num_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
                   f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
@@ -345,21 +351,38 @@ class Trainer:
         barrier(env)
 
     def _clip_tam(self, generated: list[str] | None) -> dict:
-        """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot)."""
+        """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot).
+
+        Every caption scored here is already in the cache and its CLIP text feature in ``text_feats`` (embedded
+        sharded over the ranks this round), so rank 0 only looks rows up and takes one [N, D] × [D, classes]
+        product: no re-encoding of 2N captions on one rank while the others wait.
+        """
         if self.inputs.labels is None or not self.env.is_main:
             return {}
-        from rest_fast.eval.clip_tam import clip_tam
+        from rest_fast.eval.clip_tam import embed_classes, nearest_classes
 
+        if getattr(self, "_class_emb", None) is None:
+            self._class_emb = embed_classes(self.inputs.class_names, self.clip)
         ids, _ = self.cache.get(np.arange(self.n, dtype=np.int64))
-        top = [self.cache.text(int(c)) if c >= 0 else "" for c in ids[:, 0]]
+        top = ids[:, 0].astype(np.int64)
+        gen = None
+        if generated is not None:
+            before = len(self.cache)
+            gen = np.asarray(self.cache.intern(list(generated)), dtype=np.int64)  # all interned this round already
+            if len(self.cache) != before:
+                raise RuntimeError("a generated caption was missing from the cache")
         labels = np.asarray(self.inputs.labels)
         out = {}
         topk = min(5, len(self.inputs.class_names))
-        for name, caps in (("tam", generated), ("tam_pseudo", top)):
-            if caps is None:
+        for name, rows in (("tam", gen), ("tam_pseudo", top)):
+            if rows is None:
                 continue
-            pred, _ = clip_tam(caps, self.inputs.class_names, self.clip, topk=topk)
-            pred = np.asarray(pred)
+            dev = self.text_feats.device
+            feats = self.text_feats.feats[torch.from_numpy(np.maximum(rows, 0)).to(dev)].float()
+            if (rows < 0).any():  # a video without a caption is scored as the empty caption, as before
+                feats[torch.from_numpy(rows < 0).to(dev)] = self.clip.encode_text([""]).float().to(dev)
+            pred, _ = nearest_classes(feats, self._class_emb.to(dev), topk)
+            pred = pred.cpu().numpy()
             out[f"{name}_top1"] = float((pred[:, 0] == labels).mean())
             out[f"{name}_top5"] = float((pred == labels[:, None]).any(axis=1).mean())
         return out
@@ -444,7 +467,11 @@ class Trainer:
         from rest_fast.cache import CaptionCache
 
         self.cache = CaptionCache.load(str(self.run_dir.cache_path(rnd)))
-        self.text_feats.load(self.run_dir.path("features", f"captions_{rnd:02d}.npy"), max_rows=len(self.cache))
+        rows = [self.run_dir.path("features", _caption_rows_name(r)) for r in range(rnd + 1)]
+        if all(p.exists() for p in rows):
+            self.text_feats.load_rows(rows, max_rows=len(self.cache))
+        else:  # a run made before round files held only their new rows: one full table per round
+            self.text_feats.load(self.run_dir.path("features", f"captions_{rnd:02d}.npy"), max_rows=len(self.cache))
         self.text_feats.update(self.cache, self.clip, self.env, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp)
 
     # --- Algorithm 1 ---------------------------------------------------------------------------------
@@ -504,6 +531,11 @@ class Trainer:
             write_report(self.run_dir.root, max_videos=self.cfg.report_videos, frames_of=self.inputs.frame_strip)
         except Exception as exc:  # noqa: BLE001 - a plotting failure must not kill a training run
             print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
+
+
+def _caption_rows_name(r: int) -> str:
+    """File of the caption-feature rows added in round ``r`` (rows of rounds 0..r, in order, make the table)."""
+    return f"caption_rows_{r:02d}.npy"
 
 
 def ddp_options(env: DistEnv) -> dict:
