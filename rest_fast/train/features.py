@@ -209,7 +209,7 @@ class CaptionFeatures:
             take = min(arr.shape[0], n - pos)
             for c0 in range(0, take, chunk):
                 c1 = min(take, c0 + chunk)
-                block = torch.from_numpy(np.ascontiguousarray(arr[c0:c1]))
+                block = torch.from_numpy(np.array(arr[c0:c1]))  # a writable copy of one chunk
                 self.feats[pos + c0: pos + c1].copy_(block)
             pos += take
         self.count = self.saved = n
