@@ -112,3 +112,19 @@ def test_non_finite_loss_is_caught_at_the_log_step():
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         self_train.self_train_epoch(module, opt, sched, batches, cache, epoch=0, seed=0, env=env, log_every=2)
+
+
+def test_normalisation_constants_made_once_per_device():
+    from rest_fast.data.loader import _norm_constants, normalize_clips
+
+    u8 = torch.randint(0, 256, (2, 3, 4, 4, 3), dtype=torch.uint8)
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    first = normalize_clips(u8, mean, std)
+    hits = _norm_constants.cache_info().hits
+    with SyncCounter() as c:
+        again = normalize_clips(u8, list(mean), list(std))
+    assert _norm_constants.cache_info().hits == hits + 1 and c.hits == []
+    ref = (u8.permute(0, 1, 4, 2, 3).double() / 255 - torch.tensor(mean).double().view(1, 1, 3, 1, 1)) \
+        / torch.tensor(std).double().view(1, 1, 3, 1, 1)
+    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(first.double(), ref, rtol=1e-5, atol=1e-5)
