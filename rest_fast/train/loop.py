@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rest_fast.errors import UserError
 from rest_fast.run.config import TrainConfig, identity_differences, load_run_config
 from rest_fast.run.rundir import (
     CONFIG_FILE,
@@ -282,14 +283,15 @@ class Trainer:
         self.n = len(index)
         if self.n < 2:
             missing = f" ({len(index.missing)} listed files are missing, e.g. {index.missing[0]})" if index.missing else ""
-            raise ValueError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}{missing}")
+            raise UserError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}{missing}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said below, once, on rank 0
             from rest_fast.retrieval import cap_neighbours
 
-            self.h = cap_neighbours(cfg.num_neighbours, self.n)
+            self.h = cap_neighbours(cfg.num_neighbours, self.n, exclude_self=not cfg.neighbours_include_self)
         if self.h < cfg.num_neighbours:
-            msg = f"num_neighbours H={cfg.num_neighbours} capped at N-1={self.h} (only {self.n} videos)"
+            cap = "N" if cfg.neighbours_include_self else "N-1"
+            msg = f"num_neighbours H={cfg.num_neighbours} capped at {cap}={self.h} (only {self.n} videos)"
             if env.is_main:
                 warnings.warn(msg, stacklevel=2)
             log(env, f"warning: {msg}")
@@ -298,8 +300,13 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, 11))
         self.model, self.clip = inputs.load_models(self.blip_source, cfg.clip, cfg, env)
         self.inputs = inputs.Inputs(index, cfg, env, blip_source=self.blip_source, clip=self.clip)
+        if self.inputs.labels is None:
+            log(env, "note: the videos have no labels: self-training needs none; CLIP-TAM accuracy is skipped")
+        elif (unlabelled := sum(1 for y in self.inputs.labels if y < 0)):
+            log(env, f"note: {unlabelled} of {self.n} videos are unlabelled: CLIP-TAM accuracy is over the "
+                     f"{self.n - unlabelled} labelled ones")
         log(env, f"REST: {self.n} videos, T={cfg.num_frames}, S={cfg.image_size}, K={cfg.k}, H={self.h}, "
-                 f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.num_rounds} rounds), world size {env.world_size}, "
+                 f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.caption_rounds} rounds), world size {env.world_size}, "
                  f"device {env.device}; run dir {self.run_dir.root}")
 
     def _check_run_inputs(self, index) -> None:
@@ -365,7 +372,8 @@ class Trainer:
         # docs/PRECISION: the trainer's CLIP features are L2-normalised, then rounded to fp16 once (fp32 scores)
         self.video_feats = self.video_feats.to(torch.float16)
         # this rank's rows of the graph only (all rows in one process)
-        self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"))
+        self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"),
+                                          include_self=cfg.neighbours_include_self)
         self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device, dtype=torch.float16)
         self._check_bad_files()
         log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
@@ -446,7 +454,7 @@ class Trainer:
                        "scores": [round(float(s), 6) for s, c in zip(scores[i], ids[i]) if c >= 0]}
                 if generated is not None:
                     rec["generated"] = generated[i]
-                if self.inputs.labels is not None:
+                if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
                     rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
                 recs.append(rec)
             atomic_write_jsonl(self.run_dir.captions_path(r), recs)
@@ -457,7 +465,7 @@ class Trainer:
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
                                       "caption_features": f"features/{_caption_rows_name(r)}"})
             acc = f", CLIP-TAM top-1 {tam['tam_top1']:.1%}" if "tam_top1" in tam else ""
-            print(f"round {r}/{cfg.num_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
+            print(f"round {r}/{cfg.caption_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
                   f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
                   f"{stats['cache_size']} captions in cache"
                   f"{acc} [{seconds:.1f} s]", flush=True)
@@ -474,18 +482,22 @@ class Trainer:
             return {}
         from rest_fast.run.clip_tam import embed_classes, nearest_classes
 
+        # only the labelled videos count (a folder may mix class sub-folders with loose, unlabelled videos)
+        have = np.flatnonzero(np.asarray(self.inputs.labels) >= 0)
+        if have.size == 0:
+            return {}
         if getattr(self, "_class_emb", None) is None:
             self._class_emb = embed_classes(self.inputs.class_names, self.clip)
-        ids, _ = self.cache.get(np.arange(self.n, dtype=np.int64))
+        ids, _ = self.cache.get(have.astype(np.int64))
         top = ids[:, 0].astype(np.int64)
         gen = None
         if generated is not None:
             before = len(self.cache)
-            gen = np.asarray(self.cache.intern(list(generated)), dtype=np.int64)  # all interned this round already
+            gen = np.asarray(self.cache.intern([generated[i] for i in have]), dtype=np.int64)  # interned already
             if len(self.cache) != before:
                 raise RuntimeError("a generated caption was missing from the cache")
-        labels = np.asarray(self.inputs.labels)
-        out = {}
+        labels = np.asarray(self.inputs.labels)[have]
+        out = {"tam_videos": int(have.size)}
         topk = min(5, len(self.inputs.class_names))
         for name, rows in (("tam", gen), ("tam_pseudo", top)):
             if rows is None:
@@ -591,8 +603,8 @@ class Trainer:
     def run(self) -> Path:
         cfg, env = self.cfg, self.env
         t_start = self._last_report = time.time()
-        if self.state is not None and int(self.state["epoch"]) >= cfg.epochs and int(self.state["round"]) >= cfg.num_rounds:
-            log(env, f"{self.run_dir.root} is already complete ({cfg.epochs} epochs, {cfg.num_rounds} rounds); "
+        if self.state is not None and int(self.state["epoch"]) >= cfg.epochs and int(self.state["round"]) >= cfg.caption_rounds:
+            log(env, f"{self.run_dir.root} is already complete ({cfg.epochs} epochs, {cfg.caption_rounds} rounds); "
                      "raise `epochs` to train further")
             return self.run_dir.root
         self.setup()
@@ -612,7 +624,8 @@ class Trainer:
             rnd = 0
         while True:
             nxt = rnd + 1
-            if nxt <= cfg.num_rounds and epoch >= cfg.round_end_epoch(nxt):
+            if nxt <= cfg.caption_rounds and epoch >= cfg.round_end_epoch(nxt):  # no round after the last epoch
+                # unless final_caption_round: its captions would never be trained on
                 self.caption_round(nxt, epoch)
                 rnd = nxt
                 if time.time() - self._last_report > 60:  # keep the report fresh on long runs, cheap on short ones
@@ -663,18 +676,31 @@ def ddp_options(env: DistEnv) -> dict:
     return {"device_ids": ids, "gradient_as_bucket_view": True, "static_graph": True}
 
 
+def _discard_failed_start(root: Path) -> None:
+    """Remove the run folder a start that failed on a user error made (it did not exist before this call, so
+    everything in it is ours), unless the run got as far as a complete state."""
+    if root.is_dir() and not (root / "state.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     """Run (or resume) Algorithm 1 with ``cfg``; returns the run directory. Works under torchrun."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = dist_utils.setup(cfg.device, timeout_s=cfg.nccl_timeout)
+    out = Path(cfg.out)
+    fresh = not out.exists()
     try:
         trainer = Trainer(cfg, env, resume=resume)
         try:
             return trainer.run()
         finally:
             trainer.close()
+    except UserError:
+        if fresh and env.is_main:
+            _discard_failed_start(out)
+        raise
     finally:
         dist_utils.cleanup(env)
         torch.set_num_threads(threads)
