@@ -181,14 +181,16 @@ py::array_t<int32_t> candidates(const CaptionCache& c, py::handle videos, py::ha
   if (nb.view.rows != v.view.rows)
     throw rest_fast::ValueError("neighbours must have n = " + std::to_string(v.view.rows) + " rows, got shape " +
                                 shape_of(nb.arr));
-  std::unique_ptr<int32_t[]> out;
+  rest_fast::PooledIds out;
   int64_t L = 0;
   {
     py::gil_scoped_release release;
     out = c.candidates(v.view, nb.view, L);
   }
-  int32_t* data = out.release();
-  py::capsule owner(data, [](void* p) { delete[] static_cast<int32_t*>(p); });
+  int32_t* data = out.get();
+  // The array owns the pooled block; freeing the array hands it back to the cache's pool.
+  auto* holder = new rest_fast::PooledIds(std::move(out));
+  py::capsule owner(holder, [](void* p) { delete static_cast<rest_fast::PooledIds*>(p); });
   return py::array_t<int32_t>({v.view.rows, static_cast<py::ssize_t>(L)}, data, owner);
 }
 
