@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -123,14 +125,26 @@ def topk_similarity_cpu(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
     key_blocks = [(n0, keys[n0:n0 + bn]) for n0 in range(0, N, bn)]
     if whole and gemm == "numpy":
         key_blocks = [(n0, kb.numpy()) for n0, kb in key_blocks]
-    sbuf = torch.empty(bm * min(bn, N), dtype=f32)
-    sbuf_np = sbuf.numpy()
-    sel = _C.TopkSelector(bm, k)
     ex_np = exclude.contiguous().numpy() if exclude is not None else None
-    limits = (_threadpool_limits(nthreads, user_api="blas") if gemm == "numpy" and _threadpool_limits
-              else contextlib.nullcontext())
-    with limits:
-        for m0 in range(0, M, bm):
+    # With numpy's BLAS and threadpoolctl: `nthreads` workers, each running whole query blocks with a
+    # single-threaded sgemm and its own selector (GIL released in both). No barrier per block, and no BLAS
+    # worker spinning while the selection runs, which on 2 cores costs more than the selection itself.
+    workers = nthreads if (gemm == "numpy" and _threadpool_limits is not None) else 1
+    if workers > 1:
+        bm = max(1, min(bm, -(-M // (2 * workers))))  # at least two blocks per worker
+    inner = 1 if workers > 1 else nthreads  # threads inside one block (sgemm, selection)
+    starts = iter(range(0, M, bm))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        sbuf = torch.empty(bm * min(bn, N), dtype=f32)
+        sbuf_np = sbuf.numpy()
+        sel = _C.TopkSelector(bm, k)
+        while True:
+            with lock:
+                m0 = next(starts, None)
+            if m0 is None:
+                return
             q = queries[m0:m0 + bm].to(f32)
             mb = q.shape[0]
             if gemm == "numpy":
@@ -146,6 +160,16 @@ def topk_similarity_cpu(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
                     s = np.matmul(q, kb.T, out=sbuf_np[: mb * nb].reshape(mb, nb))
                 else:
                     s = torch.mm(q, kb.T, out=sbuf[: mb * nb].view(mb, nb)).numpy()
-                sel.push(s, n0, ex, nthreads)
-            sel.finish(out_s[m0:m0 + mb].numpy(), out_i[m0:m0 + mb].numpy(), nthreads)
+                sel.push(s, n0, ex, inner)
+            sel.finish(out_s[m0:m0 + mb].numpy(), out_i[m0:m0 + mb].numpy(), inner)
+
+    limits = (_threadpool_limits(inner, user_api="blas") if gemm == "numpy" and _threadpool_limits
+              else contextlib.nullcontext())
+    with limits:
+        if workers == 1:
+            worker()
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                for f in [pool.submit(worker) for _ in range(workers)]:
+                    f.result()
     return out_s, out_i
