@@ -20,6 +20,7 @@ RANK = {
     "plan": 6.5,  # `rest-fast plan`: a command above the trainer (it reads the trainer's constants)
     "train": 6, "eval": 6, "info": 6,  # what the commands run
     "run": 5,
+    "synthetic": 4.5,  # the demo's world and pretrained models: builds on models and clip, used by train
     "models": 4, "generation": 4, "clip": 4, "retrieval": 4, "data": 4, "cache": 4,
     "nn": 3,
     "ops": 2,

@@ -201,6 +201,9 @@ def test_errors(fn):
 
 def test_dispatch_reference_when_not_interpreting(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from rest_fast.ops import topk_cpu
+
+    monkeypatch.setattr(topk_cpu, "NATIVE_AVAILABLE", False)  # the native CPU path: tests/test_topk_cpu.py
     q, keys = low_rank(30, 16, seed=18), low_rank(200, 16, seed=19)
     s, i = topk_similarity(q, keys, 7)
     rs, ri = topk_similarity_ref(q, keys, 7)
@@ -234,5 +237,5 @@ def test_custom_op_opcheck_and_compile(monkeypatch):
     torch.library.opcheck(torch.ops.rest_fast.topk_similarity.default, (q, keys, 5, None))
     fn = torch.compile(lambda a, b: topk_similarity(a, b, 5, exclude=ex), fullgraph=True, backend="aot_eager")
     s, i = fn(q, keys)
-    rs, ri = topk_similarity_ref(q, keys, 5, exclude=ex)
+    rs, ri = topk_similarity(q, keys, 5, exclude=ex)  # eager: the same CPU path (native or reference)
     assert torch.equal(s, rs) and torch.equal(i, ri)

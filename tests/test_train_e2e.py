@@ -21,7 +21,8 @@ import torch
 # A run smaller than the demo: 12 clips, T=2, 2 rounds of 1 epoch.
 SMALL = ["demo_videos_per_class=2", "demo_frames=8", "num_frames=2", "epochs=2", "epochs_per_round=1",
          "batch_size=6", "num_beams=1", "max_length=8", "min_length=2", "prompts=[a video of, someone is]",
-         "num_neighbours=4", "progress=false"]
+         "num_neighbours=4", "progress=false",
+         "blip=tiny", "clip=tiny", "clip_pretrained=none", "k=3"]  # the random-init fixture (old demo clips)
 
 
 def _env() -> dict:
@@ -111,10 +112,13 @@ def _final_state(run: Path, epochs: int, rounds: int):
 
 @pytest.mark.slow
 def test_demo_runs_under_cli(tmp_path):
-    """The built-in demo exactly as a user runs it: `rest-fast train` with no --data."""
+    """The demo's random-init fixture path as a user runs it: `rest-fast train` with no --data, tiny models.
+
+    (The default demo, on the synthetic world with the pretrained demo models, is tests/test_demo_world.py.)"""
     run = tmp_path / "demo"
     t0 = time.time()
-    p = _cli([f"--out={run}", "--no-progress"], timeout=600)
+    p = _cli([f"--out={run}", "--no-progress", "blip=tiny", "clip=tiny", "clip_pretrained=none",
+              "demo_videos_per_class=5", "epochs=6", "epochs_per_round=3"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "shows the REST pipeline" in p.stdout and "mean nothing" in p.stdout
     print(f"demo wall time {time.time() - t0:.1f} s")

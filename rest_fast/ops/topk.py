@@ -399,6 +399,11 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
 def _dispatch(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
     if use_triton(queries, keys) and triton_available():
         return topk_similarity_triton(queries, keys, k, exclude=exclude)
+    if queries.device.type == "cpu" and keys.device.type == "cpu" and queries.dtype != torch.float64:
+        from rest_fast.ops import topk_cpu  # imports this module: resolved at call time
+
+        if topk_cpu.NATIVE_AVAILABLE:
+            return topk_cpu.topk_similarity_cpu(queries, keys, k, exclude=exclude)
     return topk_similarity_ref(queries, keys, k, exclude=exclude)
 
 
@@ -438,8 +443,9 @@ def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
         ValueError: bad shapes / dtypes / devices, ``k`` larger than the number of eligible keys, or NaN/inf
             in ``queries`` or ``keys``.
 
-    Dispatch: CUDA → Triton; CPU with ``TRITON_INTERPRET=1`` → Triton (interpreted); else the blocked
-    reference :func:`topk_similarity_ref`. ``M × N`` scores are never materialised. Runs as the custom op
+    Dispatch: CUDA → Triton; CPU with ``TRITON_INTERPRET=1`` → Triton (interpreted); other CPU calls → BLAS
+    GEMM blocks + the native C++ selection (:mod:`rest_fast.ops.topk_cpu`), or the blocked reference
+    :func:`topk_similarity_ref` when the extension is not built (``REST_FAST_NO_NATIVE=1``). ``M × N`` scores are never materialised. Runs as the custom op
     ``torch.ops.rest_fast.topk_similarity`` (a single opaque node under ``torch.compile``).
     """
     if not (isinstance(queries, Tensor) and isinstance(keys, Tensor)):

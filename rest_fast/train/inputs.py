@@ -33,6 +33,7 @@ from rest_fast.run.config import TrainConfig
 from rest_fast.train.distributed import DistEnv, all_gather_objects
 
 TINY = "tiny"  # model name of the tiny random-init BLIP / CLIP (demo and tests)
+DEMO = "demo"  # model name of the pretrained demo BLIP / CLIP of the synthetic world (rest_fast.synthetic)
 DEMO_WORDS = ("moving left right growing shrinking spinning changing colour color shape square disc circle "
               "triangle blue red green yellow").split()
 
@@ -96,7 +97,11 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     if cfg.image_size != vis.image_size and env.is_main:
         print(f"note: image_size={cfg.image_size} differs from the captioner's {vis.image_size}; BLIP's ViT "
               "position embeddings are interpolated to the frame size", flush=True)
-    if clip_source == TINY:
+    if clip_source == DEMO:
+        from rest_fast.synthetic.models import demo_clip
+
+        clip = demo_clip(device=env.device, batch_size=cfg.eval_batch_size)
+    elif clip_source == TINY:
         size = cfg.image_size if cfg.image_size % 8 == 0 else 32
         clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size,
                          dtype=prec.clip_dtype)

@@ -260,11 +260,11 @@ class Trainer:
         from rest_fast.train import demo
 
         cfg, env = self.cfg, self.env
-        log(env, demo.DEMO_NOTICE)
+        log(env, demo.demo_notice(cfg.blip))
         data_dir = self.run_dir.path("demo", "clips")
         if env.is_main:
-            demo.synthesize_dataset(data_dir, videos_per_class=cfg.demo_videos_per_class, frames=cfg.demo_frames,
-                                    size=cfg.demo_resolution, seed=cfg.seed)
+            demo.prepare_demo_data(data_dir, blip=cfg.blip, videos_per_class=cfg.demo_videos_per_class,
+                                   frames=cfg.demo_frames, size=cfg.demo_resolution, seed=cfg.seed)
         barrier(env)
         self.data_source = str(data_dir)
 
@@ -278,6 +278,10 @@ class Trainer:
             self._prepare_demo()
         if cfg.blip == inputs.TINY:  # random-init tiny BLIP, written into the run dir so a resume reloads it
             self.blip_source = str(inputs.ensure_tiny_blip(self.run_dir.path("models", "tiny_blip"), cfg, env))
+        elif cfg.blip == inputs.DEMO:  # the pretrained demo BLIP shipped with the package
+            from rest_fast.synthetic.models import demo_blip_dir
+
+            self.blip_source = str(demo_blip_dir())
         index = inputs.build_index(self.data_source, cfg.data_root)
         self._check_run_inputs(index)
         self.n = len(index)
@@ -464,7 +468,9 @@ class Trainer:
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
                                       "caption_features": f"features/{_caption_rows_name(r)}"})
-            acc = f", CLIP-TAM top-1 {tam['tam_top1']:.1%}" if "tam_top1" in tam else ""
+            acc = "".join(f", {name} {tam[key]:.1%}" for key, name in (
+                ("tam_top1", "CLIP-TAM top-1 generated"), ("tam_pseudo_top1", "pseudo"),
+                ("tam_initial_top1", "frame captioner")) if key in tam)
             print(f"round {r}/{cfg.caption_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
                   f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
                   f"{stats['cache_size']} captions in cache"
@@ -490,16 +496,23 @@ class Trainer:
             self._class_emb = embed_classes(self.inputs.class_names, self.clip)
         ids, _ = self.cache.get(have.astype(np.int64))
         top = ids[:, 0].astype(np.int64)
-        gen = None
-        if generated is not None:
+
+        def ids_of(texts: list[str] | None) -> np.ndarray | None:
+            """Caption ids of ``texts`` for the labelled videos: every one was interned (and embedded) already."""
+            if texts is None:
+                return None
             before = len(self.cache)
-            gen = np.asarray(self.cache.intern([generated[i] for i in have]), dtype=np.int64)  # interned already
+            out = np.asarray(self.cache.intern([texts[i] for i in have]), dtype=np.int64)
             if len(self.cache) != before:
-                raise RuntimeError("a generated caption was missing from the cache")
+                raise RuntimeError("a caption scored by CLIP-TAM was missing from the cache")
+            return out
+
+        gen = ids_of(generated)
+        initial = ids_of(self._initial_middle_captions())
         labels = np.asarray(self.inputs.labels)[have]
         out = {"tam_videos": int(have.size)}
         topk = min(5, len(self.inputs.class_names))
-        for name, rows in (("tam", gen), ("tam_pseudo", top)):
+        for name, rows in (("tam", gen), ("tam_pseudo", top), ("tam_initial", initial)):
             if rows is None:
                 continue
             dev = self.text_feats.device
@@ -511,6 +524,20 @@ class Trainer:
             out[f"{name}_top1"] = float((pred[:, 0] == labels).mean())
             out[f"{name}_top5"] = float((pred == labels[:, None]).any(axis=1).mean())
         return out
+
+    def _initial_middle_captions(self) -> list[str] | None:
+        """The zero-shot frame captioner's caption of each video: its middle frame with the first prompt.
+
+        Read from ``captions/initial.jsonl`` (frame-major, P prompts per frame), so a resumed run reports it too.
+        """
+        path = self.run_dir.path("captions", "initial.jsonl")
+        if not path.exists():
+            return None
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        p, mid = len(self.cfg.prompts), self.cfg.num_frames // 2
+        if len(recs) != self.n or any(len(r["captions"]) != p * self.cfg.num_frames for r in recs):
+            return None
+        return [r["captions"][mid * p] for r in recs]
 
     def _record_bad_files(self) -> None:
         self.inputs.write_bad_files(self.run_dir.root)
@@ -640,9 +667,9 @@ class Trainer:
         log(env, f"done: {cfg.epochs} epochs, {rnd} rounds in {time.time() - t_start:.1f} s; "
                  f"report: {self.run_dir.path('report.html')}")
         if cfg.is_demo:
-            from rest_fast.train.demo import DEMO_NOTICE
+            from rest_fast.train.demo import demo_notice
 
-            log(env, DEMO_NOTICE)
+            log(env, demo_notice(cfg.blip))
         return self.run_dir.root
 
     _last_report = 0.0
