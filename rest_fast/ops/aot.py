@@ -159,7 +159,7 @@ def _rerank_launches(dt: str, k: int, N: int, L: int, D: int, C: int, cand_dtype
     from rest_fast.ops import rerank as op
 
     dtype = DTYPES[dt]
-    t = op._tiles("cuda", L, D)
+    t = op._tiles("cuda", L, D, dtype)
     v, c = _meta(N, D, dtype=dtype), _meta(C, D, dtype=dtype)
     cand = _meta(N, L, dtype=cand_dtype)
     _, args, kw = op._rerank_launch(v, c, cand, _meta(N, k), _meta(N, k, dtype=torch.int32), t)
@@ -178,7 +178,8 @@ def launches(full: bool = True, arch: int = 90) -> list[Launch]:
                 for ex in (True, False):
                     out += _topk_launches(dt, k, N, 512, 240_000, ex, arch)
             out += _dwconv_launches(dt, (2, 8, 14, 14, 768), (3, 3, 3), arch, "all")
-            out += _dwconv_launches(dt, (1, 3, 5, 7, 37), (5, 3, 1), arch, "worst")
+            for ks in ((5, 3, 1), (1, 1, 1), (7, 7, 7)):  # odd C and the extremes of the kernel sizes
+                out += _dwconv_launches(dt, (1, 3, 5, 7, 37), ks, arch, "worst")
             for k in (1, 3, 32):
                 out += _rerank_launches(dt, k, 240_000, 8000, 512, 2_000_000, torch.int32)
             out += _rerank_launches(dt, 3, 240_000, 8000, 512, 2_000_000, torch.int64)

@@ -276,13 +276,16 @@ def _bwd_w_config(C: int, taps_p2: int, device: torch.device | str,
     if device.type != "cuda":
         # Interpreter: big blocks (it pays per op), two row programs so tests cover the cross-program sum.
         return 64, _interp_block_c(C), 2, 4
-    # The [TAPS_P2, BLOCK_P, BLOCK_C] fp32 accumulator and the matching x block live in registers: ~64
-    # accumulator elements per thread (3x3x3: [32, 4, 64] over 4 warps, 154 registers, no spills for
-    # sm_90 per ptxas) amortise the per-block row decomposition better than 32. Not yet timed on a GPU;
-    # `bench/dwconv.py --sweep` times the alternatives.
+    # The [TAPS_P2, BLOCK_P, BLOCK_C] fp32 accumulator and the matching x block live in registers: ~32
+    # accumulator elements per thread (3x3x3 at C=768: [32, 2, 64] over 4 warps, 95 registers). 64 per
+    # thread compiled clean for 3x3x3 but ptxas spilled for other kernel sizes (1x1x1 at C=37: 936 B;
+    # 5x3x1 fp16: 12 B), so the launcher keeps to 32 (tests/test_kernels_aot.py checks sm_90/sm_80).
+    # Not yet timed on a GPU; `bench/dwconv.py --sweep` times the alternatives.
     num_warps = 4
-    per_cta = 64 * 32 * num_warps
-    block_c = min(64, max(16, next_pow2(C)))
+    per_cta = 32 * 32 * num_warps
+    # The widest power of two not above C (16..64): a tile much wider than C idles lanes (C = 37 in a
+    # 64-wide tile: 27 of 64).
+    block_c = min(64, max(16, 1 << max(0, C.bit_length() - 1)))
     while taps_p2 * block_c > per_cta and block_c > 16:
         block_c //= 2
     block_p = max(1, per_cta // (taps_p2 * block_c))

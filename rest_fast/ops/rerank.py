@@ -127,10 +127,15 @@ def _kernels():
     return load_kernels("rerank")
 
 
-def _tiles(device_type: str, L: int, D: int) -> dict:
-    """Chunk sizes of the re-rank kernel: ``BL`` candidates × ``BD`` feature elements per step."""
+def _tiles(device_type: str, L: int, D: int, dtype: torch.dtype = torch.float16) -> dict:
+    """Chunk sizes of the re-rank kernel: ``BL`` candidates × ``BD`` feature elements per step.
+
+    CUDA: a ``64 × 128`` gathered chunk for 16-bit features; ``64 × 64`` for fp32, whose ``64 × 128``
+    chunk spilled on sm_80 (``tests/test_kernels_aot.py``).
+    """
     if device_type == "cuda":
-        return dict(BL=64, BD=min(128, max(16, next_pow2(D))), num_warps=4)
+        bd = 64 if dtype == torch.float32 else 128
+        return dict(BL=64, BD=min(bd, max(16, next_pow2(D))), num_warps=4)
     # Interpreter: cost per op, so few large chunks.
     return dict(BL=min(1024, max(16, next_pow2(L))), BD=min(256, max(16, next_pow2(D))), num_warps=4)
 
@@ -163,7 +168,9 @@ def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidate
     out_i = torch.empty(N, k, dtype=torch.int32, device=dev)
     if N == 0:
         return out_s, out_i
-    grid, args, kwargs = _rerank_launch(video_feats, caption_feats, candidates, out_s, out_i, _tiles(dev.type, L, D))
+    dt = torch.promote_types(video_feats.dtype, caption_feats.dtype)
+    grid, args, kwargs = _rerank_launch(video_feats, caption_feats, candidates, out_s, out_i,
+                                        _tiles(dev.type, L, D, dt))
     kern.rerank_kernel[grid](*args, **kwargs)
     return out_s, out_i
 

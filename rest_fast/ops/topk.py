@@ -13,6 +13,15 @@ keys, so the result is deterministic whatever order candidates were produced in.
 Scores are computed with fp32 accumulation; the Triton kernel and the reference may differ in the last bits
 of a score (summation order), so two keys that tie in one may not tie in the other.
 
+Precision contract (retrieval)
+------------------------------
+The trainer passes L2-normalised CLIP features stored rounded to fp16: the kernels read fp16 tiles and
+accumulate in fp32 (tensor cores, fp32 accumulator); fp32 inputs are computed in exact fp32 (``ieee``, no TF32);
+the CPU path upcasts fp16 blocks to fp32 for the GEMM. "Exact" means the exact top-k of the fp32-accumulated dot
+products of the given (rounded) inputs, ties broken by lower index; :func:`topk_mismatch` checks a result against
+a float64 re-score of the same inputs, comparing ids only outside tie groups of accumulation-order size.
+float64 inputs are served by the reference on every path.
+
 Triton design and cost model
 ----------------------------
 Notation: ``M`` queries, ``N`` keys, dimension ``d``, ``k`` neighbours. The GEMM floor is ``2·M·N·d`` flops.
@@ -297,12 +306,12 @@ def _tiles(device_type: str, dtype: torch.dtype, D: int) -> dict:
     ``128 × 64`` fp32 accumulator over 8 warps (32 values per thread: with 4 warps, 64 per thread, the
     compaction branch spilled); fp32 operands take the exact
     (``ieee``, FMA) path, whose operands also live in registers, so its tiles are ``64 × 64`` with a
-    ``BK = 32`` slice. ``BM · BN`` is at least the thread count: the filter kernel's per-element atomics
+    ``BK = 32`` slice over 8 warps (4 warps spilled a few bytes in the dense variant on sm_90). ``BM · BN`` is at least the thread count: the filter kernel's per-element atomics
     rely on no element being replicated across threads.
     """
     if device_type == "cuda":
         if dtype == torch.float32:
-            return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=2,
+            return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=8, num_stages=2,
                         GBM=64, BG=64, GBK=32, g_warps=4, g_stages=2)
         return dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3,
                     GBM=64, BG=64, GBK=64, g_warps=4, g_stages=3)
