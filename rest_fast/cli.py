@@ -55,6 +55,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from rest_fast.plan import run_plan
+
+    return run_plan(args)
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     """Options shared by eval, caption and finetune: captioner input and beam search (run's values by default)."""
     g = p.add_argument_group("captioning (defaults: the run's settings, else the paper's)")
@@ -173,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_prep.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
     p_prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_prep.set_defaults(func=_cmd_prepare)
+
+    from rest_fast.plan import add_plan_arguments
+
+    p_plan = sub.add_parser("plan", help="cost of a run before it starts: FLOPs, time, GPU/host memory, disk",
+                            description="From the train config (defaults < --config < key=value) and the data size "
+                            "alone (architectures from their configs, no weights): FLOPs per step, step time, "
+                            "clips/s needed, epoch and run time, memory per GPU and per rank, shard disk.")
+    add_plan_arguments(p_plan)
+    p_plan.set_defaults(func=_cmd_plan)
     return parser
 
 
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # only in one run, so the ones it leaves over are handed to the command (which validates them).
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) != "train" or any(x.startswith("-") or "=" not in x for x in extra):
+        if getattr(args, "command", None) not in ("train", "plan") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*(args.overrides or []), *extra]
     if not getattr(args, "func", None):

@@ -224,7 +224,7 @@ def test_caption_cli_matches_generate(tiny_gar, tmp_path, capsys):
     from rest_fast.data.clip import read_clip
     from rest_fast.data.loader import normalize_clips
     from rest_fast.models import GARModel
-    from rest_fast.train.inputs import blip_normalisation
+    from rest_fast.models.preprocess import blip_normalisation
 
     v1 = write_clip(tmp_path / "v1.mp4", "growing", 5)
     v2 = write_clip(tmp_path / "v2.avi", "moving_right", 6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rest_fast.train.config import (
+from rest_fast.run.config import (
     DEMO_PRESET,
     TrainConfig,
     apply_overrides,

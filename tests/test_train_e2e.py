@@ -37,7 +37,7 @@ def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _records(run: Path, kind: str) -> list[dict]:
-    from rest_fast.train.rundir import read_jsonl
+    from rest_fast.run.rundir import read_jsonl
 
     return [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == kind]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rest_fast.run.rundir import RunDir, atomic_write_jsonl
 from rest_fast.train.report import write_report
-from rest_fast.train.rundir import RunDir, atomic_write_jsonl
 
 
 def test_report_from_files(tmp_path):

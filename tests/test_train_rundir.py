@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from rest_fast.train.rundir import (
+from rest_fast.run.rundir import (
     RunDir,
     atomic_write_bytes,
     atomic_write_json,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from rest_fast.run.optim import cosine_lambda, derive_seed
 from rest_fast.train.distributed import DistEnv, shard_range
 from rest_fast.train.initial_captions import join_prompt
 from rest_fast.train.retrieval_update import initial_candidates
-from rest_fast.train.self_train import cosine_lambda, derive_seed
 
 ENV1 = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

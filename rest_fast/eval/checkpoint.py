@@ -82,7 +82,7 @@ def _is_run_dir(p: Path) -> bool:
 
 def _run_checkpoint(root: Path) -> Path:
     """The checkpoint folder ``state.json`` names, else the newest complete one."""
-    from rest_fast.train.rundir import RunDir
+    from rest_fast.run.rundir import RunDir
 
     run = RunDir(root, writable=False)
     state = run.read_state() or {}
@@ -157,7 +157,7 @@ def load_model(resolved: ResolvedCheckpoint, device: torch.device | str = "cpu",
     if resolved.kind == "run":
         from safetensors.torch import load_file
 
-        from rest_fast.train.config import TrainConfig
+        from rest_fast.run.config import TrainConfig
 
         cfg = TrainConfig(**{k: v for k, v in resolved.config.items() if k in TrainConfig.__dataclass_fields__})
         try:
@@ -202,7 +202,7 @@ def image_size_of(model) -> int:
 
 def pixel_normalisation(resolved: ResolvedCheckpoint) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """BLIP's pixel mean/std for this checkpoint (the same rule the trainer uses)."""
-    from rest_fast.train.inputs import blip_normalisation
+    from rest_fast.models.preprocess import blip_normalisation
 
     return blip_normalisation(resolved.blip_source)
 

@@ -82,7 +82,7 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
     """
     from rest_fast.data.index import VideoIndex
     from rest_fast.data.loader import PyAVClipLoader
-    from rest_fast.train.self_train import build_optimizer, build_scheduler, derive_seed
+    from rest_fast.run.optim import build_optimizer, build_scheduler, derive_seed
 
     if not videos:
         raise ValueError("no training videos")

@@ -1,4 +1,4 @@
-"""``rest-fast train``: arguments derived from :class:`~rest_fast.train.config.TrainConfig`, and the command.
+"""``rest-fast train``: arguments derived from :class:`~rest_fast.run.config.TrainConfig`, and the command.
 
 Every config field is a kebab-case flag (``--num-frames 8``), a ``key=value`` positional override
 (``num_frames=8``) and a YAML key, with the field's documentation as its help. Imports stay light
@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import typing
 
-from rest_fast.train.config import DEMO_PRESET, TrainConfig, config_fields, parse_key_values, resolve_config
+from rest_fast.run.config import DEMO_PRESET, TrainConfig, config_fields, parse_key_values, resolve_config
 
 _DESCRIPTION = """\
 REST self-training (Algorithm 1): initial BLIP captions per frame and prompt, frozen-CLIP retrieval

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rest_fast.run.rundir import atomic_save_numpy, atomic_write_json
 from rest_fast.train.distributed import DistEnv, autocast, barrier, gather_rows, shard_range
-from rest_fast.train.rundir import atomic_save_numpy, atomic_write_json
 
 
 def features_key(**parts) -> str:

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.train.config import TrainConfig
+from rest_fast.models.preprocess import blip_normalisation  # noqa: F401 - re-exported
+from rest_fast.run.config import TrainConfig
 from rest_fast.train.distributed import DistEnv, all_gather_objects
 
 TINY = "tiny"  # model name of the tiny random-init BLIP / CLIP (demo and tests)
@@ -52,29 +53,6 @@ def build_index(data: str, data_root: str | None):
         root = data_root if data_root is not None else str(p.parent)
         return VideoIndex.from_list(p, root, skip_missing=True)
     raise FileNotFoundError(f"data={data!r} is neither a folder of videos nor a list file")
-
-
-def blip_normalisation(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """BLIP's pixel mean/std: from the checkpoint's image-processor config when it has one, else the
-    BlipImageProcessor defaults (the OpenAI CLIP constants, which every released BLIP uses)."""
-    from rest_fast.clip import OPENAI_MEAN, OPENAI_STD
-
-    cfg = Path(source) / "preprocessor_config.json"
-    if cfg.is_file():
-        import json
-
-        d = json.loads(cfg.read_text())
-        if "image_mean" in d and "image_std" in d:
-            return tuple(d["image_mean"]), tuple(d["image_std"])
-    if not Path(source).exists():  # a hub id: ask HF (cached locally when it was downloaded)
-        try:
-            from transformers import BlipImageProcessor
-
-            proc = BlipImageProcessor.from_pretrained(source)
-            return tuple(proc.image_mean), tuple(proc.image_std)
-        except Exception:  # noqa: BLE001 - no processor file: the defaults below are BLIP's own
-            pass
-    return tuple(OPENAI_MEAN), tuple(OPENAI_STD)
 
 
 def ensure_tiny_blip(save_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:

@@ -30,10 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.train import distributed as dist_utils
-from rest_fast.train.config import TrainConfig, identity_differences
-from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
-from rest_fast.train.rundir import (
+from rest_fast.run.config import TrainConfig, identity_differences
+from rest_fast.run.rundir import (
     CONFIG_FILE,
     RunDir,
     atomic_write_json,
@@ -42,6 +40,8 @@ from rest_fast.train.rundir import (
     capture_rng,
     restore_rng,
 )
+from rest_fast.train import distributed as dist_utils
+from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
 from rest_fast.train.self_train import derive_seed
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rest_fast.train.rundir import atomic_write_bytes, atomic_write_text, read_jsonl
+from rest_fast.run.rundir import atomic_write_bytes, atomic_write_text, read_jsonl
 
 
 def _savefig(fig, path: Path) -> None:

@@ -8,19 +8,14 @@ AdamW under a cosine schedule. Under torchrun the loss module is wrapped in DDP.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from rest_fast.run.optim import build_optimizer, build_scheduler, cosine_lambda, derive_seed  # noqa: F401 - re-exported
 from rest_fast.train.distributed import DistEnv, all_reduce_mean, autocast
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed mixed from integers (stable across runs, platforms and processes)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 class CaptionLoss(nn.Module):
@@ -35,34 +30,6 @@ class CaptionLoss(nn.Module):
     def forward(self, videos: torch.Tensor, captions: list[str]) -> torch.Tensor:
         out = self.model.loss(videos, captions, prompt=self.prompt, label_smoothing=self.label_smoothing)
         return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW; biases, norms and the adapters' scalar gates get no weight decay (decay on them only shrinks them)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
-
-
-def cosine_lambda(total_steps: int, warmup_steps: int, lr: float, lr_min: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up, then cosine from ``lr`` to ``lr_min`` at ``total_steps``."""
-    total_steps = max(1, total_steps)
-
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t))) / lr
-
-    return f
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, lr: float, lr_min: float):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total_steps, warmup_steps, lr, lr_min))
 
 
 def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable,

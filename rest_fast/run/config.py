@@ -1,0 +1,329 @@
+"""The trainer's configuration: ONE dataclass, the single source of truth.
+
+:class:`TrainConfig` holds every setting of a REST run with the paper's defaults (Table 10). The same
+fields are read from a YAML file (``--config``), from ``key=value`` overrides, from kebab-case flags
+(``--num-frames 8``), and are listed with their documentation by ``rest-fast train --help``: nothing
+is declared twice. Precedence, lowest first: dataclass defaults → the demo preset (only when no
+``--data`` is given) → the YAML file → flags and ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, doc: str, *, group: str = "", runtime: bool = False) -> Any:
+    """A dataclass field with its documentation. ``runtime`` fields may change when a run resumes."""
+    meta = {"help": doc, "group": group, "runtime": runtime}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """REST self-training (Algorithm 1). Defaults are the paper's (Table 10)."""
+
+    # --- data and models -------------------------------------------------------------------
+    data: str | None = _f(
+        None,
+        "videos to train on: a list file (lines 'relative/path [label]') or a folder (class sub-folders "
+        "give labels). None runs the built-in demo on synthetic clips.",
+        group="data",
+    )
+    data_root: str | None = _f(None, "root that the paths of a list file are relative to (default: the list's folder)", group="data")
+    blip: str = _f("Salesforce/blip-image-captioning-base", "BLIP captioner: an HF hub id or a local directory", group="models")
+    clip: str = _f("ViT-B-16", "frozen CLIP for retrieval: an open_clip model name, HF CLIP id or local directory", group="models")
+    clip_pretrained: str | None = _f("openai", "open_clip pretrained tag (ignored for HF ids and directories)", group="models")
+    adapter_layers: str = _f("all", "ViT layers that get a temporal adapter: 'all', 'none' or a comma list like '0,5,11'", group="models")
+    out: str = _f("runs/rest", "run directory: config, checkpoints, captions, metrics, plots, report", group="run", runtime=True)
+
+    # --- video input -------------------------------------------------------------------------
+    num_frames: int = _f(8, "T: frames sampled uniformly per clip", group="data")
+    image_size: int = _f(224, "S: frame size fed to the captioner (CLIP frames are resized to CLIP's own size)", group="data")
+    augment: bool = _f(True, "Table 10 augmentations while self-training (flip, multi-scale crop, colour jitter, grayscale)", group="data")
+    num_workers: int = _f(4, "decoding workers per process", group="data", runtime=True)
+    decoder: str = _f("auto", "video decoding: 'auto' (DALI on the GPU when a CUDA device and DALI are present, else the CPU path), 'dali' or 'pyav'", group="data", runtime=True)
+    bad_files_threshold: float = _f(0.05, "stop with an error when more than this fraction of the videos cannot be decoded", group="data")
+
+    # --- Algorithm 1 -------------------------------------------------------------------------
+    prompts: list[str] = _f(
+        ["a video of", "a person is", "someone is"],
+        "prompts for the initial per-frame BLIP captions (T x P captions per video)",
+        group="rest",
+    )
+    train_prompt: str = _f("a video of", "prompt the captioner is trained and decoded with", group="rest")
+    num_neighbours: int = _f(2000, "H: nearest videos (by CLIP video feature, self excluded) whose captions are candidates; capped at N-1", group="rest")
+    k: int = _f(3, "K: pseudo-captions kept per video", group="rest")
+    epochs_per_round: int = _f(10, "R: self-training epochs between two caption rounds", group="rest")
+    epochs: int = _f(60, "total self-training epochs (rounds = epochs / R)", group="rest")
+
+    # --- optimisation ------------------------------------------------------------------------
+    batch_size: int = _f(64, "global batch size (split over the processes)", group="optim")
+    lr: float = _f(2e-5, "peak learning rate (cosine schedule)", group="optim")
+    lr_min: float = _f(2e-8, "final learning rate of the cosine schedule", group="optim")
+    warmup_steps: int = _f(0, "linear warm-up steps before the cosine decay", group="optim")
+    weight_decay: float = _f(1e-3, "AdamW weight decay", group="optim")
+    betas: list[float] = _f([0.9, 0.98], "AdamW betas", group="optim")
+    label_smoothing: float = _f(0.2, "label smoothing of the captioning loss", group="optim")
+    grad_clip: float = _f(0.0, "clip the gradient norm to this value (0 = off)", group="optim")
+    grad_checkpointing: bool = _f(False, "activation checkpointing of the ViT layers (adapters inside the checkpointed call): less memory, ~1/3 more compute", group="optim", runtime=True)
+
+    # --- caption generation ------------------------------------------------------------------
+    num_beams: int = _f(3, "beam width for captioning", group="generate")
+    max_length: int = _f(20, "maximum caption length in tokens (the prompt's tokens count, as in HF)", group="generate")
+    min_length: int = _f(5, "minimum caption length in tokens", group="generate")
+    eval_batch_size: int = _f(64, "batch size for captioning, CLIP features and text embedding", group="generate", runtime=True)
+
+    # --- run -----------------------------------------------------------------------------------
+    seed: int = _f(0, "seed: caption sampling, shuffling, augmentation draws and dropout derive from it", group="run")
+    device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (torchrun uses LOCAL_RANK)", group="run", runtime=True)
+    amp: bool = _f(True, "bf16 autocast on CUDA", group="run", runtime=True)
+    threads: int = _f(0, "CPU intra-op threads per process (0 = torch's default)", group="run", runtime=True)
+    log_every: int = _f(10, "steps between loss records in metrics.jsonl", group="run", runtime=True)
+    keep_checkpoints: int = _f(2, "epoch checkpoints kept on disk (the newest ones)", group="run", runtime=True)
+    report_videos: int = _f(24, "videos shown in report.html", group="run", runtime=True)
+    progress: bool = _f(True, "tqdm progress bars", group="run", runtime=True)
+
+    # --- built-in demo (used only when data is None) -------------------------------------------
+    demo_videos_per_class: int = _f(5, "demo: synthetic clips per action class", group="demo")
+    demo_frames: int = _f(16, "demo: frames per synthetic clip", group="demo")
+    demo_resolution: int = _f(48, "demo: width and height of the synthetic clips", group="demo")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def is_demo(self) -> bool:
+        return self.data is None
+
+    @property
+    def num_rounds(self) -> int:
+        """Caption rounds after the initial one: one every R epochs, the last one may be shorter."""
+        return -(-self.epochs // self.epochs_per_round)
+
+    def round_end_epoch(self, r: int) -> int:
+        """Epoch count after which round ``r`` (1-based) generates its captions."""
+        return min(r * self.epochs_per_round, self.epochs)
+
+    def adapter_layers_value(self) -> str | list[int]:
+        """``adapter_layers`` as GARModel takes it: 'all', [] or a list of layer indices."""
+        v = self.adapter_layers.strip().lower()
+        if v == "all":
+            return "all"
+        if v in ("none", ""):
+            return []
+        try:
+            return [int(x) for x in v.split(",") if x.strip()]
+        except ValueError as exc:
+            raise ValueError(f"adapter_layers: expected 'all', 'none' or a comma list of ints, got {self.adapter_layers!r}") from exc
+
+    def validate(self) -> None:
+        """Check ranges; raise ``ValueError`` naming the field."""
+        positive = ("num_frames", "image_size", "num_neighbours", "k", "epochs_per_round", "epochs", "batch_size",
+                    "num_beams", "max_length", "eval_batch_size", "log_every", "keep_checkpoints",
+                    "demo_videos_per_class", "demo_frames", "demo_resolution")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "warmup_steps", "report_videos", "min_length", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError(f"lr_min must be in [0, lr], got {self.lr_min}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.bad_files_threshold <= 1:
+            raise ValueError(f"bad_files_threshold must be in [0, 1], got {self.bad_files_threshold}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.prompts:
+            raise ValueError("prompts must hold at least one prompt")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) must be <= max_length ({self.max_length})")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+        self.adapter_layers_value()
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return apply_overrides(self, changes)
+
+
+# The demo preset: tiny random models and small synthetic clips, initial captions + 2 short rounds.
+# Applied under the YAML file and the overrides, so any of these can still be changed.
+DEMO_PRESET: dict[str, Any] = {
+    "blip": "tiny",
+    "clip": "tiny",
+    "clip_pretrained": None,
+    "num_frames": 4,
+    "image_size": 32,
+    "num_workers": 0,
+    # tiny models: a parallel region costs more than it saves (measured 60x slower per linear on a busy
+    # 2-core machine with 2 threads), so the demo computes on one thread
+    "threads": 1,
+    "num_neighbours": 8,
+    "epochs_per_round": 3,
+    "epochs": 6,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "lr_min": 1e-5,
+    "num_beams": 2,
+    "max_length": 12,
+    "min_length": 3,
+    "eval_batch_size": 16,
+    "log_every": 1,
+    "out": "runs/demo",
+}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the field's type, naming the key on error."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if isinstance(value, str) and tp is not str:
+        value = yaml.safe_load(value) if value.strip() else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            raise ValueError(f"{name}: expected a string, got None")
+        return str(value)
+    if origin is list:
+        (item,) = args
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(name, v, item) for v in value]
+    raise TypeError(f"{name}: unsupported field type {tp}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """A new config with ``overrides`` applied (keys may use '-' or '_'); unknown keys raise ``ValueError``."""
+    types_ = _field_types()
+    values = cfg.to_dict()
+    for raw_key, value in overrides.items():
+        key = raw_key.replace("-", "_")
+        if key not in types_:
+            close = [f for f in types_ if key in f or f in key]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown config key {raw_key!r}{hint}; see `rest-fast train --help`")
+        values[key] = _coerce(key, value, types_[key])
+    return TrainConfig(**values)
+
+
+def parse_key_values(items: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x y"]`` → ``{"a": "1", "b": "x y"}``; a malformed item raises ``ValueError``."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        if not k.strip():
+            raise ValueError(f"empty key in {item!r}")
+        out[k.strip()] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(*, yaml_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults → demo preset (when no data is set anywhere) → YAML → overrides."""
+    layers: list[dict[str, Any]] = []
+    if yaml_file is not None:
+        layers.append(load_yaml(yaml_file))
+    layers.append(dict(overrides or {}))
+    data_given = any(layer.get("data") is not None for layer in layers)
+    cfg = TrainConfig()
+    if not data_given:
+        cfg = apply_overrides(cfg, DEMO_PRESET)
+    for layer in layers:
+        cfg = apply_overrides(cfg, layer)
+    return cfg
+
+
+def identity_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Non-runtime fields that differ: a run cannot resume under a config that changes these."""
+    out = []
+    for f in config_fields():
+        if f.metadata.get("runtime") or f.name == "epochs":
+            continue  # `epochs` may grow to extend a finished run
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if va != vb:
+            out.append(f"{f.name}: {va!r} (run) != {vb!r} (now)")
+    return out
+
+
+def help_text() -> str:
+    """Every key with its type, default and documentation, grouped — the body of ``--help``."""
+    types_ = _field_types()
+    lines = ["config keys (YAML, key=value, or --kebab-case-flag):"]
+    group = None
+    for f in config_fields():
+        g = f.metadata.get("group", "")
+        if g != group:
+            group = g
+            lines.append(f"\n  [{g}]")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tp = str(types_[f.name]).replace("typing.", "")
+        tp = tp if not isinstance(types_[f.name], type) else types_[f.name].__name__
+        demo = f"  (demo: {DEMO_PRESET[f.name]!r})" if f.name in DEMO_PRESET else ""
+        lines.append(f"  {f.name}={default!r}  <{tp}>{demo}")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
