@@ -89,6 +89,7 @@ def test_op_paths_lists_every_op(monkeypatch):
 
 def test_gpu_tests_collect_without_optional_packages():
     # The bare GPU machine has torch/triton/transformers only: the CUDA test module must collect there.
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -99,5 +100,8 @@ def test_gpu_tests_collect_without_optional_packages():
             "    sys.modules[m] = None\n"
             "import pytest\n"
             "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/test_kernels_cuda.py']))\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    # No plugin autoload: installed plugins (hypothesis's) would import the blocked modules themselves.
+    env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

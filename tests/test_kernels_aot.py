@@ -2,8 +2,8 @@
 
 The launches are the launchers' own (see :mod:`rest_fast.ops.aot`); registers and spill bytes come from the
 ``ptxas -v`` log of the ptxas inside the Triton wheel, shared memory from the compiled kernel's metadata.
-The default run compiles a representative set (the trainer's dtypes and the variants with the highest
-register pressure); the full matrix (every autotune config, fp32/fp16/bf16, k=16/2000, both archs) is
+The default run compiles a representative set (the trainer's path: fp16 retrieval, bf16 adapters; 12
+compiles); the full matrix (every autotune config, fp32/fp16/bf16, k=16/2000, both archs) is
 ``slow``, split per kernel family, dtype and arch. Results are cached on disk (``REST_FAST_AOT_CACHE``),
 keyed by the Triton version, the kernel source and the specialisation, so a rerun costs seconds.
 """

@@ -306,13 +306,14 @@ def _tiles(device_type: str, dtype: torch.dtype, D: int) -> dict:
     ``128 × 64`` fp32 accumulator over 8 warps (32 values per thread: with 4 warps, 64 per thread, the
     compaction branch spilled); fp32 operands take the exact
     (``ieee``, FMA) path, whose operands also live in registers, so its tiles are ``64 × 64`` with a
-    ``BK = 32`` slice over 8 warps (4 warps spilled a few bytes in the dense variant on sm_90). ``BM · BN`` is at least the thread count: the filter kernel's per-element atomics
+    ``BK = 32`` slice over 8 warps (with 4 warps its dense variant spilled on sm_90), and the group-max pass
+    takes ``32 × 64`` (``64 × 64`` spilled a few bytes with triton 3.6 on sm_80 or sm_90). ``BM · BN`` is at least the thread count: the filter kernel's per-element atomics
     rely on no element being replicated across threads.
     """
     if device_type == "cuda":
         if dtype == torch.float32:
             return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=8, num_stages=2,
-                        GBM=64, BG=64, GBK=32, g_warps=4, g_stages=2)
+                        GBM=32, BG=64, GBK=32, g_warps=4, g_stages=2)
         return dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3,
                     GBM=64, BG=64, GBK=64, g_warps=4, g_stages=3)
     # Interpreter: cost is per op, so few large tiles.
