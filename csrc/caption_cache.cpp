@@ -789,7 +789,7 @@ void CaptionCache::save(const std::string& path) const {
 
   static std::atomic<uint64_t> counter{0};
   const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (fd < 0) throw_os(errno, "cannot create", tmp);
   try {
     write_all(fd, hdr, kHeaderBytes, tmp);

@@ -4,6 +4,10 @@ A write goes to a unique temporary file in the destination folder, is flushed an
 over the final name (atomic on POSIX) and the folder is fsynced: a reader, or a job restarted after
 ``kill -9``, sees the old file or the new one, never a torn one. A failed write removes its temporary
 file and leaves the previous file intact.
+
+Permissions follow the user's umask (``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders), as
+``open()`` and ``mkdir()`` would give: ``tempfile`` creates private 0600/0700 entries, which would leave a
+run folder unreadable to the teammates the umask means to share it with.
 """
 
 from __future__ import annotations
@@ -15,6 +19,36 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc``), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path_or_fd: str | os.PathLike | int, *, directory: bool = False) -> None:
+    """Give a file (or a folder) made by ``tempfile`` the mode a plain ``open``/``mkdir`` would have given."""
+    mode = (0o777 if directory else 0o666) & ~current_umask()
+    if isinstance(path_or_fd, int):
+        os.fchmod(path_or_fd, mode)
+    else:
+        os.chmod(path_or_fd, mode)
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new uniquely named folder in ``parent`` with umask permissions (for a folder renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=os.fspath(parent)))
+    apply_umask(tmp, directory=True)
+    return tmp
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -45,6 +79,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:
+            apply_umask(f.fileno())
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -44,15 +44,41 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    import inspect
+
+    from rest_fast.data.select import choose_decoder
     from rest_fast.data.shards import prepare
 
+    extra = {}
+    try:
+        choice = choose_decoder(args.decoder)
+    except ValueError as exc:
+        print(f"rest-fast prepare: error: {exc}", file=sys.stderr)
+        return 2
+    if "decoder" in inspect.signature(prepare).parameters:
+        extra["decoder"] = choice.name
+    elif choice.name == "dali":
+        if args.decoder == "dali":
+            print("rest-fast prepare: error: --decoder dali: prepare decodes with PyAV's robust path only (the "
+                  "shards it writes are read with nvJPEG by train/eval --decoder dali); use --decoder pyav or auto",
+                  file=sys.stderr)
+            return 2
+        choice = choice._replace(name="pyav", reason="auto: prepare decodes with PyAV's robust path (its shards are "
+                                 "read with nvJPEG by train/eval --decoder dali)")
+    print(f"rest-fast prepare: decoder {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
     res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None, quality=args.quality,
                   workers=args.workers, shard_size=args.shard_size, data_root=args.data_root,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, **extra)
     print(f"{res.out}: {res.num_videos} videos in {res.num_shards} shard(s), {res.num_bad} bad "
           f"(bad_files.tsv); {res.decoded_now} decoded in {res.seconds:.1f} s"
           + (f", resumed at video {res.resumed_from}" if res.resumed_from else ""))
     return 0
+
+
+def _add_decoder_argument(p) -> None:
+    p.add_argument("--decoder", default="auto", metavar="auto|dali|pyav",
+                   help="video decoding: auto (DALI on the GPU when a CUDA device and nvidia-dali are present, else "
+                   "the CPU path), dali or pyav (default auto; the choice and why are printed)")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -71,7 +97,9 @@ def _add_generation_arguments(p: argparse.ArgumentParser, batch_size: int = 16) 
     g.add_argument("--num-frames", type=int, help="T, frames per clip (default: the run's, else the model's)")
     g.add_argument("--image-size", type=int, help="S, frame size (default: the run's, else the model's)")
     g.add_argument("--batch-size", type=int, default=batch_size, help=f"videos per forward (default {batch_size})")
-    g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes (default 2)")
+    g.add_argument("--num-workers", type=int, default=-1, help="decoding worker processes (default -1: from the "
+                   "CPUs available; 0 = in the main process)")
+    _add_decoder_argument(g)
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0 = torch's default; 1 is "
                    "fastest for tiny models on a busy machine)")
@@ -178,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_prep.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
     p_prep.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
     p_prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_decoder_argument(p_prep)
     p_prep.set_defaults(func=_cmd_prepare)
 
     from rest_fast.plan import add_plan_arguments

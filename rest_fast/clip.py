@@ -134,6 +134,27 @@ def _is_hf_dir(name: str) -> bool:
     return os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json"))
 
 
+def is_open_clip_name(name: str) -> bool:
+    """True for an open_clip model name (``"ViT-B-16"``, ``"hf-hub:org/repo"``), False for a Hugging Face CLIP
+    id (``"openai/clip-vit-base-patch16"``) or a local HF model folder."""
+    import open_clip
+
+    if name.startswith("hf-hub:"):
+        return True
+    if _is_hf_dir(name):
+        return False
+    return name in open_clip.list_models()
+
+
+def pretrained_for(name: str, pretrained: str | None) -> str | None:
+    """The ``pretrained`` argument to pass for ``name``: a config's open_clip tag (default ``"openai"``) is
+    dropped for HF ids and folders, which carry their own weights — the config documents it as ignored
+    there, so its default must not make a documented ``--clip`` value fail."""
+    if pretrained is None or not isinstance(name, str):
+        return pretrained
+    return pretrained if is_open_clip_name(name) else None
+
+
 class FrozenCLIP(nn.Module):
     """A frozen CLIP image/text encoder with a video interface.
 

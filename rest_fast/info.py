@@ -61,6 +61,17 @@ def collect() -> dict[str, object]:
     except Exception as exc:  # noqa: BLE001
         info["cuda devices"] = f"unknown ({exc})"
     info["dali"] = _version("nvidia.dali")
+    try:
+        from rest_fast.data.select import choose_decoder
+        from rest_fast.data.workers import cpus_available, default_num_workers
+
+        choice = choose_decoder("auto")
+        info["decoder (auto)"] = f"{choice.name}: {choice.reason}"
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        info["decoding workers (default)"] = (f"{default_num_workers()} per rank ({cpus_available()} CPUs available "
+                                              f"/ {ranks} local rank(s), one CPU left per rank)")
+    except Exception as exc:  # noqa: BLE001 - information, never a failure
+        info["decoder (auto)"] = f"unknown ({type(exc).__name__}: {exc})"
     return info
 
 

@@ -145,3 +145,85 @@ def test_report_merge_and_summary():
     r.merge(o)
     assert r.rows() == [("b", "z", 3), ("a", "x", 2)]
     assert "2 bad file(s)" in r.summary()
+
+
+def _worker_pids(loader):
+    it = loader._loader._iterator
+    return [w.pid for w in it._workers] if it is not None else []
+
+
+def test_workers_persist_across_epochs(clips):
+    paths, _ = clips
+    ld = PyAVClipLoader(VideoIndex.from_paths(paths[:3]), batch_size=2, num_frames=2, size=16, mean=MEAN, std=STD,
+                        num_workers=1, train=True, seed=3)
+    first = _batches(ld, 0)
+    pids = _worker_pids(ld)
+    second = _batches(ld, 1)
+    assert pids and _worker_pids(ld) == pids and all(p is not None for p in pids)  # forked once, reused
+    again = PyAVClipLoader(VideoIndex.from_paths(paths[:3]), batch_size=2, num_frames=2, size=16, mean=MEAN, std=STD,
+                           num_workers=0, train=True, seed=3)
+    for a, b in zip(first + second, _batches(again, 0) + _batches(again, 1)):  # epochs still differ and match
+        assert torch.equal(a.clips, b.clips) and torch.equal(a.index, b.index)
+
+
+def _hang_on(path_part):
+    """A ``ClipDataset.read`` that never returns for paths containing ``path_part`` (a hung decoder)."""
+    from rest_fast.data.loader import ClipDataset
+
+    real = ClipDataset.read
+
+    def read(self, path, seed):
+        if path_part in str(path):
+            import time
+
+            while True:  # a decoder stuck in a loop / a blocking read
+                time.sleep(0.05)
+        return real(self, path, seed)
+
+    return read
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_hung_decoder_becomes_a_counted_bad_file(clips, monkeypatch, num_workers):
+    from rest_fast.data.loader import ClipDataset
+
+    paths, _ = clips
+    monkeypatch.setattr(ClipDataset, "read", _hang_on("c1."))
+    ld = PyAVClipLoader(VideoIndex.from_paths(paths[:3]), batch_size=3, num_frames=2, size=16, mean=MEAN, std=STD,
+                        num_workers=num_workers, decode_timeout_s=0.3, max_bad_fraction=0.5)
+    (b,) = _batches(ld)
+    assert b.clips.shape == (3, 2, 3, 16, 16) and int(b.index[1]) != 1  # the entry was replaced
+    (row,) = ld.bad_files.rows()
+    assert row[0] == paths[1] and row[1] == "decoding took longer than decode_timeout_s=0.3" and row[2] >= 1
+
+
+def test_colour_on_device_equals_colour_in_workers(clips):
+    paths, _ = clips
+    kw = dict(batch_size=3, num_frames=3, size=16, mean=MEAN, std=STD, num_workers=0, train=True, seed=5)
+    a = _batches(PyAVClipLoader(VideoIndex.from_paths(paths), colour_on_device=False, **kw), 2)
+    b = _batches(PyAVClipLoader(VideoIndex.from_paths(paths), colour_on_device=True, **kw), 2)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.clips, y.clips, atol=1e-6, rtol=0)  # identical uint8 -> identical floats
+        assert torch.equal(x.index, y.index)
+
+
+def test_stream_epoch_reaches_persistent_workers(tmp_path):
+    """ShardClipLoader(stream=True) with workers kept across epochs still reads each epoch's own order."""
+    from rest_fast.data.shards import PreparedIndex, ShardClipLoader, prepare
+
+    src = tmp_path / "v" / "c"
+    src.mkdir(parents=True)
+    for i in range(4):
+        vf.write_index_clip(src / f"{i}.webm", 5 + i, "vp9", width=32, height=24)
+    prepare(src.parent, tmp_path / "prep", frames=4, short_side=24, workers=0, progress=False, shard_size=1)
+    idx = PreparedIndex.load(tmp_path / "prep")
+    kw = dict(batch_size=4, mean=MEAN, std=STD, num_frames=2, size=16, train=True, seed=1, stream=True,
+              shuffle_buffer=2, drop_last=False)
+    kept = ShardClipLoader(idx, num_workers=1, **kw)
+    ref = ShardClipLoader(idx, num_workers=0, **kw)
+    orders = []
+    for epoch in range(3):
+        (a,), (b,) = _batches(kept, epoch), _batches(ref, epoch)
+        assert torch.equal(a.index, b.index) and torch.equal(a.clips, b.clips)
+        orders.append(a.index.tolist())
+    assert len({tuple(o) for o in orders}) > 1  # the epoch changed the order inside the kept worker

@@ -131,3 +131,17 @@ def test_dali_stream_through_webdataset_reader(index, shuffle):
             assert torch.equal(got[j][1], want[j][1])
     with pytest.raises(ValueError, match="full PreparedIndex"):
         DALIShardLoader(index[:2], stream=True, **common)
+
+
+def test_dali_workers_and_prefetch_give_the_same_batches(index):
+    kw = dict(batch_size=2, mean=MEAN, std=STD, num_frames=4, size=24, train=True, seed=4, drop_last=False,
+              max_bad_fraction=0.5, decoder_device="cpu", num_threads=1)
+    sync = DALIShardLoader(index, num_workers=0, prefetch=1, **kw)
+    fast = DALIShardLoader(index, num_workers=1, prefetch=3, **kw)
+    for epoch in (0, 1):
+        sync.set_epoch(epoch)
+        fast.set_epoch(epoch)
+        for a, b in zip(list(sync), list(fast), strict=True):
+            assert torch.equal(a.index, b.index) and torch.equal(a.frame_indices, b.frame_indices)
+            assert torch.equal(a.clips, b.clips)
+    assert len(fast.bad_files) == 1

@@ -81,9 +81,10 @@ def test_small_run_end_to_end(tmp_path, monkeypatch, capsys):
     before = (run / "metrics.jsonl").read_text().count('"kind": "epoch"')
     assert main(["train", f"--out={run}", "--resume", "auto", *SMALL]) == 0
     assert (run / "metrics.jsonl").read_text().count('"kind": "epoch"') == before
-    # a changed identity key is refused on resume
-    with pytest.raises(ValueError, match="k: 3"):
-        main(["train", f"--out={run}", "--resume", "auto", *SMALL, "k=2"])
+    # a changed identity key is refused on resume, in one line per key naming both values
+    capsys.readouterr()
+    assert main(["train", f"--out={run}", "--resume", "auto", *SMALL, "k=2"]) == 2
+    assert "k: 3 (run) != 2 (now)" in capsys.readouterr().err
 
 
 def _run_and_kill(run: Path, args: list[str], marker) -> None:

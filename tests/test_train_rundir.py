@@ -65,7 +65,9 @@ def test_checkpoint_round_trip_prune_and_temp_cleanup(tmp_path):
     assert [p.name for p in run.list_checkpoints()] == ["epoch_0002", "epoch_0003"]
     assert not list((tmp_path / "checkpoints").glob(".epoch_*"))
     model, train_state, meta = RunDir.load_checkpoint(run.checkpoint_dir(3))
-    assert torch.equal(model["w"], sd["w"] * 3) and train_state["step"] == 3 and meta == {"round": 0, "epoch": 3}
+    assert torch.equal(model["w"], sd["w"] * 3) and train_state["step"] == 3
+    assert {k: v for k, v in meta.items() if k != "sha256"} == {"round": 0, "epoch": 3}
+    assert set(meta["sha256"]) == {"model.safetensors", "train_state.pt"}
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         RunDir.load_checkpoint(tmp_path / "checkpoints" / "epoch_0009")
 

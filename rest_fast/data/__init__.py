@@ -31,7 +31,12 @@ Quick reference for callers (the trainer):
   JPEG shards; ``load_index(data)`` gives a ``PreparedIndex`` for a prepared dir and
   ``make_clip_loader(index, ...)`` the matching loader (``ShardClipLoader`` or ``PyAVClipLoader``).
 * ``DALIClipLoader`` (``pip install -e .[dali]``) has the same constructor and batches; it needs
-  ``nvidia.dali`` (imported lazily) — see :mod:`rest_fast.data.dali`.
+  ``nvidia.dali`` (imported lazily) — see :mod:`rest_fast.data.dali`. Which decoder a run uses:
+  :func:`rest_fast.data.select.choose_decoder` (``--decoder auto|dali|pyav``, with the reason), then
+  ``make_clip_loader(index, decoder=choice.name, device_id=choice.device_id, ...)``.
+* Workers: ``num_workers=-1`` = from the CPUs per rank (:mod:`rest_fast.data.workers`), persistent across
+  epochs; ``decode_timeout_s`` turns a hung decode into a bad file; GPU runs apply colour jitter batched
+  (:func:`rest_fast.data.augment.apply_colour_batch`).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def crop_resize_frame(frame: av.VideoFrame, crop: tuple[int, int, int, int], siz
 
 def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, train: bool = False,
               seed: int | None = None, backend: str = "pyav", return_indices: bool = False,
-              method: str = "auto", resize: str = "swscale"):
+              method: str = "auto", resize: str = "swscale", colour: bool = True):
     """Read ``num_frames`` frames of ``path`` as uint8 [T, size, size, 3] (RGB, display-rotated).
 
     Eval (``train=False``): segment-centre frames, central square resized to ``size``; deterministic.
@@ -53,7 +53,9 @@ def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, 
     reference :func:`rest_fast.data.augment.apply` on full-size RGB frames (slower; tests).
 
     Returns the tensor, or ``(tensor, indices)`` with ``return_indices=True`` (``indices``: list of T
-    decoded-frame indices). Raises :class:`VideoDecodeError` for files that cannot give a clip.
+    decoded-frame indices). ``colour=False`` stops after crop + resize and returns ``(tensor, indices,
+    params)``: the caller applies flip/jitter/grayscale later (``augment.apply_colour_batch`` on the GPU).
+    Raises :class:`VideoDecodeError` for files that cannot give a clip.
     """
     if backend != "pyav":
         raise ValueError(f"backend must be 'pyav' for read_clip (DALI decodes batches: DALIClipLoader), got {backend!r}")
@@ -71,7 +73,11 @@ def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, 
         raise VideoDecodeError(path, f"frame size changes inside the clip: {sorted(sizes)}")
     h, w = sizes.pop()
     params = augment.draw_train_params(rng, h, w) if train else augment.eval_params(h, w)
+    if not colour and resize == "torch":
+        raise ValueError("colour=False needs resize='swscale'")
     try:
+        if not colour:
+            return torch.from_numpy(np.stack([crop_resize_frame(f, params.crop, size) for f in frames])), indices, params
         if resize == "torch":
             out = augment.apply(torch.from_numpy(np.stack([frame_to_rgb(f) for f in frames])), params, size)
         else:

@@ -1,43 +1,55 @@
-"""DALI clip loader: decoding (NVDEC with ``decoder_device="mixed"``), crop, resize, flip, colour and
-normalisation inside one DALI pipeline; same batches and seeds as :class:`PyAVClipLoader`.
+"""DALI clip loader: NVDEC decoding (``decoder_device="mixed"``), crop and resize in one DALI pipeline
+running asynchronously a few batches ahead; same batches, seeds and augmentations as :class:`PyAVClipLoader`.
 
 ``nvidia.dali`` is imported lazily (``pip install -e .[dali]``). Without a GPU DALI decodes only VP8,
 VP9 and MJPEG (``decoder_device="cpu"``); the same pipeline code runs on both, which is how the tests
 check it on CPU.
 
-Per sample, the Python side (main process) probes the file with PyAV without decoding
-(:func:`~rest_fast.data.decode.probe_video`: packet count and size), picks the frame indices
-(:func:`~rest_fast.data.decode.sample_indices`) and draws the augmentation parameters
-(:mod:`~rest_fast.data.augment`) from the same per-sample seed as the PyAV loader; unreadable files are
-replaced by the same deterministic resample and recorded in ``loader.bad_files``. DALI then decodes the
-given indices (``fn.decoders.video(frames=...)``) and applies the parameters.
+Who does what, per batch:
 
-Differences from the PyAV path (documented, tested within a tolerance in eval mode):
-* YUV -> RGB conversion and resampling filters differ (mean |difference| of a few grey levels);
-* display rotation is ignored (crops use the coded frame size);
-* colour jitter uses DALI's ``color_twist`` in its fixed order (the PyAV path uses a random order and
-  torchvision's formulas); grayscale is ``saturation = 0``.
-* Feeding is synchronous (``feed_input`` then ``run`` per batch); DALI's worker threads decode the
-  samples of a batch in parallel.
+* DataLoader worker processes (persistent across epochs, ``num_workers``) do the light per-sample work:
+  probe the file with PyAV without decoding (:func:`~rest_fast.data.decode.probe_video`: packet count and
+  size), pick the frame indices (:func:`~rest_fast.data.decode.sample_indices`), draw the augmentation
+  parameters (:mod:`~rest_fast.data.augment`) from the same per-sample seed as the PyAV loader, and read
+  the file's bytes. Unreadable files (and files whose probe outlives ``decode_timeout_s``) are replaced by
+  the same deterministic resample and recorded in ``loader.bad_files``.
+* The DALI pipeline (``exec_async``, ``prefetch`` batches deep) decodes the given indices
+  (``fn.decoders.video(frames=...)``) on this rank's GPU, crops and resizes; the main process only feeds
+  it (:class:`Prefetcher`: ``prefetch`` batches are in flight while the model computes).
+* Flip, colour jitter and grayscale then run on the output device for the whole batch at once
+  (:func:`~rest_fast.data.augment.apply_colour_batch`, the same formulas as every other loader), then
+  normalisation.
+
+Differences from the PyAV path (documented, tested within a tolerance in eval mode): YUV -> RGB
+conversion and resampling filters differ (mean |difference| of a few grey levels); display rotation is
+ignored (crops use the coded frame size).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, probe_video, sample_indices
 from rest_fast.data.index import VideoIndex
-from rest_fast.data.loader import ClipBatch, _EpochSampler, _LoaderBase, resample_index, sample_seed
+from rest_fast.data.loader import (
+    ClipBatch,
+    _EpochSampler,
+    _LoaderBase,
+    normalize_clips,
+    resample_index,
+    sample_seed,
+)
+from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
 
-__all__ = ["DALIClipLoader", "dali_available"]
-
-_INPUTS = ("enc", "frames", "anchor", "shape", "flip", "bri", "con", "sat", "hue")
+__all__ = ["DALIClipLoader", "dali_available", "build_pipeline", "Prefetcher", "dali_to_torch"]
 
 
 def dali_available() -> tuple[bool, str]:
@@ -49,11 +61,12 @@ def dali_available() -> tuple[bool, str]:
     return True, dali.__version__
 
 
-def build_pipeline(*, batch_size: int, size: int, mean: Sequence[float], std: Sequence[float],
-                   decoder_device: str = "mixed", device_id: int | None = 0, num_threads: int = 4):
+def build_pipeline(*, batch_size: int, size: int, decoder_device: str = "mixed", device_id: int | None = 0,
+                   num_threads: int = 4, prefetch: int = 2):
     """The DALI pipeline: external per-sample inputs ``enc`` (file bytes), ``frames`` (int32 [T]),
-    ``anchor``/``shape`` (crop x, y / w, h in pixels), ``flip`` (int32), ``bri``/``con``/``sat``/``hue``
-    (float; hue in degrees). Output: float [T, 3, size, size] per sample, normalised."""
+    ``anchor``/``shape`` (crop x, y / w, h in pixels). Output: uint8 [T, size, size, 3] per sample
+    (at most ``batch_size`` samples per run), on the GPU for ``decoder_device="mixed"``.
+    ``prefetch``: batches the asynchronous executor keeps in flight."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -62,39 +75,186 @@ def build_pipeline(*, batch_size: int, size: int, mean: Sequence[float], std: Se
         raise ValueError(f"decoder_device must be 'mixed' or 'cpu', got {decoder_device!r}")
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+                  exec_pipelined=True, exec_async=True, prefetch_queue_depth=max(1, prefetch))
     def pipe():
         enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
         frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
         anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
         shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
-        flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-        bri, con, sat, hue = (fn.external_source(name=n, dtype=types.FLOAT, ndim=0) for n in ("bri", "con", "sat", "hue"))
         video = fn.decoders.video(enc, device=decoder_device, frames=frames)  # [T, H, W, 3] uint8
         video = fn.slice(video, anchor, shape, axis_names="WH", normalized_anchor=False, normalized_shape=False)
-        video = fn.resize(video, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR)
-        video = fn.color_twist(video, brightness=bri, contrast=con, saturation=sat, hue=hue)
-        return fn.crop_mirror_normalize(video, mirror=flip, dtype=types.FLOAT, output_layout="FCHW",
-                                        mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std])
+        return fn.resize(video, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR)
 
     p = pipe()
     p.build()
     return p
 
 
+def dali_to_torch(out, device_id: int | None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Copy one DALI output (a uniform TensorList) into a new torch tensor: on ``cuda:device_id`` through
+    torch's current stream for GPU outputs, else on the CPU. The DALI buffer may be released afterwards."""
+    t = out.as_tensor()
+    if device_id is not None and hasattr(out, "as_cpu"):  # TensorListGPU
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        dev = torch.device("cuda", device_id)
+        dst = torch.empty(tuple(t.shape()), dtype=to_torch_type[t.dtype], device=dev)
+        feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(dev))
+    else:
+        dst = torch.from_numpy(np.array(t))
+    return dst.view(shape) if shape is not None else dst
+
+
+class Prefetcher:
+    """Keep a DALI pipeline ``depth`` batches ahead of the consumer (DALI's scheduled API).
+
+    :meth:`run` takes host-side batches, feeds them with ``feed(pipe, batch)`` and yields
+    ``(batch, fetch(outputs))`` in order; ``fetch`` must copy what it needs (the buffers are released right
+    after). The first run of a fresh pipeline must have ``depth`` batches fed (DALI then schedules them
+    all); a shorter first epoch is padded by feeding its last batch again, and the padding's outputs are
+    dropped. An abandoned epoch drains its scheduled runs so the next one starts aligned.
+    """
+
+    def __init__(self, pipe, depth: int):
+        self.pipe, self.depth, self.primed = pipe, max(1, depth), False
+
+    def run(self, batches: Iterable, feed: Callable, fetch: Callable):
+        pipe, src = self.pipe, iter(batches)
+        inflight: deque = deque()
+
+        def submit() -> bool:
+            b = next(src, None)  # may raise (TooManyBadFiles) before anything is fed
+            if b is None:
+                return False
+            feed(pipe, b)
+            inflight.append(b)
+            if self.primed:
+                pipe.schedule_run()
+            return True
+
+        try:
+            if not self.primed:
+                while len(inflight) < self.depth and submit():
+                    pass
+                if not inflight:
+                    return
+                last = inflight[-1]
+                while len(inflight) < self.depth:
+                    feed(pipe, last)
+                    inflight.append(None)
+                pipe.schedule_run()  # the first call runs `depth` iterations
+                self.primed = True
+            else:
+                for _ in range(self.depth):
+                    if not submit():
+                        break
+            while inflight:
+                outs = pipe.share_outputs()
+                b = inflight.popleft()
+                got = fetch(outs) if b is not None else None
+                pipe.release_outputs()
+                submit()
+                if b is not None:
+                    yield b, got
+        finally:
+            while inflight:
+                pipe.share_outputs()
+                pipe.release_outputs()
+                inflight.popleft()
+
+
+def _bad_reason(e: BaseException, path: str, timeout: float) -> tuple[str, str]:
+    if isinstance(e, VideoDecodeError):
+        return e.path, e.reason
+    if isinstance(e, DecodeTimeout):
+        return path, f"decoding took longer than decode_timeout_s={timeout:g}"
+    return path, f"{type(e).__name__}: {e}"
+
+
+class VideoSampleSource(Dataset):
+    """What the DALI loader's worker processes prepare per ``(epoch, entry)``: the entry read, its label,
+    frame indices (int32 [T]), :class:`~rest_fast.data.augment.ClipParams` and the file's bytes, after
+    resampling bad entries (``bad`` lists them). ``skip_bad=True`` does not resample: the item comes back
+    with ``"failed": True`` (callers that must report per video, e.g. captioning)."""
+
+    def __init__(self, index: VideoIndex, *, num_frames: int, train: bool, seed: int, max_retries: int = 10,
+                 decode_timeout_s: float = 0.0, skip_bad: bool = False):
+        self.index, self.num_frames, self.train, self.seed = index, num_frames, train, seed
+        self.max_retries, self.decode_timeout_s, self.skip_bad = max_retries, decode_timeout_s, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        epoch, entry = key if isinstance(key, tuple) else (0, key)
+        bad: list[tuple[str, str]] = []
+        j = entry
+        for attempt in range(self.max_retries + 1):
+            path, label = self.index[j]
+            try:
+                with decode_deadline(self.decode_timeout_s):
+                    probe = probe_video(path)
+                    rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
+                    off = draw_offsets(self.num_frames, rng) if self.train else None
+                    idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
+                    h, w = probe.height, probe.width
+                    params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
+                    # a tensor crosses from the worker through shared memory, not through the pipe (pickled
+                    # bytes would cost the main process ~1 GB/s of copying at 500 clips/s)
+                    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+                return {"entry": j, "label": -1 if label is None else label, "frames": np.asarray(idx, np.int32),
+                        "params": params, "data": data, "bad": bad, "failed": False}
+            except (VideoDecodeError, DecodeTimeout, OSError) as e:
+                bad.append(_bad_reason(e, str(path), self.decode_timeout_s))
+            if self.skip_bad:
+                return {"entry": entry, "bad": bad, "failed": True}
+            j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
+        raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable; "
+                              f"last: {bad[-1][0]}: {bad[-1][1]}")
+
+
+def _items(items):
+    return items
+
+
+def _sample_loader(dataset: Dataset, sampler, *, batch_size: int, drop_last: bool, num_workers: int,
+                   prefetch_factor: int) -> DataLoader:
+    """Persistent worker processes preparing lists of samples (no tensors: the DALI side consumes them)."""
+    kw = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=_items,
+                      drop_last=drop_last, **kw)
+
+
+def _resolve_dali_device(device: torch.device, decoder_device: str | None, device_id: int | None):
+    """(decoder_device, device_id): by default "mixed" on ``device``'s GPU for a CUDA run (the rank's local
+    GPU), else DALI's CPU variant (``device_id`` None)."""
+    if decoder_device is None:
+        decoder_device = "mixed" if device.type == "cuda" else "cpu"
+    if decoder_device == "mixed" and device_id is None:
+        device_id = device.index if device.type == "cuda" and device.index is not None else (
+            torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return decoder_device, (device_id if decoder_device == "mixed" else None)
+
+
 class DALIClipLoader(_LoaderBase):
     """Same contract as :class:`~rest_fast.data.PyAVClipLoader` (float [B, T, 3, S, S] on ``device``,
     ``ClipBatch``, ``set_epoch``, ``bad_files``, ``max_bad_fraction``), decoded by DALI.
 
-    Extra args: ``decoder_device`` ("mixed" = NVDEC, default when CUDA is available; "cpu" decodes only
-    VP8/VP9/MJPEG), ``device_id`` (GPU for the pipeline), ``num_threads`` (DALI CPU threads).
+    Extra args: ``decoder_device`` ("mixed" = NVDEC on the GPU; default "mixed" for a CUDA ``device``, else
+    "cpu", which decodes only VP8/VP9/MJPEG), ``device_id`` (the GPU DALI decodes on; default ``device``'s
+    index, i.e. the rank's local GPU), ``num_threads`` (DALI CPU threads), ``prefetch`` (batches DALI keeps
+    in flight), ``num_workers``/``prefetch_factor`` (processes preparing samples; -1 = from the CPUs),
+    ``decode_timeout_s`` (a sample whose probe takes longer is a bad file; 0 = no limit), ``skip_bad``
+    (drop unreadable entries from their batch instead of resampling; ``batch.index`` says which are there).
     """
 
     def __init__(self, index: VideoIndex, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  num_frames: int = 8, size: int = 224, train: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", decoder_device: str | None = None, device_id: int = 0,
+                 device: str | torch.device = "cpu", decoder_device: str | None = None, device_id: int | None = None,
                  num_threads: int = 4, shuffle: bool | None = None, drop_last: bool | None = None,
-                 max_bad_fraction: float = 0.05, rank: int = 0, world_size: int = 1, max_retries: int = 10):
+                 max_bad_fraction: float = 0.05, rank: int = 0, world_size: int = 1, max_retries: int = 10,
+                 num_workers: int = 0, prefetch_factor: int = 2, prefetch: int = 2, decode_timeout_s: float = 0.0,
+                 skip_bad: bool = False, dtype: torch.dtype = torch.float32, method: str = "auto"):
         ok, why = dali_available()
         if not ok:
             raise ImportError(f"DALIClipLoader needs nvidia-dali (pip install -e .[dali]): {why}")
@@ -102,84 +262,68 @@ class DALIClipLoader(_LoaderBase):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have 3 entries (std > 0), got {mean!r}, {std!r}")
+        if decoder_device not in (None, "mixed", "cpu"):
+            raise ValueError(f"decoder_device must be 'mixed' or 'cpu', got {decoder_device!r}")
         if len(index) == 0:
             raise ValueError("index is empty")
-        if decoder_device is None:
-            decoder_device = "mixed" if torch.cuda.is_available() else "cpu"
         self.index, self.batch_size, self.num_frames, self.size, self.train = index, batch_size, num_frames, size, train
+        self.mean, self.std, self.dtype = tuple(mean), tuple(std), dtype
         self.seed, self.max_retries, self.max_bad_fraction = seed, max_retries, max_bad_fraction
         self.device = torch.device(device)
-        self.decoder_device = decoder_device
+        self.decoder_device, self.device_id = _resolve_dali_device(self.device, decoder_device, device_id)
         self.drop_last = train if drop_last is None else drop_last
         self.sampler = _EpochSampler(len(index), shuffle=train if shuffle is None else shuffle, seed=seed,
                                      rank=rank, world_size=world_size)
         self.bad_files = BadFilesReport()
         for p in index.missing:
             self.bad_files.add(p, "missing file")
-        self.pipe = build_pipeline(batch_size=batch_size, size=size, mean=mean, std=std, decoder_device=decoder_device,
-                                   device_id=device_id if decoder_device == "mixed" else None,
-                                   num_threads=num_threads)
+        self.samples = VideoSampleSource(index, num_frames=num_frames, train=train, seed=seed, max_retries=max_retries,
+                                         decode_timeout_s=decode_timeout_s, skip_bad=skip_bad)
+        self._loader = _sample_loader(self.samples, self.sampler, batch_size=batch_size, drop_last=self.drop_last,
+                                      num_workers=resolve_num_workers(num_workers), prefetch_factor=prefetch_factor)
+        self.num_threads, self.prefetch = num_threads, max(1, prefetch)
+        self._prefetcher: Prefetcher | None = None
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self._loader)
 
-    def prepare(self, epoch: int, entry: int):
-        """(entry read, label, frame indices, params, file bytes) for one sample, with bad-file resampling."""
-        j = entry
-        for attempt in range(self.max_retries + 1):
-            path, label = self.index[j]
-            try:
-                probe = probe_video(path)
-                rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
-                off = draw_offsets(self.num_frames, rng) if self.train else None
-                idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
-                h, w = probe.height, probe.width
-                params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
-                return j, (-1 if label is None else label), idx, params, np.fromfile(path, dtype=np.uint8)
-            except VideoDecodeError as e:
-                self.bad_files.add(e.path, e.reason)
-                self._check_bad()
-            j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
-        raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable")
+    @property
+    def pipe(self):
+        if self._prefetcher is None:  # built on first use (a loader that is never iterated costs nothing)
+            pipe = build_pipeline(batch_size=self.batch_size, size=self.size, decoder_device=self.decoder_device,
+                                  device_id=self.device_id, num_threads=self.num_threads, prefetch=self.prefetch)
+            self._prefetcher = Prefetcher(pipe, self.prefetch)
+        return self._prefetcher.pipe
 
-    def _feed(self, samples) -> None:
-        cols = {k: [] for k in _INPUTS}
-        for _, _, idx, p, data in samples:
-            x, y, w, h = p.crop
-            b, c, s, hue = p.jitter if p.jitter is not None else (1.0, 1.0, 1.0, 0.0)
-            cols["enc"].append(data)
-            cols["frames"].append(np.asarray(idx, dtype=np.int32))
+    @staticmethod
+    def _feed(pipe, samples) -> None:
+        cols: dict[str, list] = {"enc": [], "frames": [], "anchor": [], "shape": []}
+        for s in samples:
+            x, y, w, h = s["params"].crop
+            cols["enc"].append(s["data"].numpy())
+            cols["frames"].append(s["frames"])
             cols["anchor"].append(np.array([x, y], dtype=np.float32))
             cols["shape"].append(np.array([w, h], dtype=np.float32))
-            cols["flip"].append(np.array(int(p.flip), dtype=np.int32))
-            cols["bri"].append(np.array(b, dtype=np.float32))
-            cols["con"].append(np.array(c, dtype=np.float32))
-            cols["sat"].append(np.array(0.0 if p.gray else s, dtype=np.float32))
-            cols["hue"].append(np.array(hue * 360.0, dtype=np.float32))
         for k, v in cols.items():
-            self.pipe.feed_input(k, v)
+            pipe.feed_input(k, v)
 
-    def _to_torch(self, out) -> torch.Tensor:
-        if hasattr(out, "as_cpu") and self.decoder_device == "mixed":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
-            t = out.as_tensor()
-            dst = torch.empty(t.shape(), dtype=torch.float32, device=torch.device("cuda", torch.cuda.current_device()))
-            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream())
-            return dst.to(self.device)
-        return torch.from_numpy(np.array(out.as_tensor())).to(self.device)
+    def _good_batches(self):
+        for items in self._loader:
+            for s in items:
+                for path, reason in s["bad"]:
+                    self.bad_files.add(path, reason)
+            self._check_bad()
+            good = [s for s in items if not s["failed"]]
+            if good:
+                yield good
 
     def __iter__(self):
         self._check_bad()
-        order = list(self.sampler)
-        nb = len(self)
-        for b in range(nb):
-            keys = order[b * self.batch_size:(b + 1) * self.batch_size]
-            samples = [self.prepare(e, i) for e, i in keys]
-            self._feed(samples)
-            (out,) = self.pipe.run()
-            clips = self._to_torch(out)
-            yield ClipBatch(clips, torch.tensor([s[1] for s in samples], dtype=torch.int64, device=self.device),
-                            torch.tensor([s[0] for s in samples], dtype=torch.int64),
-                            torch.tensor([s[2] for s in samples], dtype=torch.int64))
+        self.pipe  # noqa: B018 - builds the pipeline and its prefetcher
+        for samples, u8 in self._prefetcher.run(self._good_batches(), self._feed,
+                                                lambda outs: dali_to_torch(outs[0], self.device_id)):
+            u8 = augment.apply_colour_batch(u8.to(self.device, non_blocking=True), [s["params"] for s in samples])
+            clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)
+            yield ClipBatch(clips, torch.tensor([s["label"] for s in samples], dtype=torch.int64).to(self.device),
+                            torch.tensor([s["entry"] for s in samples], dtype=torch.int64),
+                            torch.from_numpy(np.stack([s["frames"] for s in samples]).astype(np.int64)))

@@ -10,12 +10,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import read_clip
 from rest_fast.data.decode import VideoDecodeError, preverify
 from rest_fast.data.index import VideoIndex
+from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
 
-__all__ = ["ClipBatch", "ClipDataset", "PyAVClipLoader", "sample_seed", "normalize_clips"]
+__all__ = ["ClipBatch", "ClipDataset", "PyAVClipLoader", "sample_seed", "normalize_clips", "finish_batch", "loader_kwargs"]
 
 _RESAMPLE_TAG = 0x5E5A  # separates the resample stream from the per-sample stream
 
@@ -83,16 +85,30 @@ class _EpochSampler(Sampler):
 class ClipDataset(Dataset):
     """Map-style dataset over a :class:`VideoIndex`; items are keyed by ``(epoch, entry)``.
 
-    A bad entry (``VideoDecodeError``) is replaced by :func:`resample_index` (up to ``max_retries``
-    tries) and every failure is returned with the item, so the main process can report it.
+    A bad entry (``VideoDecodeError``, or a read that outlives ``decode_timeout_s``) is replaced by
+    :func:`resample_index` (up to ``max_retries`` tries) and every failure is returned with the item, so
+    the main process can report it. ``defer_colour``: skip flip/jitter/grayscale and return the clip's
+    ``params`` with it (the loader applies them on its device, batched).
     """
 
     def __init__(self, index: VideoIndex, *, num_frames: int = 8, size: int = 224, train: bool = False,
-                 seed: int = 0, max_retries: int = 10, method: str = "auto"):
+                 seed: int = 0, max_retries: int = 10, method: str = "auto", decode_timeout_s: float = 0.0,
+                 defer_colour: bool = False):
         if len(index) == 0:
             raise ValueError("index is empty")
         self.index, self.num_frames, self.size, self.train = index, num_frames, size, train
         self.seed, self.max_retries, self.method = seed, max_retries, method
+        self.decode_timeout_s, self.defer_colour = decode_timeout_s, defer_colour
+
+    def read(self, path: str, seed: int):
+        """(uint8 clip, frame indices, params or None): one entry's read; the colour part is skipped when
+        deferred. Tests replace this to simulate decoders (e.g. one that hangs)."""
+        if self.defer_colour:
+            return read_clip(path, self.num_frames, size=self.size, train=self.train, seed=seed,
+                             return_indices=True, method=self.method, colour=False)
+        clip, idx = read_clip(path, self.num_frames, size=self.size, train=self.train, seed=seed,
+                              return_indices=True, method=self.method)
+        return clip, idx, None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -104,12 +120,14 @@ class ClipDataset(Dataset):
         for attempt in range(self.max_retries + 1):
             path, label = self.index[j]
             try:
-                clip, idx = read_clip(path, self.num_frames, size=self.size, train=self.train,
-                                      seed=sample_seed(self.seed, epoch, j), return_indices=True, method=self.method)
+                with decode_deadline(self.decode_timeout_s):
+                    clip, idx, params = self.read(path, sample_seed(self.seed, epoch, j))
                 return {"clip": clip, "label": -1 if label is None else label, "index": j,
-                        "frame_indices": torch.tensor(idx, dtype=torch.int64), "bad": bad}
+                        "frame_indices": torch.tensor(idx, dtype=torch.int64), "bad": bad, "params": params}
             except VideoDecodeError as e:
                 bad.append((e.path, e.reason))
+            except DecodeTimeout:
+                bad.append((str(path), f"decoding took longer than decode_timeout_s={self.decode_timeout_s:g}"))
             j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
         raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable; "
                               f"last: {bad[-1][0]}: {bad[-1][1]}")
@@ -122,7 +140,24 @@ def _collate(items):
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
         "frame_indices": torch.stack([it["frame_indices"] for it in items]),
         "bad": [b for it in items for b in it["bad"]],
+        "params": [it.get("params") for it in items],
     }
+
+
+def loader_kwargs(num_workers: int, prefetch_factor: int, persistent_workers: bool) -> dict:
+    """DataLoader worker options: persistent workers (forked once, reused by every epoch and pass) and
+    ``prefetch_factor`` batches queued per worker; none of it applies in-process (``num_workers=0``)."""
+    if num_workers <= 0:
+        return {}
+    return {"prefetch_factor": max(1, int(prefetch_factor)), "persistent_workers": bool(persistent_workers)}
+
+
+def finish_batch(u8: torch.Tensor, params, device: torch.device, mean, std, dtype) -> torch.Tensor:
+    """uint8 [B, T, S, S, 3] (colour already applied when ``params`` is None or all None) -> normalised float
+    [B, T, 3, S, S] on ``device``; deferred colour runs there batched (:func:`augment.apply_colour_batch`)."""
+    if params is not None and any(p is not None for p in params):
+        u8 = augment.apply_colour_batch(u8.to(device, non_blocking=True), params)
+    return normalize_clips(u8, mean, std, device, dtype)
 
 
 class _LoaderBase:
@@ -152,7 +187,13 @@ class PyAVClipLoader(_LoaderBase):
         seed: base seed; call :meth:`set_epoch` each epoch. Entry ``i`` in epoch ``e`` is read with
             ``sample_seed(seed, e, i)``, so results do not depend on workers or batch composition.
         device: where batches land (uint8 is moved, then normalised there).
-        num_workers: DataLoader worker processes (0 = in the main process).
+        num_workers: DataLoader worker processes (0 = in the main process, -1 = from the CPUs per rank:
+            :func:`rest_fast.data.workers.default_num_workers`; capped at the CPUs available).
+        prefetch_factor: batches queued per worker. persistent_workers: keep the workers between epochs
+            (default; they are forked once per loader, not per epoch).
+        decode_timeout_s: a clip whose read takes longer is a bad file (recorded, resampled); 0 = no limit.
+        colour_on_device: flip/jitter/grayscale on ``device`` for the whole batch after the copy instead of
+            per clip in the workers (default: when ``device`` is CUDA).
         max_bad_fraction: iteration stops with :class:`TooManyBadFiles` once more than this fraction of
             the index is known bad (missing files from ``VideoIndex(skip_missing=True)`` count too).
         rank, world_size: shard the epoch for distributed training.
@@ -165,7 +206,8 @@ class PyAVClipLoader(_LoaderBase):
                  device: str | torch.device = "cpu", num_workers: int = 2, shuffle: bool | None = None,
                  drop_last: bool | None = None, max_bad_fraction: float = 0.05, rank: int = 0, world_size: int = 1,
                  prefetch_factor: int = 2, max_retries: int = 10, method: str = "auto",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, persistent_workers: bool = True, decode_timeout_s: float = 0.0,
+                 colour_on_device: bool | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -181,11 +223,14 @@ class PyAVClipLoader(_LoaderBase):
         self.bad_files = BadFilesReport()
         for p in index.missing:
             self.bad_files.add(p, "missing file")
+        self.defer = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
         self.dataset = ClipDataset(index, num_frames=num_frames, size=size, train=train, seed=seed,
-                                   max_retries=max_retries, method=method)
+                                   max_retries=max_retries, method=method, decode_timeout_s=decode_timeout_s,
+                                   defer_colour=self.defer and train)
         self.sampler = _EpochSampler(len(index), shuffle=train if shuffle is None else shuffle, seed=seed,
                                      rank=rank, world_size=world_size)
-        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
+        num_workers = resolve_num_workers(num_workers)
+        kw = loader_kwargs(num_workers, prefetch_factor, persistent_workers)
         self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                   collate_fn=_collate, drop_last=train if drop_last is None else drop_last,
                                   pin_memory=self.device.type == "cuda", **kw)
@@ -203,5 +248,5 @@ class PyAVClipLoader(_LoaderBase):
             for path, reason in b["bad"]:
                 self.bad_files.add(path, reason)
             self._check_bad()
-            clips = normalize_clips(b["clips"], self.mean, self.std, self.device, self.dtype)
+            clips = finish_batch(b["clips"], b["params"], self.device, self.mean, self.std, self.dtype)
             yield ClipBatch(clips, b["labels"].to(self.device), b["index"], b["frame_indices"])

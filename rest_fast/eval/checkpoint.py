@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,17 @@ class ResolvedCheckpoint:
     defaults: dict = field(default_factory=dict)
     data: str | None = None
     data_root: str | None = None
+    note: str | None = None
+
+    @property
+    def epoch(self) -> int | None:
+        """The trainer epoch of a run checkpoint (from its ``meta.json``), else None."""
+        if self.kind != "run" or self.weights is None:
+            return None
+        try:
+            return int(json.loads((self.weights.parent / "meta.json").read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @property
     def description(self) -> str:
@@ -80,25 +92,42 @@ def _is_run_dir(p: Path) -> bool:
     return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
 
 
-def _run_checkpoint(root: Path) -> Path:
-    """The checkpoint folder ``state.json`` names, else the newest complete one."""
-    from rest_fast.run.rundir import RunDir
+def _run_checkpoint(root: Path) -> tuple[Path, str | None]:
+    """(the checkpoint ``state.json`` names, else the newest complete one; a note when an unusable newer
+    one was skipped). Each candidate's checksums are checked: bit-flipped weights are never evaluated."""
+    from rest_fast.run.rundir import RunDir, verify_checkpoint
 
     run = RunDir(root, writable=False)
-    state = run.read_state() or {}
+    try:
+        state = run.read_state() or {}
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    skipped: list[str] = []
     if state.get("checkpoint"):
-        ckpt = root / state["checkpoint"]
-        if (ckpt / "model.safetensors").is_file():
-            return ckpt
-    ckpts = [c for c in run.list_checkpoints() if (c / "model.safetensors").is_file()]
-    if not ckpts:
+        try:
+            ckpt = run.inside(state["checkpoint"], "state.json 'checkpoint'")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt, None
+        skipped.append(problem)
+    best, more = run.newest_intact_checkpoint()
+    skipped += [m for m in more if m not in skipped]
+    if best is None:
+        if skipped:
+            raise CheckpointError(f"run {root} has no intact checkpoint ({'; '.join(skipped)})")
         raise CheckpointError(
-            f"run {root} has no complete checkpoint yet (checkpoints/epoch_XXXX is written after each epoch)"
-        )
-    return ckpts[-1]
+            f"run {root} has no complete checkpoint yet (checkpoints/epoch_XXXX is written after each epoch)")
+    note = None
+    if skipped:
+        note = f"skipped: {'; '.join(skipped)}"
+        warnings.warn(f"run {root}: latest checkpoint unusable ({'; '.join(skipped)}); using {best.name}",
+                      stacklevel=3)
+    return best, note
 
 
-def _from_run(spec: str, root: Path, ckpt: Path) -> ResolvedCheckpoint:
+def _from_run(spec: str, root: Path, ckpt: Path, note: str | None = None) -> ResolvedCheckpoint:
     cfg = _run_config(root)
     blip = cfg.get("blip", DEFAULT_BLIP)
     if blip == TINY:  # the demo writes its random BLIP into the run, so it can be rebuilt bit for bit
@@ -116,7 +145,7 @@ def _from_run(spec: str, root: Path, ckpt: Path) -> ResolvedCheckpoint:
     data, data_root = cfg.get("data"), cfg.get("data_root")
     if data is None and (root / "demo" / "clips").is_dir():
         data = str(root / "demo" / "clips")
-    return ResolvedCheckpoint(spec, "run", blip, ckpt / "model.safetensors", root, cfg, defaults, data, data_root)
+    return ResolvedCheckpoint(spec, "run", blip, ckpt / "model.safetensors", root, cfg, defaults, data, data_root, note)
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> ResolvedCheckpoint:
@@ -127,10 +156,14 @@ def resolve_checkpoint(spec: str | os.PathLike) -> ResolvedCheckpoint:
     p = Path(spec).expanduser()
     if p.is_dir():
         if _is_run_dir(p):
-            return _from_run(spec, p, _run_checkpoint(p))
+            ckpt, note = _run_checkpoint(p)
+            return _from_run(spec, p, ckpt, note)
         if (p / "meta.json").is_file() and p.parent.name == "checkpoints" and _is_run_dir(p.parent.parent):
-            if not (p / "model.safetensors").is_file():
-                raise CheckpointError(f"{p} has no model.safetensors")
+            from rest_fast.run.rundir import verify_checkpoint
+
+            problem = verify_checkpoint(p)
+            if problem is not None:  # the user named this epoch: never swap in another one
+                raise CheckpointError(f"--checkpoint {spec}: {problem}")
             return _from_run(spec, p.parent.parent, p)
         if (p / "model" / "config.json").is_file():
             return ResolvedCheckpoint(spec, "pretrained", str(p / "model"))
@@ -155,8 +188,6 @@ def load_model(resolved: ResolvedCheckpoint, device: torch.device | str = "cpu",
     from rest_fast.models import GARModel
 
     if resolved.kind == "run":
-        from safetensors.torch import load_file
-
         from rest_fast.run.config import TrainConfig
 
         cfg = TrainConfig(**{k: v for k, v in resolved.config.items() if k in TrainConfig.__dataclass_fields__})
@@ -168,7 +199,7 @@ def load_model(resolved: ResolvedCheckpoint, device: torch.device | str = "cpu",
                 f"run {resolved.run_dir} was trained from BLIP {resolved.blip_source!r}, which could not be loaded "
                 f"({exc}); it is needed to rebuild the model before the run's weights are loaded"
             ) from exc
-        state = load_file(str(resolved.weights))
+        state = _load_verified_weights(resolved.weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(
@@ -195,6 +226,29 @@ def load_model(resolved: ResolvedCheckpoint, device: torch.device | str = "cpu",
     return model
 
 
+def _load_verified_weights(path: Path) -> dict:
+    """The tensors of a trainer checkpoint's ``model.safetensors``, after checking its SHA-256 against
+    ``meta.json`` (checked again here: the file may have changed since it was resolved)."""
+    from safetensors.torch import load
+
+    from rest_fast.run.rundir import sha256_bytes
+
+    data = Path(path).read_bytes()
+    meta_path = Path(path).parent / "meta.json"
+    sums = {}
+    if meta_path.is_file():
+        try:
+            sums = json.loads(meta_path.read_text()).get("sha256") or {}
+        except (ValueError, AttributeError):
+            raise CheckpointError(f"{meta_path} is unreadable") from None
+    if "model.safetensors" in sums and sha256_bytes(data) != sums["model.safetensors"]:
+        raise CheckpointError(f"{path} does not match its checksum in meta.json (corrupted or altered)")
+    try:
+        return load(data)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
 def image_size_of(model) -> int:
     """Frame size the captioner's ViT was built for."""
     return int(model.blip.config.vision_config.image_size)
@@ -215,7 +269,7 @@ def load_clip(resolved: ResolvedCheckpoint | None, name: str | None = None, devi
     as the trainer built it (for the demo: the tiny CLIP with the run's seed and size); otherwise ``ViT-B-16``
     with OpenAI weights (the paper's CLIP-TAM).
     """
-    from rest_fast.clip import FrozenCLIP, tiny_clip
+    from rest_fast.clip import FrozenCLIP, pretrained_for, tiny_clip
 
     cfg = resolved.config if resolved is not None and resolved.kind == "run" else None
     if name is None and cfg is not None:
@@ -232,7 +286,8 @@ def load_clip(resolved: ResolvedCheckpoint | None, name: str | None = None, devi
     if name == TINY:
         return tiny_clip(device=device, batch_size=batch_size)
     try:
-        return FrozenCLIP(name, pretrained=pretrained, device=device, batch_size=batch_size)
+        # a run's clip_pretrained (default "openai") is for open_clip names only
+        return FrozenCLIP(name, pretrained=pretrained_for(name, pretrained), device=device, batch_size=batch_size)
     except (OSError, RuntimeError, ValueError) as exc:  # hub errors subclass these; a bad name is a ValueError
         raise CheckpointError(
             f"could not load CLIP {name!r} for CLIP-TAM ({type(exc).__name__}: {exc}); offline, pass "

@@ -72,16 +72,17 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
              image_size: int, epochs: int, lr: float = 2e-5, lr_min: float = 2e-8, weight_decay: float = 1e-3,
              label_smoothing: float = 0.2, batch_size: int = 64, augment: bool = True, seed: int = 0,
              prompt: str = "a video of", device: torch.device | str = "cpu", num_workers: int = 0,
-             progress: bool = True, on_epoch: Callable[[dict], None] | None = None):
+             progress: bool = True, on_epoch: Callable[[dict], None] | None = None, decoder: str = "pyav"):
     """Train ``model`` in place on ``videos`` = ``[(path, label)]`` with ``class_captions(class_names)[label]``
     as each video's caption. Returns ``(epoch records, bad-files report)``.
 
     Clips are ``[B, T, 3, S, S]`` (``T = num_frames``, ``S = image_size``) normalised with ``mean``/``std``; the
     order and the augmentations are seeded by ``(seed, epoch)``. The loss is :meth:`GARModel.loss` with
-    ``prompt`` (the prompt the model generates with) and ``label_smoothing``.
+    ``prompt`` (the prompt the model generates with) and ``label_smoothing``. ``decoder``: "pyav" or "dali"
+    (:func:`rest_fast.data.shards.make_clip_loader`); ``num_workers`` -1 = from the CPUs.
     """
     from rest_fast.data.index import VideoIndex
-    from rest_fast.data.loader import PyAVClipLoader
+    from rest_fast.data.shards import make_clip_loader, prepared_index_of
     from rest_fast.run.optim import build_optimizer, build_scheduler, derive_seed
 
     if not videos:
@@ -93,11 +94,15 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
         raise ValueError(f"need lr > 0 and 0 <= lr-min <= lr, got lr={lr}, lr-min={lr_min}")
     captions = class_captions(class_names)
     device = torch.device(device)
-    index = VideoIndex.from_paths([p for p, _ in videos], [y for _, y in videos], class_names=list(class_names))
+    paths, labels = [p for p, _ in videos], [y for _, y in videos]
+    # videos of a prepared --data folder are read from its shards (as train and eval do), others by PyAV
+    index = prepared_index_of(paths, labels, list(class_names))
+    if index is None:
+        index = VideoIndex.from_paths(paths, labels, class_names=list(class_names))
     bs = min(batch_size, len(index))
-    loader = PyAVClipLoader(index, batch_size=bs, mean=mean, std=std, num_frames=num_frames, size=image_size,
-                            train=augment, shuffle=True, drop_last=False, seed=seed, device=device,
-                            num_workers=num_workers)
+    loader = make_clip_loader(index, decoder=decoder, batch_size=bs, mean=mean, std=std, num_frames=num_frames,
+                              size=image_size, train=augment, shuffle=True, drop_last=False, seed=seed, device=device,
+                              num_workers=num_workers)
     steps = len(loader) * epochs
     optimizer = build_optimizer(model, lr, weight_decay, (0.9, 0.98))
     scheduler = build_scheduler(optimizer, steps, 0, lr, lr_min)
@@ -236,7 +241,7 @@ def _run_finetune(args) -> int:
         resolve_checkpoint,
     )
     from rest_fast.eval.matchers import get_matcher
-    from rest_fast.eval.run import _device, _settings, evaluate_model
+    from rest_fast.eval.run import _device, _settings, evaluate_model, resolve_decoder
 
     try:
         plan = _plan(args)
@@ -244,6 +249,7 @@ def _run_finetune(args) -> int:
         settings = _settings(resolved, args.num_beams, args.max_length, args.min_length, args.prompt)
         settings.validate()
         dev = _device(args.device)
+        decoder = resolve_decoder(args.decoder, dev, "finetune")
         model = load_model(resolved, dev)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"rest-fast finetune: error: {exc}", file=sys.stderr)
@@ -285,7 +291,8 @@ def _run_finetune(args) -> int:
                           epochs=plan["epochs"], lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
                           label_smoothing=args.label_smoothing, batch_size=args.train_batch_size,
                           augment=not args.no_augment, seed=args.seed, prompt=settings.prompt, device=dev,
-                          num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch)
+                          num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch,
+                          decoder=decoder)
     except (ValueError, TooManyBadFiles) as exc:
         print(f"rest-fast finetune: error: {exc}", file=sys.stderr)
         return 2
@@ -305,7 +312,7 @@ def _run_finetune(args) -> int:
                 "protocol": args.protocol, "data": args.eval_data or args.data, "clip": getattr(clip_model, "name", None)}
         evaluate_model(model, plan["eval_sets"], mean=mean, std=std, num_frames=t, image_size=size, matcher=matcher,
                        settings=settings, out=out / "eval", batch_size=args.batch_size, device=dev,
-                       num_workers=args.num_workers, progress=not args.no_progress, info=info)
+                       num_workers=args.num_workers, progress=not args.no_progress, info=info, decoder=decoder)
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"rest-fast finetune: evaluation failed: {exc}", file=sys.stderr)
         return 1

@@ -224,9 +224,49 @@ def _collate(items):
     return items
 
 
+def _pyav_batches(paths, *, num_frames, size, mean, std, batch_size, device, num_workers, bad):
+    """(rows, normalised clips) per batch of readable videos; unreadable ones go to ``bad``."""
+    from rest_fast.data.loader import normalize_clips
+
+    loader = torch.utils.data.DataLoader(_EvalClips(paths, num_frames, size), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate, shuffle=False)
+    for items in loader:
+        ok = [(i, clip) for i, clip, _ in items if clip is not None]
+        bad.extend((paths[i], reason) for i, clip, reason in items if clip is None)
+        if ok:
+            yield [i for i, _ in ok], normalize_clips(torch.stack([c for _, c in ok]), mean, std, device)
+
+
+def _dali_batches(paths, *, num_frames, size, mean, std, batch_size, device, num_workers, decode_timeout_s, bad):
+    """As :func:`_pyav_batches`, decoded by DALI (unreadable videos are dropped from their batch, not resampled)."""
+    from rest_fast.data.dali import DALIClipLoader
+    from rest_fast.data.index import VideoIndex
+
+    loader = DALIClipLoader(VideoIndex(list(paths)), batch_size=batch_size, mean=mean, std=std, num_frames=num_frames,
+                            size=size, device=device, num_workers=num_workers, skip_bad=True, max_retries=0,
+                            max_bad_fraction=1.0, decode_timeout_s=decode_timeout_s)
+    try:
+        for b in loader:
+            yield b.index.tolist(), b.clips
+    finally:
+        bad.extend((p, r) for p, r, _ in loader.bad_files.rows())
+
+
+def resolve_decoder(requested: str, device, cmd: str, verbose: bool = True) -> str:
+    """``--decoder`` (auto, dali, pyav) for a command computing on ``device``: "pyav" or "dali", with the
+    reason on stderr. ``ValueError`` (one line) for a bad name or ``dali`` without DALI."""
+    from rest_fast.data.select import choose_decoder
+
+    choice = choose_decoder(requested, device)
+    if verbose:
+        print(f"rest-fast {cmd}: decoder {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
+    return choice.name
+
+
 def caption_videos(model, paths: Sequence[str], *, num_frames: int, size: int, mean, std,
                    settings: CaptionSettings | None = None, batch_size: int = 16,
                    device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
+                   decoder: str = "pyav", decode_timeout_s: float = 0.0,
                    ) -> tuple[list[list[tuple[str, float]] | None], list[tuple[str, str]]]:
     """Caption every video of ``paths`` by beam search.
 
@@ -234,14 +274,16 @@ def caption_videos(model, paths: Sequence[str], *, num_frames: int, size: int, m
         model: a :class:`~rest_fast.models.GARModel` (eval mode).
         paths: video files; num_frames (T) and size (S): the clip ``[T, 3, S, S]`` the model sees;
         mean, std: the captioner's pixel normalisation; settings: prompt and beam-search settings.
+        decoder: "pyav" (DataLoader workers) or "dali" (:class:`~rest_fast.data.DALIClipLoader` on ``device``'s
+            GPU; paths of a registered prepared set always use the shard reader); num_workers: -1 = from the CPUs.
     Returns:
         ``(results, bad)``: ``results[i]`` is the list of ``settings.num_return`` ``(caption, score)`` of video
         ``i``, best first, or ``None`` when it could not be decoded; ``bad`` lists ``(path, reason)``.
     """
-    from rest_fast.data.loader import normalize_clips
-
     settings = settings or CaptionSettings()
     settings.validate()
+    if decoder not in ("pyav", "dali"):
+        decoder = resolve_decoder(decoder, device, "caption", verbose=False)
     if batch_size < 1:
         raise ValueError(f"batch-size must be >= 1, got {batch_size}")
     device = torch.device(device)
@@ -249,24 +291,27 @@ def caption_videos(model, paths: Sequence[str], *, num_frames: int, size: int, m
     bad: list[tuple[str, str]] = []
     if not paths:
         return results, bad
-    loader = torch.utils.data.DataLoader(_EvalClips(paths, num_frames, size), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=_collate, shuffle=False)
-    it = loader
+    from rest_fast.data.shards import is_registered_prepared
+    from rest_fast.data.workers import resolve_num_workers
+
+    num_workers = resolve_num_workers(num_workers)
+    if decoder == "dali" and not any(is_registered_prepared(p) for p in paths):
+        batches = _dali_batches(paths, num_frames=num_frames, size=size, mean=mean, std=std, batch_size=batch_size,
+                                device=device, num_workers=num_workers, decode_timeout_s=decode_timeout_s, bad=bad)
+    else:
+        batches = _pyav_batches(paths, num_frames=num_frames, size=size, mean=mean, std=std, batch_size=batch_size,
+                                device=device, num_workers=num_workers, bad=bad)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(loader, desc="captioning", unit="batch", file=sys.stderr, dynamic_ncols=True, leave=False)
+        batches = tqdm(batches, desc="captioning", unit="batch", file=sys.stderr, dynamic_ncols=True, leave=False,
+                       total=-(-len(paths) // batch_size))
     r = settings.num_return
-    for items in it:
-        ok = [(i, clip) for i, clip, _ in items if clip is not None]
-        bad.extend((paths[i], reason) for i, clip, reason in items if clip is None)
-        if not ok:
-            continue
-        clips = normalize_clips(torch.stack([c for _, c in ok]), mean, std, device)
+    for rows, clips in batches:
         out = model.generate(clips, prompt=settings.prompt, num_beams=settings.num_beams,
                              max_length=settings.max_length, min_length=settings.min_length, num_return_sequences=r)
         scores = out.scores.float().cpu().tolist()
-        for j, (i, _) in enumerate(ok):
+        for j, i in enumerate(rows):
             results[i] = [(out.texts[j * r + k].strip(), float(scores[j * r + k])) for k in range(r)]
     return results, bad
 
@@ -304,7 +349,8 @@ def format_table(results: dict) -> str:
 def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int, image_size: int,
                    matcher, settings: CaptionSettings | None = None, out: str | os.PathLike | None = None,
                    batch_size: int = 16, device: torch.device | str = "cpu", num_workers: int = 0,
-                   progress: bool = True, info: dict | None = None, verbose: bool = True) -> dict:
+                   progress: bool = True, info: dict | None = None, verbose: bool = True,
+                   decoder: str = "pyav") -> dict:
     """Caption the union of the sets' videos once, CLIP-TAM each set, write the outputs to ``out``.
 
     ``matcher``: a text encoder with ``encode_text`` (see :func:`rest_fast.eval.matchers.get_matcher`).
@@ -327,7 +373,7 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
               f"prompt {settings.prompt!r}) on {device}", file=sys.stderr, flush=True)
     caps, bad = caption_videos(model, unique, num_frames=num_frames, size=image_size, mean=mean, std=std,
                                settings=settings, batch_size=batch_size, device=device, num_workers=num_workers,
-                               progress=progress)
+                               progress=progress, decoder=decoder)
     by_path = {p: c for p, c in zip(unique, caps)}
     bad_report = BadFilesReport()
     for p, reason in bad:
@@ -420,7 +466,8 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
              num_beams: int | None = None, max_length: int | None = None, min_length: int | None = None,
              prompt: str | None = None, batch_size: int = 16, num_frames: int | None = None,
              image_size: int | None = None, device: str | None = "auto", out: str | None = None,
-             num_workers: int = 0, progress: bool = True, walk: bool = False, verbose: bool = True) -> dict:
+             num_workers: int = 0, progress: bool = True, walk: bool = False, verbose: bool = True,
+             decoder: str = "auto") -> dict:
     """``rest-fast eval`` as a function: resolve ``checkpoint``, build the sets, caption, CLIP-TAM, write.
 
     With neither ``protocol`` nor ``data``, a trainer run is evaluated on the labelled set it trained on (the
@@ -437,6 +484,10 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
     from rest_fast.eval.matchers import get_matcher
 
     resolved = resolve_checkpoint(checkpoint)
+    if verbose and resolved.kind == "run":  # say which weights are evaluated (never silently an older epoch)
+        note = f" ({resolved.note})" if resolved.note else ""
+        print(f"evaluating run {resolved.run_dir} at epoch {resolved.epoch} ({resolved.weights.parent.name}){note}",
+              flush=True)
     if protocol is None and data is None:
         if resolved.data is None:
             raise ValueError("pass --protocol NAME --data-root DIR or --data LIST_OR_DIR (only a trainer run "
@@ -444,6 +495,7 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
         data, data_root = resolved.data, data_root or resolved.data_root
     sets = build_sets(protocol=protocol, data_root=data_root, split=split, data=data, classes=classes, walk=walk)
     dev = _device(device)
+    decoder = resolve_decoder(decoder, dev, "eval", verbose=verbose)
     settings = _settings(resolved, num_beams, max_length, min_length, prompt)
     settings.validate()
     model = load_model(resolved, dev)
@@ -459,7 +511,7 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
             "clip": getattr(clip_model, "name", None)}
     return evaluate_model(model, sets, mean=mean, std=std, num_frames=int(t), image_size=int(size),
                           matcher=text_encoder, settings=settings, out=out_dir, batch_size=batch_size, device=dev,
-                          num_workers=num_workers, progress=progress, info=info, verbose=verbose)
+                          num_workers=num_workers, progress=progress, info=info, verbose=verbose, decoder=decoder)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -493,7 +545,8 @@ def run_eval(args) -> int:
                            num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
                            prompt=args.prompt, batch_size=args.batch_size, num_frames=args.num_frames,
                            image_size=args.image_size, device=args.device, out=args.out,
-                           num_workers=args.num_workers, progress=not args.no_progress, walk=args.walk)
+                           num_workers=args.num_workers, progress=not args.no_progress, walk=args.walk,
+                           decoder=args.decoder)
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         return _error("eval", exc)
     print(f"results in {res['out']}", file=sys.stderr)
@@ -521,6 +574,7 @@ def _caption(args) -> int:
                              args.num_return)
         settings.validate()
         dev = _device(args.device)
+        decoder = resolve_decoder(args.decoder, dev, "caption")
         model = load_model(resolved, dev)
     except (CheckpointError, ValueError) as exc:
         return _error("caption", exc)
@@ -529,7 +583,7 @@ def _caption(args) -> int:
     mean, std = pixel_normalisation(resolved)
     results, bad_list = caption_videos(model, list(args.videos), num_frames=int(t), size=int(size), mean=mean, std=std,
                                 settings=settings, batch_size=args.batch_size, device=dev,
-                                num_workers=args.num_workers, progress=False)
+                                num_workers=args.num_workers, progress=False, decoder=decoder)
     failed = 0
     bad = dict(bad_list)
     for path, res in zip(args.videos, results):

@@ -49,9 +49,11 @@ class TrainConfig:
     num_frames: int = _f(8, "T: frames sampled uniformly per clip", group="data")
     image_size: int = _f(224, "S: frame size fed to the captioner (CLIP frames are resized to CLIP's own size)", group="data")
     augment: bool = _f(True, "Table 10 augmentations while self-training (flip, multi-scale crop, colour jitter, grayscale)", group="data")
-    num_workers: int = _f(4, "decoding workers per process", group="data", runtime=True)
+    num_workers: int = _f(-1, "decoding worker processes per rank (-1 = from the CPUs: CPUs available / local ranks - 1; never more than the CPUs available; 0 = in the main process)", group="data", runtime=True)
     decoder: str = _f("auto", "video decoding: 'auto' (DALI on the GPU when a CUDA device and DALI are present, else the CPU path), 'dali' or 'pyav'", group="data", runtime=True)
-    bad_files_threshold: float = _f(0.05, "stop with an error when more than this fraction of the videos cannot be decoded", group="data")
+    prefetch_factor: int = _f(2, "batches each decoding worker prepares ahead (DataLoader prefetch_factor: num_workers x this batches wait in shared memory); DALI keeps min(this, 4) batches in flight", group="data", runtime=True)
+    decode_timeout_s: float = _f(60.0, "a clip whose decoding takes longer than this is a bad file (recorded, replaced) instead of stalling the rank; 0 = no limit", group="data", runtime=True)
+    bad_files_threshold: float = _f(0.05, "stop with an error when more than this fraction of the videos cannot be decoded (checked after indexing and after the features pass)", group="data", runtime=True)
 
     # --- Algorithm 1 -------------------------------------------------------------------------
     prompts: list[str] = _f(
@@ -134,9 +136,18 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "warmup_steps", "report_videos", "min_length", "threads"):
+        for name in ("warmup_steps", "report_videos", "min_length", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_workers < -1:
+            raise ValueError(f"num_workers must be >= 0, or -1 for the default from the CPUs; got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.decode_timeout_s < 0:
+            raise ValueError(f"decode_timeout_s must be >= 0 (0 = no limit), got {self.decode_timeout_s}")
+        # the names of rest_fast.data.select.DECODERS (not imported: this module stays torch-free)
+        if str(self.decoder).strip().lower() not in ("auto", "dali", "pyav"):
+            raise ValueError(f"decoder must be one of auto, dali, pyav; got {self.decoder!r}")
         if not 0 < self.lr:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.lr_min <= self.lr:
@@ -295,6 +306,42 @@ def resolve_config(*, yaml_file: str | Path | None = None, overrides: dict[str, 
         cfg = apply_overrides(cfg, DEMO_PRESET)
     for layer in layers:
         cfg = apply_overrides(cfg, layer)
+    return cfg
+
+
+def runtime_keys() -> list[str]:
+    """Keys a resumed run may change (plus ``epochs``, which may grow to extend a finished run)."""
+    return [f.name for f in config_fields() if f.metadata.get("runtime")] + ["epochs"]
+
+
+def load_run_config(path: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` a run saved in its ``config.yaml`` (``ValueError`` naming a bad key)."""
+    data = load_yaml(path)
+    try:
+        return apply_overrides(TrainConfig(), data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def resume_config(saved: TrainConfig, *, yaml_file: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config of a resumed run: the run's saved config, then the YAML file and overrides given with
+    ``--resume`` — which may only change runtime keys (and ``epochs``). No demo preset is applied: the run
+    already says what it is. A given key that would change the run's identity raises ``ValueError``
+    naming each such key with both values, and the keys that may change."""
+    layers: list[dict[str, Any]] = []
+    if yaml_file is not None:
+        layers.append(load_yaml(yaml_file))
+    layers.append(dict(overrides or {}))
+    cfg = saved
+    for layer in layers:
+        cfg = apply_overrides(cfg, layer)
+    changed = identity_differences(saved, cfg)
+    if changed:
+        raise ValueError(
+            "these keys define the run and cannot change on --resume:\n  " + "\n  ".join(changed)
+            + "\n(keys that may change: " + ", ".join(runtime_keys())
+            + "; start a new run with another --out to change the others)")
     return cfg
 
 

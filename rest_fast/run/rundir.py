@@ -5,7 +5,12 @@ Layout::
     RUN/
       config.yaml               resolved TrainConfig
       state.json                the last complete point: epoch, round, checkpoint, cache snapshot
-      checkpoints/epoch_XXXX/   model.safetensors, train_state.pt (optimiser, scheduler, RNG), meta.json
+      .rest_fast_run            marker: this folder was made by `rest-fast train` (we write and delete only here)
+      .lock                     pid/host of the trainer using the folder (see :class:`RunLock`)
+      videos.json               count, hash and list of the videos the run was made from (resume checks it)
+      checkpoints/epoch_XXXX/   model.safetensors, train_state.pt (optimiser, scheduler, RNG: tensors and
+                                plain numbers only, loaded with ``weights_only=True``), meta.json (with the
+                                SHA-256 of both files, checked on every load)
       cache/round_XX.rfcc       CaptionCache snapshot after round XX (its own atomic save)
       captions/initial.jsonl    the T x P initial BLIP captions of every video
       captions/round_XX.jsonl   per video: K captions with scores (+ the caption generated that round)
@@ -19,16 +24,24 @@ the final name (rename is atomic on POSIX), and the folder is fsynced. A checkpo
 written under a temporary name and renamed whole, so a checkpoint folder exists only complete.
 ``state.json`` is replaced last, so it always names files that exist. ``metrics.jsonl`` is appended
 line by line; a torn last line (a kill mid-write) is ignored when read and dropped on resume.
+
+Integrity: a checkpoint whose files do not match the checksums in its ``meta.json`` (a flipped bit, a
+truncated copy) is never loaded: :meth:`RunDir.load_checkpoint` raises :class:`CheckpointCorrupt` and
+the trainer and ``eval`` fall back to the newest intact checkpoint, saying so. Paths read from
+``state.json`` must stay inside the run folder (:meth:`RunDir.inside`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
-import tempfile
+import socket
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -41,25 +54,81 @@ from rest_fast.atomic_io import (  # noqa: F401 - re-exported for the trainer's 
     atomic_write_jsonl,
     atomic_write_text,
     fsync_dir,
+    make_temp_dir,
 )
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+MARKER_FILE = ".rest_fast_run"
+LOCK_FILE = ".lock"
+VIDEOS_FILE = "videos.json"
+CHECKPOINT_FILES = ("model.safetensors", "train_state.pt")
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+class CheckpointCorrupt(ValueError):
+    """A checkpoint folder whose files are missing, altered (checksum mismatch) or not plain data."""
+
+
+class ForeignFolderError(ValueError):
+    """``--out`` holds files that ``rest-fast train`` did not write: we neither use nor delete them."""
+
+
+class UnsafePath(ValueError):
+    """A path read from a run's own files that would lead outside the run folder."""
+
+
+class VideoListChanged(ValueError):
+    """The videos differ from those the run was made from (its captions are stored by position)."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live trainer holds the run folder's lock."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_relative(root: str | Path, rel: str, what: str) -> Path:
+    """``root / rel`` for a path read from a file inside ``root``; refuses absolute paths, ``..`` and links
+    that leave ``root`` (a hand-edited or planted file must not make us read or delete elsewhere)."""
+    root = Path(root)
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts or "\0" in rel:
+        raise UnsafePath(f"{what}: {rel!r} is not a path inside {root}")
+    p = root / rel
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(p)]) != real_root:
+        raise UnsafePath(f"{what}: {rel!r} leads outside {root} (not a path inside it)")
+    return p
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> str:
+    """Save ``obj`` (tensors and plain Python values only) atomically; returns the file's SHA-256."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    """Save ``tensors`` as safetensors atomically; returns the file's SHA-256."""
     from safetensors.torch import save
 
     # safetensors refuses shared storage; checkpoints hold independent copies.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata=metadata))
+    data = save(flat, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
 
 
 def atomic_save_numpy(path: str | Path, array) -> None:
@@ -102,6 +171,10 @@ class RunDir:
     # --- paths ------------------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
+
+    def inside(self, rel: str, what: str) -> Path:
+        """A path read from one of the run's files, refused unless it stays inside the run folder."""
+        return safe_relative(self.root, rel, what)
 
     @property
     def state_path(self) -> Path:
@@ -155,13 +228,16 @@ class RunDir:
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int, model_state: dict[str, torch.Tensor], train_state: dict, meta: dict) -> Path:
-        """Write ``checkpoints/epoch_XXXX/`` whole: a temp folder renamed into place."""
+        """Write ``checkpoints/epoch_XXXX/`` whole: a temp folder renamed into place.
+
+        ``train_state`` must hold tensors and plain Python values only (it is loaded with
+        ``weights_only=True``); ``meta.json`` records the SHA-256 of both files."""
         final = self.checkpoint_dir(epoch)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=str(final.parent)))
+        tmp = make_temp_dir(final.parent, f".{final.name}.")
         try:
-            atomic_save_safetensors(model_state, tmp / "model.safetensors")
-            atomic_torch_save(train_state, tmp / "train_state.pt")
-            atomic_write_json(tmp / "meta.json", {**meta, "epoch": epoch})
+            sums = {"model.safetensors": atomic_save_safetensors(model_state, tmp / "model.safetensors"),
+                    "train_state.pt": atomic_torch_save(train_state, tmp / "train_state.pt")}
+            atomic_write_json(tmp / "meta.json", {**meta, "epoch": epoch, "sha256": sums})
             fsync_dir(tmp)
             if final.exists():  # a stale copy of the same epoch (from before a resume): replace it
                 shutil.rmtree(final)
@@ -189,29 +265,256 @@ class RunDir:
         for p in (self.root / "checkpoints").glob(".epoch_*"):
             shutil.rmtree(p, ignore_errors=True)
 
+    def newest_intact_checkpoint(self, before: int | None = None) -> tuple[Path | None, list[str]]:
+        """(the newest checkpoint that passes :func:`verify_checkpoint`, with an epoch < ``before`` if given;
+        the problems of the newer ones skipped, one line each)."""
+        skipped = []
+        for p in reversed(self.list_checkpoints()):
+            if before is not None and _epoch_of(p) >= before:
+                continue
+            problem = verify_checkpoint(p)
+            if problem is None:
+                return p, skipped
+            skipped.append(problem)
+        return None, skipped
+
     @staticmethod
     def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-        """(model state, train state, meta) of a checkpoint folder."""
-        from safetensors.torch import load_file
+        """(model state, train state, meta) of a checkpoint folder, after checking its checksums.
+
+        Raises :class:`CheckpointCorrupt` for missing or altered files, and for a ``train_state.pt`` that
+        holds anything but tensors and plain values (never unpickled with code execution)."""
+        from safetensors.torch import load
 
         path = Path(path)
         if not (path / "meta.json").exists():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
-        model_state = load_file(str(path / "model.safetensors"))
-        train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-        meta = json.loads((path / "meta.json").read_text())
+        meta, blobs = _read_verified(path)
+        try:
+            model_state = load(blobs["model.safetensors"])
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+            raise CheckpointCorrupt(f"{path / 'model.safetensors'}: not a readable safetensors file ({exc})") from exc
+        try:
+            train_state = torch.load(io.BytesIO(blobs["train_state.pt"]), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise CheckpointCorrupt(
+                f"{path / 'train_state.pt'} was refused: it must hold only tensors and plain values "
+                f"(loaded with weights_only=True; {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from exc
         return model_state, train_state, meta
+
+    # --- ownership and lock -------------------------------------------------------------------------
+    @staticmethod
+    def claim(root: str | Path) -> None:
+        """Make ``root`` a run folder, or check it is one: it must be new, empty, or hold our marker
+        (older runs: ``config.yaml`` + ``state.json``). Anything else raises :class:`ForeignFolderError`."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ForeignFolderError(f"--out {root} is a file, not a folder")
+        if (root / MARKER_FILE).is_file():
+            return
+        if root.is_dir():
+            entries = sorted(e.name for e in root.iterdir() if e.name != LOCK_FILE)
+            legacy = (root / STATE_FILE).is_file() and (root / CONFIG_FILE).is_file()
+            if entries and not legacy:
+                shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+                raise ForeignFolderError(
+                    f"--out {root} already holds files that are not a rest-fast run ({shown}); pass a new or "
+                    "empty folder (nothing in it is changed or deleted)")
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / MARKER_FILE, {"format": "rest_fast.run", "created": time.time()})
+
+    # --- the video list -------------------------------------------------------------------------------
+    def check_videos(self, videos: list[str], *, record: bool = False) -> None:
+        """Record the ordered video list (``record``: a new run, or the first call), or check it is the one
+        the run was made from.
+
+        Raises ``ValueError`` naming how many videos were added and removed (and the first few) when
+        the list changed: captions are stored by position, so a changed list would mix videos up."""
+        now = {"count": len(videos), "sha256": video_list_hash(videos), "videos": list(videos)}
+        path = self.root / VIDEOS_FILE
+        if record or not path.is_file():
+            if self.writable:
+                atomic_write_json(path, now)
+            return
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("sha256") == now["sha256"] and saved.get("count") == now["count"]:
+            return
+        raise VideoListChanged(describe_video_change(saved.get("videos") or [], videos, str(self.root)))
+
+
+def _epoch_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("_")[1])
+
+
+def _read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """(meta, file bytes) of a checkpoint whose files match ``meta.json``'s SHA-256s."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointCorrupt(f"{path / 'meta.json'} is unreadable ({exc})") from exc
+    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    blobs = {}
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointCorrupt(f"{f} is missing")
+        blobs[name] = f.read_bytes()
+        if sums is None:
+            continue  # made before checksums existed: nothing to compare with
+        if sha256_bytes(blobs[name]) != sums.get(name):
+            raise CheckpointCorrupt(f"{f} does not match its checksum in meta.json (corrupted or altered)")
+    return meta, blobs
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint folder is complete and its files match their checksums, else why not."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        return f"{path} is incomplete (no meta.json)"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        sums = meta.get("sha256") or {}
+        for name in CHECKPOINT_FILES:
+            f = path / name
+            if not f.is_file():
+                return f"{f} is missing"
+            if name in sums and sha256_file(f) != sums[name]:
+                return f"{f} does not match its checksum (corrupted or altered)"
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{path}: unreadable ({exc})"
+    return None
+
+
+def video_list_hash(videos: list[str]) -> str:
+    h = hashlib.sha256()
+    for v in videos:
+        h.update(v.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def describe_video_change(old: list[str], new: list[str], where: str, show: int = 3) -> str:
+    """One message saying how the video list changed between a run and now."""
+    old_set, new_set = set(old), set(new)
+    added = [v for v in new if v not in old_set]
+    removed = [v for v in old if v not in new_set]
+    parts = []
+    if added:
+        parts.append(f"{len(added)} added (e.g. {', '.join(added[:show])})")
+    if removed:
+        parts.append(f"{len(removed)} removed (e.g. {', '.join(removed[:show])})")
+    if not parts:
+        parts.append("same videos in another order" if old else "the run's list is unreadable")
+    return (f"the videos changed since the run at {where} was made ({len(old)} then, {len(new)} now: "
+            f"{'; '.join(parts)}); its captions belong to the old list: restore the data or start a new run")
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``.lock`` holds the holder's pid, host and start time.
+
+    Taken with a hard link (atomic, also on NFS). A lock whose pid is dead on this host is stale (a
+    ``kill -9``): it is taken over with a warning. A live holder, or one on another host (whose pids we
+    cannot check), makes :meth:`acquire` raise :class:`RunLockedError` naming it."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self.held = False
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+
+    def _holder(self) -> dict | None:
+        try:
+            info = json.loads(self.path.read_text())
+            return info if isinstance(info, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> RunLock:
+        tmp = self.path.with_name(f"{LOCK_FILE}.{self.info['pid']}.{time.time_ns()}.tmp")
+        atomic_write_json(tmp, self.info)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    pass
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile: try again
+                pid, host = holder.get("pid"), holder.get("host")
+                if host == self.info["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                    stale = self.path.with_name(f"{LOCK_FILE}.stale.{pid}.{time.time_ns()}")
+                    try:
+                        os.rename(self.path, stale)  # only one contender wins the rename
+                    except FileNotFoundError:
+                        continue
+                    stale.unlink(missing_ok=True)
+                    warnings.warn(f"{self.path.parent}: taking over the lock of pid {pid} on {host}, which is no "
+                                  "longer running (a killed trainer)", stacklevel=2)
+                    continue
+                since = holder.get("since")
+                when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another trainer (pid {pid} on host {host}{when}); wait for it "
+                    f"to finish, or if it is surely gone, delete {self.path}")
+            raise RunLockedError(f"could not take the lock {self.path} (it keeps changing hands)")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = self._holder()
+        if holder and holder.get("pid") == self.info["pid"] and holder.get("host") == self.info["host"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    # a zombie (killed, not yet reaped by its parent) holds nothing
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def capture_rng() -> dict:
-    """RNG states of python, numpy and torch (CPU and CUDA) for a checkpoint."""
+    """RNG states of python, numpy and torch (CPU and CUDA) for a checkpoint: tensors and plain values only,
+    so a checkpoint loads with ``weights_only=True``."""
     import random
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": int(version), "state": torch.tensor(keys, dtype=torch.int64),
+                        "gauss": None if gauss is None else float(gauss)},
+             "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
@@ -220,8 +523,11 @@ def restore_rng(state: dict) -> None:
 
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -11,7 +11,15 @@ import argparse
 import dataclasses
 import typing
 
-from rest_fast.run.config import DEMO_PRESET, TrainConfig, config_fields, parse_key_values, resolve_config
+from rest_fast.run.config import (
+    DEMO_PRESET,
+    TrainConfig,
+    config_fields,
+    load_run_config,
+    parse_key_values,
+    resolve_config,
+    resume_config,
+)
 
 _DESCRIPTION = """\
 REST self-training (Algorithm 1): initial BLIP captions per frame and prompt, frozen-CLIP retrieval
@@ -75,12 +83,35 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Resolve the config: defaults, demo preset, ``--config``, then flags and ``key=value`` overrides."""
+    """Resolve the config: defaults, demo preset, ``--config``, then flags and ``key=value`` overrides.
+
+    With ``--resume`` on an existing run the run's saved ``config.yaml`` is the base instead (no demo
+    preset), and the options given may change only runtime keys (:func:`resume_config`)."""
     overrides: dict = parse_key_values(list(args.overrides or []))
     for k, v in vars(args).items():
         if k.startswith("cfg__"):
             overrides[k[5:]] = v
-    return resolve_config(yaml_file=args.config, overrides=overrides)
+    cfg = resolve_config(yaml_file=args.config, overrides=overrides)
+    root = _resume_root(getattr(args, "resume", None), cfg.out)
+    if root is None:
+        return cfg
+    saved = load_run_config(root / "config.yaml")
+    overrides.pop("out", None)  # the run folder is where the run is
+    return resume_config(saved, yaml_file=args.config, overrides=overrides).replace(out=str(root))
+
+
+def _resume_root(resume: str | None, out: str):
+    """The folder of the run ``--resume`` continues, when it holds one (config.yaml + state.json)."""
+    from pathlib import Path
+
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        root = Path(out)
+    else:
+        p = Path(resume)
+        root = p.parent.parent if p.parent.name == "checkpoints" else p
+    return root if (root / "config.yaml").is_file() and (root / "state.json").is_file() else None
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -94,6 +125,21 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if cfg.decoder.strip().lower() == "dali":  # fail before any work when DALI is asked for and absent
+        from rest_fast.data.select import dali_status
+
+        ok, why = dali_status()
+        if not ok:
+            print(f"rest-fast train: error: decoder=dali: {why}; pip install -e '.[dali]' or use --decoder pyav",
+                  file=sys.stderr)
+            return 2
+    from rest_fast.run.rundir import (
+        CheckpointCorrupt,
+        ForeignFolderError,
+        RunLockedError,
+        UnsafePath,
+        VideoListChanged,
+    )
     from rest_fast.train.loop import RunExistsError, train
 
     out_given = getattr(args, "cfg__out", None) is not None or "out" in parse_key_values(list(args.overrides or []))
@@ -102,7 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, out=_next_free_dir(cfg.out))
     try:
         train(cfg, resume=args.resume)
-    except RunExistsError as exc:
+    except (RunExistsError, RunLockedError, ForeignFolderError, CheckpointCorrupt, VideoListChanged, UnsafePath) as exc:
         print(f"rest-fast train: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,7 +1,10 @@
 """What the trainer reads: the video index, the two models, and clip batches for each pass.
 
-Three kinds of passes read clips, all through :class:`rest_fast.data.PyAVClipLoader` (PyAV decoding in
-DataLoader workers, deterministic per-sample seeds, bad files replaced and reported):
+Three kinds of passes read clips, through the loader ``cfg.decoder`` selects
+(:func:`rest_fast.data.select.choose_decoder`: DALI on this rank's GPU, else PyAV or the CPU shard reader in
+DataLoader workers; the choice and its reason are logged), all with deterministic per-sample seeds and bad
+files replaced and reported. Each pass keeps its loader (and its worker processes) for the whole run:
+workers are forked once, not per epoch or per caption round.
 
 * ``eval_batches("clip")`` — un-augmented clips at CLIP's size and normalisation (video features);
 * ``eval_batches("blip")`` — un-augmented clips at S with BLIP's normalisation (initial captions and
@@ -75,7 +78,7 @@ def ensure_tiny_blip(save_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
 
 def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistEnv):
     """(GARModel on ``env.device`` in fp32, FrozenCLIP on ``env.device``)."""
-    from rest_fast.clip import FrozenCLIP, tiny_clip
+    from rest_fast.clip import FrozenCLIP, pretrained_for, tiny_clip
     from rest_fast.models import GARModel
 
     model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames, adapter_layers=cfg.adapter_layers_value())
@@ -88,7 +91,7 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
         size = cfg.image_size if cfg.image_size % 8 == 0 else 32
         clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)
     else:
-        clip = FrozenCLIP(clip_source, pretrained=cfg.clip_pretrained, device=env.device,
+        clip = FrozenCLIP(clip_source, pretrained=pretrained_for(clip_source, cfg.clip_pretrained), device=env.device,
                           batch_size=cfg.eval_batch_size)
     return model, clip
 
@@ -118,6 +121,17 @@ class Inputs:
         self.bad_files = BadFilesReport()
         for p in index.missing:  # a prepared dir lists the videos prepare could not decode, with why
             self.bad_files.add(p, getattr(index, "bad_reasons", {}).get(p, "missing file"))
+        from rest_fast.data.select import choose_decoder
+        from rest_fast.data.workers import resolve_num_workers
+
+        self.decoder = choose_decoder(cfg.decoder, env.device)
+        self.num_workers = resolve_num_workers(cfg.num_workers)
+        if env.is_main:
+            print(f"decoder: {self.decoder.name} ({self.decoder.reason}); {self.num_workers} worker process(es) "
+                  f"per rank, prefetch {cfg.prefetch_factor}, decode timeout "
+                  f"{f'{cfg.decode_timeout_s:g} s' if cfg.decode_timeout_s else 'off'}", flush=True)
+        self._loaders: dict[str, object] = {}  # pass kind -> its loader (persistent workers)
+        self._absorbed: dict[tuple[str, str], int] = {}  # (pass kind, path) -> count already absorbed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,19 +140,33 @@ class Inputs:
         """Path of video ``i`` relative to the common folder of all videos (for reports)."""
         return os.path.relpath(os.path.abspath(self.paths[i]), self._root) if self._root else self.paths[i]
 
-    def _loader(self, index, *, train: bool, size: int, mean, std, batch_size: int, shuffle: bool = False,
-                rank: int = 0, world_size: int = 1):
-        from rest_fast.data.shards import make_clip_loader  # shard reader for a prepared dir, else PyAV
+    def _loader(self, key: str, index, *, train: bool, size: int, mean, std, batch_size: int,
+                shuffle: bool = False, rank: int = 0, world_size: int = 1):
+        """The loader of pass ``key``, built on first use and kept (its workers persist across passes)."""
+        if key in self._loaders:
+            return self._loaders[key]
+        from rest_fast.data.shards import make_clip_loader  # prepared dir or videos, DALI or CPU
 
-        return make_clip_loader(index, batch_size=batch_size, mean=mean, std=std, num_frames=self.cfg.num_frames,
-                              size=size, train=train, seed=self.cfg.seed, device=self.env.device,
-                              num_workers=self.cfg.num_workers, shuffle=shuffle, drop_last=False,
-                              max_bad_fraction=self.cfg.bad_files_threshold, rank=rank, world_size=world_size)
+        cfg = self.cfg
+        loader = make_clip_loader(index, decoder=self.decoder.name, batch_size=batch_size, mean=mean, std=std,
+                                  num_frames=cfg.num_frames, size=size, train=train, seed=cfg.seed,
+                                  device=self.env.device, num_workers=self.num_workers, shuffle=shuffle,
+                                  drop_last=False, max_bad_fraction=cfg.bad_files_threshold, rank=rank,
+                                  world_size=world_size, prefetch_factor=cfg.prefetch_factor,
+                                  decode_timeout_s=cfg.decode_timeout_s, device_id=self.decoder.device_id,
+                                  prefetch=min(cfg.prefetch_factor, 4))
+        self._loaders[key] = loader
+        return loader
 
-    def _absorb(self, loader) -> None:
+    def _absorb(self, key: str, loader) -> None:
+        """Add what ``loader`` recorded since the last call (a kept loader's report keeps growing)."""
         for path, reason, count in loader.bad_files.rows():
-            if path not in self.index.missing:
-                self.bad_files.add(path, reason, count)
+            if path in self.index.missing:
+                continue
+            seen = self._absorbed.get((key, path), 0)
+            if count > seen:
+                self.bad_files.add(path, reason, count - seen)
+                self._absorbed[(key, path)] = count
 
     def eval_batches(self, kind: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's block of videos in order, un-augmented: ``(global indices int64 [B], clips [B,T,3,S,S])``.
@@ -154,7 +182,8 @@ class Inputs:
         sub = self.index[lo:hi]
         size, mean, std = ((self.clip_size, self.clip_mean, self.clip_std) if kind == "clip"
                            else (self.cfg.image_size, self.blip_mean, self.blip_std))
-        loader = self._loader(sub, train=False, size=size, mean=mean, std=std, batch_size=self.cfg.eval_batch_size)
+        loader = self._loader(kind, sub, train=False, size=size, mean=mean, std=std,
+                              batch_size=self.cfg.eval_batch_size)
         pos = lo
         try:
             for batch in loader:
@@ -163,7 +192,7 @@ class Inputs:
                 yield torch.arange(pos, pos + b, dtype=torch.int64), batch.clips
                 pos += b
         finally:
-            self._absorb(loader)
+            self._absorb(kind, loader)
 
     def eval_steps(self) -> int:
         """Batches this rank's :meth:`eval_batches` yields (for progress bars)."""
@@ -182,7 +211,7 @@ class Inputs:
         The indices are the entries actually read (a bad entry's replacement), so the captions sampled for
         them belong to the clip shown.
         """
-        loader = self._loader(self.index, train=self.cfg.augment, size=self.cfg.image_size, mean=self.blip_mean,
+        loader = self._loader("train", self.index, train=self.cfg.augment, size=self.cfg.image_size, mean=self.blip_mean,
                               std=self.blip_std, batch_size=self.per_rank_batch(), shuffle=True, rank=self.env.rank,
                               world_size=self.env.world_size)
         loader.set_epoch(epoch)
@@ -190,7 +219,7 @@ class Inputs:
             for batch in loader:
                 yield batch.index, batch.clips
         finally:
-            self._absorb(loader)
+            self._absorb("train", loader)
 
     def frame_strip(self, i: int, size: int = 96) -> np.ndarray:
         """uint8 [T, size, size, 3]: the un-augmented frames of video ``i`` (for the report)."""

@@ -30,15 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.run.config import TrainConfig, identity_differences
+from rest_fast.run.config import TrainConfig, identity_differences, load_run_config
 from rest_fast.run.rundir import (
     CONFIG_FILE,
+    CheckpointCorrupt,
     RunDir,
+    RunLock,
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
     capture_rng,
     restore_rng,
+    verify_checkpoint,
 )
 from rest_fast.train import distributed as dist_utils
 from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
@@ -76,6 +79,18 @@ def _len(it):
 # ----------------------------------------------------------------------------------------------------
 
 
+def run_root(cfg: TrainConfig, resume: str | None) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint folder named by ``--resume PATH`` or None) — reads nothing inside the run."""
+    if resume in (None, "", "none", "auto"):
+        return Path(cfg.out), None
+    p = Path(resume)
+    if (p / "meta.json").exists() and p.parent.name == "checkpoints":
+        return p.parent.parent, p
+    if (p / "state.json").exists():
+        return p, None
+    raise FileNotFoundError(f"--resume {resume}: neither a run directory (state.json) nor a checkpoint folder")
+
+
 def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path, dict | None, Path | None]:
     """(config, run dir, state to resume from or None, checkpoint to load or None).
 
@@ -83,35 +98,43 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
     ``resume="auto"``: continue the run at ``cfg.out`` from its last complete epoch, or start it.
     ``resume=PATH``: a run directory, or one of its ``checkpoints/epoch_XXXX`` folders to go back to.
     On resume the run's saved config is used; a changed non-runtime key is an error (``epochs`` may grow).
+    The latest checkpoint is checked (checksums): a corrupt or missing one is skipped, with a warning, for
+    the newest intact one; an explicitly named checkpoint that is corrupt is an error.
     """
-    ckpt: Path | None = None
+    root, ckpt = run_root(cfg, resume)
     if resume in (None, "", "none"):
-        root = Path(cfg.out)
         if (root / "state.json").exists():
             raise RunExistsError(f"{root} already holds a run: pass --resume auto to continue it, or another --out")
         return cfg, root, None, None
-    if resume == "auto":
-        root = Path(cfg.out)
-    else:
-        p = Path(resume)
-        if (p / "meta.json").exists() and p.parent.name == "checkpoints":
-            root, ckpt = p.parent.parent, p
-        elif (p / "state.json").exists():
-            root = p
-        else:
-            raise FileNotFoundError(f"--resume {resume}: neither a run directory (state.json) nor a checkpoint folder")
     run = RunDir(root, writable=False)
     state = run.read_state()
     if state is None:
         return cfg, root, None, None
-    saved = TrainConfig(**_yaml_load(run.config_path))
+    saved = load_run_config(run.config_path)
     diffs = identity_differences(saved, cfg)
     if diffs:
         raise ValueError("the run at {} was made with another config; differing keys:\n  {}".format(root, "\n  ".join(diffs)))
     # runtime keys (workers, device, progress...) and a larger `epochs` come from now
     cfg = cfg.replace(out=str(root))
-    if ckpt is None and state.get("checkpoint"):
-        ckpt = root / state["checkpoint"]
+    if ckpt is not None:
+        problem = verify_checkpoint(ckpt)
+        if problem is not None:
+            raise CheckpointCorrupt(f"--resume {resume}: {problem}; pick another checkpoints/epoch_XXXX folder")
+    elif state.get("checkpoint"):
+        ckpt = run.inside(state["checkpoint"], "state.json 'checkpoint'")
+        problem = verify_checkpoint(ckpt)
+        if problem is not None:
+            fallback, skipped = run.newest_intact_checkpoint(before=_epoch_of_name(ckpt.name))
+            where = f"{fallback.name}" if fallback is not None else "the start of self-training (round 0)"
+            msg = f"latest checkpoint unusable ({'; '.join([problem, *skipped])}); resuming from {where}"
+            warnings.warn(msg, stacklevel=2)
+            print(f"warning: {msg}", flush=True)
+            ckpt = fallback
+            if ckpt is None:
+                # no intact weights: self-training restarts after round 0 (kept if its files are there)
+                has_round0 = run.cache_path(0).is_file() and run.path("features", "captions_00.npy").is_file()
+                state = {**state, "epoch": 0, "round": 0, "checkpoint": None} if has_round0 else None
+                return cfg, root, state, None
     if ckpt is not None:
         meta = json.loads((ckpt / "meta.json").read_text())
         if ckpt != root / str(state.get("checkpoint")):
@@ -120,10 +143,37 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
     return cfg, root, state, ckpt
 
 
-def _yaml_load(path: Path) -> dict:
-    import yaml
+def _epoch_of_name(name: str) -> int | None:
+    try:
+        return int(name.split("_")[1])
+    except (IndexError, ValueError):
+        return None
 
-    return yaml.safe_load(path.read_text())
+
+def _too_many_bad(bad: int, total: int, threshold: float, examples: list[str], run: Path) -> str:
+    shown = ", ".join(examples[:3]) + (" ..." if len(examples) > 3 else "")
+    return (f"{bad} of {total} videos cannot be read (> bad_files_threshold={threshold}): {shown}; see "
+            f"{run / 'bad_files.tsv'}; fix the files or raise bad_files_threshold (allowed on --resume)")
+
+
+def _video_names(index, data: str | None = None, data_root: str | None = None) -> list[str]:
+    """The ordered video list as the run records it: paths relative to where ``data`` says the videos live
+    (the class-folder root, the list's root, a prepared set's source root), so a dataset moved as a whole
+    still matches; missing files of a list included."""
+    import os
+
+    paths = [os.path.abspath(p) for p in list(index.paths) + list(index.missing)]
+    if not paths:
+        return []
+    root = getattr(index, "info", {}).get("source_root") if hasattr(index, "info") else None
+    if root is None and data is not None:
+        p = Path(data)
+        root = str(p) if p.is_dir() else (data_root if data_root is not None else str(p.parent))
+    if root is None:
+        common = os.path.commonpath(paths)
+        root = common if os.path.isdir(common) else os.path.dirname(common)
+    root = os.path.abspath(root)
+    return [os.path.relpath(p, root) for p in paths]
 
 
 def _truncate_run(run: RunDir, epoch: int, rnd: int) -> None:
@@ -162,11 +212,18 @@ class Trainer:
         # rank 0 resolves the run (it owns the files); the others follow its decision
         decision = None
         error = None
+        self._lock: RunLock | None = None
         if env.is_main:
             try:
+                root, _ = run_root(cfg, resume)
+                if resume in (None, "", "none") and (root / "state.json").exists():
+                    raise RunExistsError(f"{root} already holds a run: pass --resume auto to continue it, or another --out")
+                RunDir.claim(root)  # new, empty or ours: never write into (or delete from) a foreign folder
+                self._lock = RunLock(root).acquire()  # one trainer per run folder
                 decision = resolve_run(cfg, resume)
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 error = exc
+                self.close()
         error = broadcast_object(env, error)
         if error is not None:
             raise error
@@ -174,6 +231,12 @@ class Trainer:
         self.cfg, root, self.state, self.ckpt = decision
         self.run_dir = RunDir(root, writable=env.is_main)
         barrier(env)
+
+    def close(self) -> None:
+        """Release the run folder's lock (rank 0)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- setup ---------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -214,6 +277,7 @@ class Trainer:
         if cfg.blip == inputs.TINY:  # random-init tiny BLIP, written into the run dir so a resume reloads it
             self.blip_source = str(inputs.ensure_tiny_blip(self.run_dir.path("models", "tiny_blip"), cfg, env))
         index = inputs.build_index(self.data_source, cfg.data_root)
+        self._check_run_inputs(index)
         self.n = len(index)
         if self.n < 2:
             missing = f" ({len(index.missing)} listed files are missing, e.g. {index.missing[0]})" if index.missing else ""
@@ -237,6 +301,54 @@ class Trainer:
                  f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.num_rounds} rounds), world size {env.world_size}, "
                  f"device {env.device}; run dir {self.run_dir.root}")
 
+    def _check_run_inputs(self, index) -> None:
+        """Right after indexing: the video list is the run's (on resume), and the files already known to be
+        unreadable (missing files, those an earlier attempt recorded) are within ``bad_files_threshold``."""
+        from rest_fast.data.bad_files import TooManyBadFiles
+
+        cfg, env = self.cfg, self.env
+        self._earlier_bad: dict[str, str] = {}
+        error = None
+        if env.is_main:
+            try:
+                names = _video_names(index, self.data_source, cfg.data_root)
+                self.run_dir.check_videos(names, record=self.state is None)
+                known = set(index.paths) | set(index.missing)
+                prev = self.run_dir.path("bad_files.json")
+                if prev.is_file():  # features read from the cache decode nothing: keep what was found before
+                    try:
+                        rows = json.loads(prev.read_text())
+                        self._earlier_bad = {r["path"]: r["reason"] for r in rows if r.get("path") in known}
+                    except (ValueError, TypeError, KeyError, AttributeError):
+                        self._earlier_bad = {}
+                bad = set(index.missing) | set(self._earlier_bad)
+                total = len(index.paths) + len(index.missing)
+                if total and len(bad) > cfg.bad_files_threshold * total:
+                    raise TooManyBadFiles(_too_many_bad(len(bad), total, cfg.bad_files_threshold,
+                                                        sorted(bad), self.run_dir.root))
+            except (ValueError, TooManyBadFiles) as exc:
+                error = exc
+        error = broadcast_object(env, error)
+        if error is not None:
+            raise error
+
+    def _check_bad_files(self) -> None:
+        """After the features pass (every video decoded once, or its features cached): stop now, not hours
+        later, when more than ``bad_files_threshold`` of the videos are unreadable."""
+        from rest_fast.data.bad_files import TooManyBadFiles
+        from rest_fast.train.distributed import all_gather_objects
+
+        cfg, env = self.cfg, self.env
+        for path, reason in getattr(self, "_earlier_bad", {}).items():
+            if path not in self.inputs.bad_files:
+                self.inputs.bad_files.add(path, reason)
+        parts = all_gather_objects(env, [p for p, _, _ in self.inputs.bad_files.rows()])
+        bad = sorted({p for rows in parts for p in rows})
+        total = self.n + len(self.inputs.index.missing)
+        self._record_bad_files()
+        if total and len(bad) > cfg.bad_files_threshold * total:
+            raise TooManyBadFiles(_too_many_bad(len(bad), total, cfg.bad_files_threshold, bad, self.run_dir.root))
+
     # --- Algorithm 1 steps ---------------------------------------------------------------------------
     def compute_features_and_neighbours(self) -> None:
         from rest_fast.train.features import CaptionFeatures, features_key, video_features
@@ -251,7 +363,7 @@ class Trainer:
             key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
         self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"))
         self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device)
-        self._record_bad_files()
+        self._check_bad_files()
         log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
                  f"({time.time() - t0:.1f} s)")
 
@@ -348,7 +460,7 @@ class Trainer:
         """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot)."""
         if self.inputs.labels is None or not self.env.is_main:
             return {}
-        from rest_fast.eval.clip_tam import clip_tam
+        from rest_fast.run.clip_tam import clip_tam
 
         ids, _ = self.cache.get(np.arange(self.n, dtype=np.int64))
         top = [self.cache.text(int(c)) if c >= 0 else "" for c in ids[:, 0]]
@@ -514,7 +626,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
         torch.set_num_threads(cfg.threads)
     env = dist_utils.setup(cfg.device)
     try:
-        return Trainer(cfg, env, resume=resume).run()
+        trainer = Trainer(cfg, env, resume=resume)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         dist_utils.cleanup(env)
         torch.set_num_threads(threads)

@@ -49,6 +49,8 @@ __all__ = [
     "load_index",
     "make_clip_loader",
     "register_prepared",
+    "is_registered_prepared",
+    "prepared_index_of",
     "read_clip_any",
 ]
 
@@ -72,17 +74,32 @@ def load_index(data: str | os.PathLike, data_root: str | os.PathLike | None = No
     raise FileNotFoundError(f"data={str(data)!r} is neither a prepared directory, a folder of videos nor a list file")
 
 
-def make_clip_loader(index, **kwargs):
-    """:class:`ShardClipLoader` for a :class:`PreparedIndex`, :class:`rest_fast.data.PyAVClipLoader`
-    otherwise; both take the same keyword arguments (``stream``, ``shuffle_buffer`` and ``colour_on_device``
-    only matter to the former and are dropped for the latter)."""
-    if isinstance(index, PreparedIndex):
-        return ShardClipLoader(index, **kwargs)
-    from rest_fast.data.loader import PyAVClipLoader
+# options only some loaders take: dropped for the others (anything else must be accepted by all four)
+_LOADER_SPECIFIC = ("stream", "shuffle_buffer", "colour_on_device", "persistent_workers", "decoder_device",
+                    "device_id", "num_threads", "prefetch", "skip_bad")
 
-    for k in ("stream", "shuffle_buffer", "colour_on_device"):  # shard-reader options
-        kwargs.pop(k, None)
-    return PyAVClipLoader(index, **kwargs)
+
+def make_clip_loader(index, decoder: str = "pyav", **kwargs):
+    """The loader for ``index`` and ``decoder`` (``"pyav"`` or ``"dali"``, as resolved by
+    :func:`rest_fast.data.select.choose_decoder`): :class:`ShardClipLoader` / :class:`DALIShardLoader` (nvJPEG)
+    for a :class:`PreparedIndex`, :class:`rest_fast.data.PyAVClipLoader` /
+    :class:`rest_fast.data.DALIClipLoader` (NVDEC) otherwise. All take the same keyword arguments; the
+    options in ``_LOADER_SPECIFIC`` are dropped for the loaders that do not have them."""
+    import inspect
+
+    if decoder not in ("pyav", "dali"):
+        raise ValueError(f"decoder must be 'pyav' or 'dali' here (resolve 'auto' with choose_decoder), got {decoder!r}")
+    if isinstance(index, PreparedIndex):
+        cls = ShardClipLoader if decoder == "pyav" else __getattr__("DALIShardLoader")
+    elif decoder == "dali":
+        from rest_fast.data.dali import DALIClipLoader as cls
+    else:
+        from rest_fast.data.loader import PyAVClipLoader as cls
+    accepted = inspect.signature(cls.__init__).parameters
+    for k in _LOADER_SPECIFIC:
+        if k not in accepted:
+            kwargs.pop(k, None)
+    return cls(index, **kwargs)
 
 
 _REGISTRY: dict[str, tuple[PreparedIndex, int]] = {}  # source path -> (prepared index, position)
@@ -93,6 +110,24 @@ def register_prepared(index: PreparedIndex) -> None:
     DataLoader workers forked after the call). Used by callers that pass videos around as paths."""
     for k, p in enumerate(index.paths):
         _REGISTRY[p] = (index, k)
+
+
+def is_registered_prepared(path) -> bool:
+    """True when ``path`` is a source path of a prepared index given to :func:`register_prepared`."""
+    return str(path) in _REGISTRY
+
+
+def prepared_index_of(paths, labels=None, class_names=None) -> PreparedIndex | None:
+    """A :class:`PreparedIndex` over ``paths`` (in that order, with ``labels``) when every path is a video of
+    one registered prepared set (:func:`register_prepared`), else None. Lets code that passes videos around
+    as ``(path, label)`` pairs read them from the shards again."""
+    hits = [_REGISTRY.get(str(p)) for p in paths]
+    if not hits or any(h is None for h in hits) or len({id(h[0]) for h in hits}) != 1:
+        return None
+    base = hits[0][0]
+    return PreparedIndex([str(p) for p in paths], None if labels is None else [int(y) for y in labels],
+                         list(class_names) if class_names is not None else base.class_names,
+                         entries=[base.entries[k] for _, k in hits], root=base.root, info=base.info)
 
 
 def read_clip_any(path: str, num_frames: int = 8, *, size: int = 224, train: bool = False, seed: int | None = None,

@@ -218,6 +218,54 @@ class PrepareResult:
     decoded_now: int
 
 
+# names prepare writes; only these are ever replaced or deleted in ``out``
+_OWN_FILES = ("settings.json", "manifest.json", "index.jsonl", "prepared.json", "bad_files.tsv", "bad_files.json")
+_SHARD = re.compile(r"shard-(\d{6})\.(tar|json)")
+# temporaries: a shard being written, and rest_fast.atomic_io's ".NAME.XXXXXXXX.tmp"
+_OWN_TMP = re.compile(r"\.shard-\d{6}\.tar\.tmp|\.(?:" + "|".join(re.escape(n) for n in _OWN_FILES)
+                      + r"|shard-\d{6}\.json)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _check_ours(out: Path) -> None:
+    """``out`` must be new, empty, or a prepare output (its ``settings.json`` says so): never write into,
+    or delete from, a folder of someone else's files."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not out.is_dir():
+        return
+    entries = sorted(f.name for f in out.iterdir())
+    if not entries:
+        return
+    try:
+        ours = json.loads((out / "settings.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(f"--out {out} already holds files that are not a `rest-fast prepare` output ({shown}); "
+                         "pass a new or empty folder (nothing in it is changed or deleted)")
+
+
+def _remove_leftovers(out: Path, manifest: dict) -> None:
+    """Delete what a killed prepare left behind — our temporaries, and the one shard committed after the
+    manifest was last written — and refuse to go on over shards the manifest cannot explain."""
+    listed = {s["name"] for s in manifest["shards"]}
+    nxt = len(manifest["shards"])  # the only shard number a killed run can have left unlisted
+    foreign = []
+    for f in sorted(out.iterdir()):
+        m = _SHARD.fullmatch(f.name)
+        if _OWN_TMP.fullmatch(f.name):
+            f.unlink()
+        elif m and f.name.rsplit(".", 1)[0] + ".tar" not in listed:
+            if int(m.group(1)) == nxt:
+                f.unlink()
+            else:
+                foreign.append(f.name)
+    if foreign:
+        raise ValueError(f"{out} holds shards its manifest does not list ({', '.join(foreign[:5])}): they were not "
+                         "written by this prepare run; move them away or use another --out")
+
+
 def _digest(paths: Sequence[str], labels) -> str:
     h = hashlib.sha256()
     for k, p in enumerate(paths):
@@ -277,6 +325,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
     limit = parse_size(shard_size)
     index, source_root = _load_index(data, data_root)
     out = Path(out)
+    _check_ours(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -295,12 +344,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
 
     mfile = out / "manifest.json"
     manifest = json.loads(mfile.read_text()) if mfile.exists() else {"shards": [], "bad": [], "next": 0}
-    # anything the manifest does not vouch for is a leftover of a killed run
-    listed = {s["name"] for s in manifest["shards"]}
-    for f in out.iterdir():
-        if f.name.endswith(".tmp") or (re.fullmatch(r"shard-\d{6}\.(tar|json)", f.name)
-                                       and f.name.rsplit(".", 1)[0] + ".tar" not in listed):
-            f.unlink()
+    _remove_leftovers(out, manifest)
     start = int(manifest["next"])
     stop = len(index) if max_videos is None else min(len(index), start + max_videos)
     done_marker = out / "prepared.json"

@@ -47,10 +47,12 @@ from rest_fast.data.loader import (
     _collate,
     _EpochSampler,
     _LoaderBase,
-    normalize_clips,
+    finish_batch,
+    loader_kwargs,
     resample_index,
     sample_seed,
 )
+from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
 
 from .prepare import FORMAT
 
@@ -68,6 +70,12 @@ def is_prepared_dir(path: str | os.PathLike) -> bool:
         return json.loads(marker.read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
+
+
+def _is_shard_name(name) -> bool:
+    """A plain ``*.tar`` file name (no folder part, no ``..``): what prepare writes."""
+    return (isinstance(name, str) and name.endswith(".tar") and os.path.basename(name) == name
+            and "\\" not in name and not name.startswith("."))
 
 
 @dataclass
@@ -97,6 +105,10 @@ class PreparedIndex(VideoIndex):
         info = json.loads((root / "prepared.json").read_text())
         with open(root / "index.jsonl", encoding="utf-8") as f:
             entries = [json.loads(line) for line in f if line.strip()]
+        # shard names are joined to the folder: a hand-edited or planted index must not point outside it
+        for name in [e.get("shard") for e in entries] + list(info.get("shards") or []):
+            if not _is_shard_name(name):
+                raise ValueError(f"{root}/index.jsonl: shard {name!r} is not a file name inside {root}")
         bad: dict[str, str] = {}
         bf = root / "bad_files.json"
         if bf.is_file():
@@ -246,10 +258,7 @@ def _item(jpegs, meta, j: int, label, num_frames: int, size: int, train: bool, s
             "frame_indices": torch.tensor(idx, dtype=torch.int64), "bad": [], "params": params}
 
 
-def _collate_params(items):
-    out = _collate(items)
-    out["params"] = [it["params"] for it in items]
-    return out
+_collate_params = _collate  # the shared collate keeps each item's params (None when colour was applied)
 
 
 class ShardClipDataset(Dataset):
@@ -258,11 +267,12 @@ class ShardClipDataset(Dataset):
     same deterministic resample as the PyAV loader and reported with the item."""
 
     def __init__(self, index: PreparedIndex, *, num_frames: int = 8, size: int = 224, train: bool = False,
-                 seed: int = 0, max_retries: int = 10, defer_colour: bool = False):
+                 seed: int = 0, max_retries: int = 10, defer_colour: bool = False, decode_timeout_s: float = 0.0):
         if len(index) == 0:
             raise ValueError("index is empty")
         self.index, self.num_frames, self.size, self.train = index, num_frames, size, train
         self.seed, self.max_retries, self.defer_colour = seed, max_retries, defer_colour
+        self.decode_timeout_s = decode_timeout_s
 
     def __len__(self) -> int:
         return len(self.index)
@@ -273,11 +283,14 @@ class ShardClipDataset(Dataset):
         j = entry
         for attempt in range(self.max_retries + 1):
             try:
-                jpegs, meta = read_sample(self.index, j)
-                it = _item(jpegs, meta, j, self.index[j].label, self.num_frames, self.size, self.train,
-                           self.seed, epoch, self.defer_colour)
+                with decode_deadline(self.decode_timeout_s):
+                    jpegs, meta = read_sample(self.index, j)
+                    it = _item(jpegs, meta, j, self.index[j].label, self.num_frames, self.size, self.train,
+                               self.seed, epoch, self.defer_colour)
                 it["bad"] = bad
                 return it
+            except DecodeTimeout:
+                bad.append((self.index.paths[j], f"reading took longer than decode_timeout_s={self.decode_timeout_s:g}"))
             except (VideoDecodeError, OSError, ValueError) as e:
                 bad.append((self.index.paths[j], f"prepared sample unreadable: {e}"))
             j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
@@ -297,7 +310,16 @@ class ShardStreamDataset(IterableDataset):
         self.index, self.num_frames, self.size, self.train = index, num_frames, size, train
         self.defer_colour = defer_colour
         self.seed, self.buffer, self.rank, self.world_size = seed, max(1, buffer), rank, world_size
-        self.epoch = 0
+        # shared with persistent DataLoader workers (forked once): set_epoch in the main process reaches them
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch[0] = int(value)
 
     def __len__(self) -> int:
         return math.ceil(len(self.index) / self.world_size)
@@ -367,7 +389,9 @@ class ShardClipLoader(_LoaderBase):
     count toward ``max_bad_fraction``, like missing files in the PyAV loader. ``colour_on_device``
     (default: when ``device`` is CUDA) leaves flip/jitter/grayscale to the main process on ``device``
     (the same :func:`~rest_fast.data.augment.apply_colour`; on a GPU it costs almost nothing, on CPU
-    workers it is most of a train clip's cost).
+    workers it is most of a train clip's cost); it runs batched (:func:`~rest_fast.data.augment.apply_colour_batch`).
+    Workers persist across epochs (``persistent_workers``; the stream's epoch reaches them through shared
+    memory) and ``decode_timeout_s`` turns a sample read that hangs into a bad file.
     """
 
     def __init__(self, index: PreparedIndex | str | os.PathLike, *, batch_size: int, mean: Sequence[float],
@@ -376,7 +400,8 @@ class ShardClipLoader(_LoaderBase):
                  drop_last: bool | None = None, max_bad_fraction: float = 0.05, rank: int = 0, world_size: int = 1,
                  prefetch_factor: int = 2, max_retries: int = 10, method: str = "auto",
                  dtype: torch.dtype = torch.float32, stream: bool = False, shuffle_buffer: int = 256,
-                 colour_on_device: bool | None = None):
+                 colour_on_device: bool | None = None, persistent_workers: bool = True,
+                 decode_timeout_s: float = 0.0):
         if not isinstance(index, PreparedIndex):
             index = PreparedIndex.load(index)
         if batch_size < 1:
@@ -395,7 +420,8 @@ class ShardClipLoader(_LoaderBase):
             self.bad_files.add(p, index.bad_reasons.get(p, "missing file"))
         self.stream = stream
         self.defer = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
-        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
+        num_workers = resolve_num_workers(num_workers)
+        kw = loader_kwargs(num_workers, prefetch_factor, persistent_workers)
         pin = self.device.type == "cuda"
         if stream:
             self.dataset = ShardStreamDataset(index, num_frames=num_frames, size=size, train=train, seed=seed,
@@ -407,7 +433,8 @@ class ShardClipLoader(_LoaderBase):
                                       pin_memory=pin, **kw)
         else:
             self.dataset = ShardClipDataset(index, num_frames=num_frames, size=size, train=train, seed=seed,
-                                            max_retries=max_retries, defer_colour=self.defer)
+                                            max_retries=max_retries, defer_colour=self.defer,
+                                            decode_timeout_s=decode_timeout_s)
             self.sampler = _EpochSampler(len(index), shuffle=train if shuffle is None else shuffle, seed=seed,
                                          rank=rank, world_size=world_size)
             self._loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
@@ -423,9 +450,5 @@ class ShardClipLoader(_LoaderBase):
             for path, reason in b["bad"]:
                 self.bad_files.add(path, reason)
             self._check_bad()
-            u8 = b["clips"]
-            if self.defer:
-                u8 = u8.to(self.device, non_blocking=True)
-                u8 = torch.stack([augment.apply_colour(u8[k], p) for k, p in enumerate(b["params"])])
-            clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)
+            clips = finish_batch(b["clips"], b["params"], self.device, self.mean, self.std, self.dtype)
             yield ClipBatch(clips, b["labels"].to(self.device), b["index"], b["frame_indices"])
