@@ -8,7 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from rest_fast.errors import UserError, one_line
+
+# Ordinary path mistakes surface as these wherever a file is opened; they name the path, so main() reports
+# them as one line too. Everything else (a bug) keeps its traceback.
+_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a :class:`UserError` (one line from :func:`main`), not usage + exit."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -65,6 +79,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             return 2
         choice = choice._replace(name="pyav", reason="auto: prepare decodes with PyAV's robust path (its shards are "
                                  "read with nvJPEG by train/eval --decoder dali)")
+    # inputs checked before anything is printed or written (a mistake is then the only line)
+    out = os.path.expanduser(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    _check_prepare_input(args.data, args.data_root)
     print(f"rest-fast prepare: decoder {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
     res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None, quality=args.quality,
                   workers=args.workers, shard_size=args.shard_size, data_root=args.data_root,
@@ -73,6 +92,30 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
           f"(bad_files.tsv); {res.decoded_now} decoded in {res.seconds:.1f} s"
           + (f", resumed at video {res.resumed_from}" if res.resumed_from else ""))
     return 0
+
+
+def _check_prepare_input(data: str, data_root: str | None) -> None:
+    """Refuse, before anything is written, a ``--data`` that holds no video prepare could read."""
+    import warnings
+
+    from rest_fast.data.index import VideoIndex
+
+    if not os.path.exists(data):
+        raise UserError(f"--data {data} does not exist")
+    if data_root is not None and not os.path.isdir(data_root):
+        raise UserError(f"--data-root {data_root} is not a folder")
+    if os.path.isdir(data):
+        if os.path.isfile(os.path.join(data, "prepared.json")):
+            raise UserError(f"--data {data} is already a prepared folder (train and eval read it as --data)")
+        with warnings.catch_warnings():  # prepare itself says it again
+            warnings.simplefilter("ignore")
+            VideoIndex.from_folder(data)  # raises when it holds no video
+        return
+    root = data_root if data_root is not None else os.path.dirname(os.path.abspath(data))
+    index = VideoIndex.from_list(data, root, skip_missing=True)
+    if not len(index):
+        raise UserError(f"none of the {len(index.missing)} videos listed in {data} exists under {root} "
+                        f"(e.g. {index.missing[0]}); pass --data-root DIR")
 
 
 def _add_decoder_argument(p) -> None:
@@ -85,6 +128,46 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from rest_fast.plan import run_plan
 
     return run_plan(args)
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+    """argparse type: an int in ``[lo, hi]`` (the message names the allowed range)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
+        return v
+
+    return parse
+
+
+def _byte_size(text: str) -> str:
+    """argparse type for ``--shard-size``: checked here (``1GB``, ``500MB``, a byte count), passed on as given."""
+    from rest_fast.data.shards.prepare import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 1GB, 500MB or 1e9, got {text!r}") from None
+    return text
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a finite number in [0, 1]."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not (math.isfinite(v) and 0 <= v <= 1):
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return v
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
@@ -122,10 +205,13 @@ def _add_set_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="LIST_OR_DIR", help="a labelled set: folder of class sub-folders, or a list "
                    "of 'path label' lines (with --classes)")
     g.add_argument("--classes", metavar="FILE", help="class names of a --data list, one a line (or 'index name')")
+    g.add_argument("--max-unreadable", type=_fraction, default=0.05, metavar="FRACTION",
+                   help="fail (exit 2, results still written) when more than this fraction of the videos to "
+                   "evaluate cannot be decoded (default 0.05)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rest-fast",
         description="REST: label-free self-training of a generative action recognizer (BLIP + temporal adapters).",
     )
@@ -167,19 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_ft = sub.add_parser("finetune", help="few-shot (--shots) or supervised (--supervised) fine-tuning with "
                           "class names as captions, then eval",
                           description="Fine-tune the captioner with each video's class name as its caption: "
-                          "few-shot on a protocol's 2/4/8/16-shot list (epochs max(400/M, 30), paper Table 10), "
-                          "or --supervised on a labelled --data set (the class-label GAR baseline); then evaluate.")
+                          "few-shot on a protocol's 2/4/8/16-shot lists, on each of its 3 train/test splits "
+                          "(epochs max(400/M, 30), paper Table 10; top-1/top-5 mean ± std over splits), "
+                          "or --supervised on a labelled --data set (the class-label GAR baseline: 60 epochs at "
+                          "S=224, Table 10); then evaluate.")
     p_ft.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR", help="model to start from (as for eval)")
     _add_set_arguments(p_ft)
     p_ft.add_argument("--shots", type=int, help="M = 2, 4, 8 or 16 videos per class (few-shot)")
     p_ft.add_argument("--supervised", action="store_true", help="train on all of --data (class-label baseline)")
-    p_ft.add_argument("--split", help="evaluation split of --protocol for --supervised (default: all)")
+    p_ft.add_argument("--split", help="few-shot: the train/test split to run, 1, 2, 3 or all (default all: "
+                      "mean ± std); --supervised: the evaluation split of --protocol (default all)")
     p_ft.add_argument("--eval-data", metavar="LIST_OR_DIR", help="labelled set to evaluate on (--supervised)")
     p_ft.add_argument("--eval-classes", metavar="FILE", help="class names of an --eval-data list")
     p_ft.add_argument("--no-eval", action="store_true", help="train only")
     p_ft.add_argument("--out", metavar="DIR", help="output dir: model/, metrics.jsonl, eval/ (default runs/finetune/..)")
     t = p_ft.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, help="default: max(400/M, 30) few-shot, 10 supervised")
+    t.add_argument("--epochs", type=int, help="default: max(400/M, 30) few-shot, 60 supervised (Table 10)")
     t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate, cosine decay (default 2e-5)")
     t.add_argument("--lr-min", type=float, default=2e-8, help="final learning rate (default 2e-8)")
     t.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay (default 1e-3)")
@@ -200,11 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of class sub-folders, or a list of 'path [label]' lines")
     p_prep.add_argument("--data-root", metavar="DIR", help="root of a --data list's paths (default: its folder)")
     p_prep.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p_prep.add_argument("--frames", type=int, default=32, help="F, frames kept per video (>= the T used later; 32)")
-    p_prep.add_argument("--short-side", type=int, default=256, help="resize the shorter side to this (0 = keep; 256)")
-    p_prep.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    p_prep.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
-    p_prep.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
+    p_prep.add_argument("--frames", type=_int_at_least(1), default=32,
+                        help="F, frames kept per video (>= the T used later; 32)")
+    p_prep.add_argument("--short-side", type=_int_at_least(0), default=256,
+                        help="resize the shorter side to this (0 = keep; 256)")
+    p_prep.add_argument("--quality", type=_int_at_least(1, 100), default=90, help="JPEG quality, 1-100 (default 90)")
+    p_prep.add_argument("--workers", type=_int_at_least(0), help="decoding processes (default: all CPU cores; "
+                        "0 = in this process)")
+    p_prep.add_argument("--shard-size", type=_byte_size, default="1GB",
+                        help="bytes per shard, e.g. 1GB, 500MB (default 1GB)")
     p_prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_decoder_argument(p_prep)
     p_prep.set_defaults(func=_cmd_prepare)
@@ -221,13 +314,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command. An ordinary mistake (:class:`rest_fast.errors.UserError`, or a path that is missing or
+    of the wrong kind) prints ONE line ``rest-fast CMD: error: ...`` on stderr and returns 2; set
+    ``REST_FAST_DEBUG=1`` to get the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    prog = f"rest-fast {command}" if command else "rest-fast"
+    try:
+        return _run(build_parser(), argv)
+    except Exception as exc:
+        if os.environ.get("REST_FAST_DEBUG") or not _user_facing(exc):
+            raise
+        msg = one_line(exc)
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+            msg = f"{exc.filename}: {exc.strerror}"
+        for p in (f"{prog}: ", "rest-fast: "):  # argparse prefixes its messages with the program name
+            msg = msg[len(p):] if msg.startswith(p) else msg
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _user_facing(exc: BaseException) -> bool:
+    """An ordinary problem with the user's input (reported in one line) rather than a bug (a traceback)."""
+    if isinstance(exc, (UserError, *_PATH_ERRORS)):
+        return True
+    # too many unreadable videos: the loaders' error (its module is loaded whenever it can have been raised)
+    bad_files = sys.modules.get("rest_fast.data.bad_files")
+    return bad_files is not None and isinstance(exc, bad_files.TooManyBadFiles)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # `train` takes key=value overrides anywhere among its flags: argparse alone accepts positionals
     # only in one run, so the ones it leaves over are handed to the command (which validates them).
     args, extra = parser.parse_known_args(argv)
     if extra:
         if getattr(args, "command", None) not in ("train", "plan") or any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (see `rest-fast --help`)")
         args.overrides = [*(args.overrides or []), *extra]
     if not getattr(args, "func", None):
         parser.print_help()

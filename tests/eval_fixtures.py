@@ -10,7 +10,8 @@ import numpy as np
 # A run smaller than the demo (12 clips, T=2, 2 rounds of 1 epoch), as in tests/test_train_e2e.py.
 SMALL_RUN = ["demo_videos_per_class=2", "demo_frames=8", "num_frames=2", "epochs=2", "epochs_per_round=1",
              "batch_size=6", "num_beams=1", "max_length=8", "min_length=2", "prompts=[a video of, someone is]",
-             "num_neighbours=4", "progress=false"]
+             "num_neighbours=4", "progress=false",
+             "blip=tiny", "clip=tiny", "clip_pretrained=none", "k=3"]  # the random-init fixture (old demo clips)
 
 # Flags that keep the commands fast on 2 busy cores (tiny models: one thread; no worker processes).
 FAST = ["--threads", "1", "--num-workers", "0", "--no-progress", "--device", "cpu"]

@@ -79,3 +79,43 @@ def test_real_split_file_format(tmp_path):
         _touch(tmp_path / line.rsplit(maxsplit=1)[0])
     idx = VideoIndex.from_list(tmp_path / "s.txt", tmp_path)
     assert len(idx) == 5 and idx.labels is not None
+
+
+def test_from_folder_flat_is_unlabelled(tmp_path):
+    """REST is label-free: a flat folder of videos is a valid training set (issue 14, item 1)."""
+    for rel in ["b.mp4", "a.MKV", "notes.txt", ".hidden.mp4"]:
+        _touch(tmp_path / rel)
+    (tmp_path / ".cache").mkdir()  # a hidden or video-less sub-folder does not make the folder labelled
+    (tmp_path / "thumbs").mkdir()
+    idx = VideoIndex.from_folder(tmp_path)
+    assert [p.split("/")[-1] for p in idx.paths] == ["a.MKV", "b.mp4"]
+    assert idx.labels is None and idx.class_names is None and idx.num_unlabelled == 2
+    assert idx[0].label is None
+
+
+def test_from_folder_mixed_warns_and_marks_unlabelled(tmp_path):
+    from rest_fast.data.index import UNLABELLED
+
+    for rel in ["walk/1.mp4", "run/2.mp4", "loose1.mp4", "loose2.avi"]:
+        _touch(tmp_path / rel)
+    with pytest.warns(UserWarning, match="2 of 4 videos .* unlabelled"):
+        idx = VideoIndex.from_folder(tmp_path)
+    assert idx.class_names == ["run", "walk"]
+    assert [(p.split("/")[-1], y) for p, y in zip(idx.paths, idx.labels)] == [
+        ("2.mp4", 0), ("1.mp4", 1), ("loose1.mp4", UNLABELLED), ("loose2.avi", UNLABELLED)]
+    assert idx.num_unlabelled == 2 and idx[2].label is None and idx[0].label == 0
+    sub = idx.labelled()
+    assert len(sub) == 2 and sub.labels == [0, 1] and sub.class_names == ["run", "walk"]
+    assert "2 unlabelled" in repr(idx)
+
+
+def test_from_folder_without_videos_is_a_user_error(tmp_path):
+    from rest_fast.errors import UserError
+
+    (tmp_path / "walk").mkdir()
+    _touch(tmp_path / "readme.txt")
+    with pytest.raises(UserError, match="no video files"):
+        VideoIndex.from_folder(tmp_path)
+    (tmp_path / "l.txt").write_text("# empty\n\n")
+    with pytest.raises(UserError, match="lists no videos"):
+        VideoIndex.from_list(tmp_path / "l.txt", tmp_path)

@@ -20,11 +20,12 @@ RANK = {
     "plan": 6.5,  # `rest-fast plan`: a command above the trainer (it reads the trainer's constants)
     "train": 6, "eval": 6, "info": 6,  # what the commands run
     "run": 5,
+    "synthetic": 4.5,  # the demo's world and pretrained models: builds on models and clip, used by train
     "models": 4, "generation": 4, "clip": 4, "retrieval": 4, "data": 4, "cache": 4,
     "nn": 3,
     "ops": 2,
     "kernels": 1,
-    "atomic_io": 0, "_C": 0, "assets": 0, "__init__": 0,
+    "atomic_io": 0, "errors": 0, "_C": 0, "assets": 0, "__init__": 0,  # errors: UserError, raised at every rank
 }
 # parts of the same rank that may use each other: the captioner uses beam search and frozen CLIP's helpers.
 # Everything else at one rank is independent (train and eval above all; data knows nothing of models).

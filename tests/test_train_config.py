@@ -36,7 +36,8 @@ def test_precedence_demo_yaml_overrides(tmp_path):
     c = resolve_config(yaml_file=y, overrides={"epochs": "12", "num-neighbours": "5"})
     assert (c.num_frames, c.epochs, c.num_neighbours, c.prompts) == (6, 12, 5, ["a video of"])
     # data given anywhere: no demo preset
-    real = resolve_config(overrides={"data": "list.txt"})
+    (tmp_path / "list.txt").write_text("a.mp4\n")  # resolve time checks that data exists
+    real = resolve_config(overrides={"data": str(tmp_path / "list.txt")})
     assert real.blip == TrainConfig().blip and real.num_frames == 8
 
 

@@ -21,7 +21,8 @@ import torch
 # A run smaller than the demo: 12 clips, T=2, 2 rounds of 1 epoch.
 SMALL = ["demo_videos_per_class=2", "demo_frames=8", "num_frames=2", "epochs=2", "epochs_per_round=1",
          "batch_size=6", "num_beams=1", "max_length=8", "min_length=2", "prompts=[a video of, someone is]",
-         "num_neighbours=4", "progress=false"]
+         "num_neighbours=4", "progress=false",
+         "blip=tiny", "clip=tiny", "clip_pretrained=none", "k=3"]  # the random-init fixture (old demo clips)
 
 
 def _env() -> dict:
@@ -111,10 +112,13 @@ def _final_state(run: Path, epochs: int, rounds: int):
 
 @pytest.mark.slow
 def test_demo_runs_under_cli(tmp_path):
-    """The built-in demo exactly as a user runs it: `rest-fast train` with no --data."""
+    """The demo's random-init fixture path as a user runs it: `rest-fast train` with no --data, tiny models.
+
+    (The default demo, on the synthetic world with the pretrained demo models, is tests/test_demo_world.py.)"""
     run = tmp_path / "demo"
     t0 = time.time()
-    p = _cli([f"--out={run}", "--no-progress"], timeout=600)
+    p = _cli([f"--out={run}", "--no-progress", "blip=tiny", "clip=tiny", "clip_pretrained=none",
+              "demo_videos_per_class=5", "epochs=6", "epochs_per_round=3"], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "shows the REST pipeline" in p.stdout and "mean nothing" in p.stdout
     print(f"demo wall time {time.time() - t0:.1f} s")
@@ -186,12 +190,11 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert start and start[0]["world_size"] == 2
 
 
-def test_real_data_path_with_a_bad_file(tmp_path, monkeypatch):
+def test_real_data_path_with_a_bad_file(tmp_path, monkeypatch, capsys):
     """--data as a list file with one corrupt video: over the threshold the run stops with a clear error;
     under it the run completes and bad_files.tsv names the file; H=2000 is capped at N-1 with a warning."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     from rest_fast.cli import main
-    from rest_fast.data.bad_files import TooManyBadFiles
     from rest_fast.train.demo import ACTIONS, synthesize_dataset
 
     root = synthesize_dataset(tmp_path / "clips", videos_per_class=1, frames=8, size=32, actions=ACTIONS[:4])
@@ -201,9 +204,11 @@ def test_real_data_path_with_a_bad_file(tmp_path, monkeypatch):
     args = [f"--data={tmp_path / 'train.txt'}", f"data_root={root}", "--blip=tiny", "--clip=tiny", "clip_pretrained=none", "image_size=32",
             "num_frames=2", "epochs=1", "epochs_per_round=1", "batch_size=4", "num_beams=1", "max_length=8",
             "min_length=2", "prompts=[a video of]", "num_neighbours=2", "num_workers=0", "threads=1",
-            "progress=false", "eval_batch_size=8"]
-    with pytest.raises(TooManyBadFiles, match="broken.mp4"):
-        main(["train", f"--out={tmp_path / 'strict'}", *args])
+            "progress=false", "eval_batch_size=8", "final_caption_round=true"]
+    # over the threshold: one line naming the file, exit 2 (the loaders' TooManyBadFiles, reported by the CLI)
+    assert main(["train", f"--out={tmp_path / 'strict'}", *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and err[0].startswith("rest-fast train: error: ") and "broken.mp4" in err[0]
     run = tmp_path / "lenient"
     with pytest.warns(UserWarning, match="capped at N-1=4"):  # H larger than the dataset allows
         assert main(["train", f"--out={run}", *args, "bad_files_threshold=0.25", "num_neighbours=2000"]) == 0

@@ -18,6 +18,12 @@ CLIP-TAM cleans them (:func:`rest_fast.eval.clip_tam.clean_class_name`). Provena
 ``rest_fast/assets/SOURCES.md``.
 
 Evaluate every split with ``[get(name, split=s) for s in splits(name)]``.
+
+Few-shot training lists for splits 2 and 3 are not published; :func:`derive_few_shot` derives them from a data root
+(recipe: every video under the root whose class is known — from its file name for HMDB-51/UCF-101, else its class
+sub-folder — and that the split's official test list does not hold, sorted by path; M per class drawn with
+``numpy.random.default_rng([seed, split, M, label])``, seed 0 by default). ``rest-fast finetune --shots M`` writes the
+list it trained on to ``OUT/split<s>/train_videos.txt``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "read_video_list",
     "class_from_path",
     "path_label_mismatches",
+    "derive_few_shot",
 ]
 
 _SPLIT_PROTOCOLS = ("hmdb51", "ucf101", "k220", "k220-generalized")
@@ -349,3 +356,61 @@ def path_label_mismatches(protocol: Protocol) -> list[tuple[str, str, str | None
         if said != protocol.class_names[label]:
             out.append((path, protocol.class_names[label], said))
     return out
+
+
+# --------------------------------------------------------------------------- few-shot lists for splits 2 and 3
+def _class_of(key: str, rel: str, class_names: list[str], lookup: dict[str, int]) -> int | None:
+    """Label of a video found under a data root: its file name's class (HMDB/UCF), else its class sub-folder."""
+    said = class_from_path(key, rel, class_names) if key in _FEW_SHOT else None
+    if said is not None:
+        return lookup[said]
+    parent = os.path.basename(os.path.dirname(rel))
+    for cand in (parent, parent.replace("_", " "), parent.replace(" ", "_")):
+        if cand in lookup:
+            return lookup[cand]
+    return None
+
+
+def derive_few_shot(name: str, split: int, shots: int, root: str | os.PathLike, *, seed: int = 0,
+                    extensions: Iterable[str] | None = None) -> Protocol:
+    """An M-shot training list for ``split`` of ``name``, derived from the videos under ``root``.
+
+    Split 1 has a published list (:func:`get` with ``shots=``); for splits 2 and 3 this is the recipe in the
+    module docstring: the videos under ``root`` whose class is known and that split's test list does not hold
+    (matched by file name, as the HMDB/UCF lists are flat), sorted by relative path, then ``shots`` per class
+    drawn with ``numpy.random.default_rng([seed, split, shots, label])`` (a class with fewer gives all it has). The
+    same root and seed always give the same list. Paths in ``videos`` are relative to ``root``.
+    """
+    import numpy as np
+
+    from rest_fast.data.index import VIDEO_EXTENSIONS
+
+    key = _canonical(name)
+    if key not in _FEW_SHOT:
+        raise ValueError(f"protocol {key!r} has no few-shot setting; derive_few_shot is for {', '.join(_FEW_SHOT)}")
+    split = _check_split(key, split)
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be a positive int, got {shots!r}")
+    test = get(key, split=split)
+    held = {os.path.basename(r) for r, _ in test.videos}
+    exts = {e.lower() for e in (extensions or VIDEO_EXTENSIONS)}
+    lookup = {c: i for i, c in enumerate(test.class_names)}
+    by_class: dict[int, list[str]] = {}
+    root = os.fspath(root)
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        for f in sorted(files):
+            if f in held or os.path.splitext(f)[1].lower() not in exts:
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, f), root)
+            label = _class_of(key, rel, test.class_names, lookup)
+            if label is not None:
+                by_class.setdefault(label, []).append(rel)
+    videos = []
+    for label in sorted(by_class):
+        cands = sorted(by_class[label])
+        # one generator per class: a class's draw does not depend on what the root holds for the others
+        pick = sorted(np.random.default_rng([seed, split, shots, label]).permutation(len(cands))[:shots].tolist())
+        videos.extend((cands[i], label) for i in pick)
+    source = f"derived: {root} minus {test.video_list}, {shots} per class, seed {seed}"
+    return Protocol(key, split, shots, test.class_names, videos, source, test.class_list)

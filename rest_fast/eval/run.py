@@ -36,9 +36,13 @@ from pathlib import Path
 
 import torch
 
+from rest_fast.errors import UserError
+
 __all__ = [
     "EvalSet",
     "CaptionSettings",
+    "TooManyUnreadable",
+    "DEFAULT_MAX_UNREADABLE",
     "build_sets",
     "read_classes",
     "caption_videos",
@@ -49,6 +53,13 @@ __all__ = [
     "run_eval",
     "run_caption",
 ]
+
+
+DEFAULT_MAX_UNREADABLE = 0.05  # fraction of the videos to evaluate that may fail to decode before eval fails
+
+
+class TooManyUnreadable(UserError):
+    """More than the allowed fraction of the evaluated videos could not be decoded (results are still written)."""
 
 
 @dataclass
@@ -130,6 +141,9 @@ def _data_set(data: str, classes: str | None, data_root: str | None) -> EvalSet:
     elif p.is_dir():
         index = VideoIndex.from_folder(p)
         root = p
+        if index.labels is None:
+            raise UserError(f"--data {data}: its videos have no labels (no class sub-folders); eval needs "
+                            "labelled videos: one sub-folder per class, or a list file with --classes")
         names = list(index.class_names)
         if classes is not None:
             names = read_classes(classes)
@@ -147,6 +161,10 @@ def _data_set(data: str, classes: str | None, data_root: str | None) -> EvalSet:
             raise ValueError(f"--data {data}: lines must be 'relative/path label' (eval needs labels)")
     else:
         raise FileNotFoundError(f"--data {data}: neither a folder of class sub-folders nor a list file")
+    if index.labels is not None and index.num_unlabelled:  # loose videos beside class folders: not evaluable
+        print(f"note: --data {data}: {index.num_unlabelled} unlabelled videos left out of the evaluation",
+              file=sys.stderr)
+        index = _labelled_only(index)
     labels = index.labels or []
     bad = sorted({y for y in labels if not 0 <= y < len(names)})
     if bad:
@@ -155,6 +173,16 @@ def _data_set(data: str, classes: str | None, data_root: str | None) -> EvalSet:
     missing = [os.path.relpath(q, root) for q in index.missing]
     name = p.name if p.is_dir() else p.stem
     return EvalSet(name, None, names, list(zip(index.paths, labels)), rel, missing)
+
+
+def _labelled_only(index):
+    """The labelled entries of a partly labelled index, as a plain VideoIndex (a prepared index's paths stay
+    registered, so they still read from its shards); the missing list is kept."""
+    from rest_fast.data.index import UNLABELLED, VideoIndex
+
+    keep = [i for i, y in enumerate(index.labels) if y != UNLABELLED]
+    return VideoIndex([index.paths[i] for i in keep], [index.labels[i] for i in keep], index.class_names,
+                      list(index.missing))
 
 
 def build_sets(*, protocol: str | None = None, data_root: str | None = None, split=None,
@@ -350,12 +378,16 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
                    matcher, settings: CaptionSettings | None = None, out: str | os.PathLike | None = None,
                    batch_size: int = 16, device: torch.device | str = "cpu", num_workers: int = 0,
                    progress: bool = True, info: dict | None = None, verbose: bool = True,
-                   decoder: str = "pyav") -> dict:
+                   decoder: str = "pyav", max_unreadable: float | None = DEFAULT_MAX_UNREADABLE) -> dict:
     """Caption the union of the sets' videos once, CLIP-TAM each set, write the outputs to ``out``.
 
     ``matcher``: a text encoder with ``encode_text`` (see :func:`rest_fast.eval.matchers.get_matcher`).
     Returns the results dict written to ``results.json`` (without the per-video predictions).
+    Raises :class:`TooManyUnreadable` AFTER writing everything when more than ``max_unreadable`` of the distinct
+    videos found could not be decoded (``None``: never); missing videos are reported, not counted here.
     """
+    if max_unreadable is not None and not (0 <= max_unreadable <= 1):
+        raise UserError(f"--max-unreadable must be a fraction in [0, 1], got {max_unreadable}")
     from rest_fast.data.bad_files import BadFilesReport
     from rest_fast.eval.clip_tam import score_captions
     from rest_fast.eval.metrics import mean_std
@@ -386,7 +418,8 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
                                             "prompt": settings.prompt, "num_beams": settings.num_beams,
                                             "max_length": settings.max_length, "min_length": settings.min_length,
                                             "matcher": repr(matcher)},
-               "sets": [], "summary": {}}
+               "sets": [], "summary": {},
+               "unreadable": {"videos": len(bad), "of": len(unique), "max_fraction": max_unreadable}}
     for s in sets:
         keep = [(p, y, r) for (p, y), r in zip(s.videos, s.rel) if by_path.get(p) is not None]
         unreadable = [r for (p, _), r in zip(s.videos, s.rel) if by_path.get(p) is None]
@@ -431,6 +464,12 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
         results["out"] = str(out_dir)
     if verbose:
         print(table, end="", flush=True)
+    if max_unreadable is not None and len(bad) > max_unreadable * len(unique):
+        where = f" (list in {out_dir / 'bad_files.tsv'})" if out_dir is not None else ""
+        raise TooManyUnreadable(
+            f"{len(bad)} of {len(unique)} videos ({len(bad) / len(unique):.1%}) could not be decoded, more than "
+            f"--max-unreadable {max_unreadable:g}{where}; the accuracy is not comparable - fix or remove them, or "
+            "raise --max-unreadable")
     return results
 
 
@@ -467,7 +506,7 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
              prompt: str | None = None, batch_size: int = 16, num_frames: int | None = None,
              image_size: int | None = None, device: str | None = "auto", out: str | None = None,
              num_workers: int = 0, progress: bool = True, walk: bool = False, verbose: bool = True,
-             decoder: str = "auto") -> dict:
+             decoder: str = "auto", max_unreadable: float | None = DEFAULT_MAX_UNREADABLE) -> dict:
     """``rest-fast eval`` as a function: resolve ``checkpoint``, build the sets, caption, CLIP-TAM, write.
 
     With neither ``protocol`` nor ``data``, a trainer run is evaluated on the labelled set it trained on (the
@@ -511,7 +550,8 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
             "clip": getattr(clip_model, "name", None)}
     return evaluate_model(model, sets, mean=mean, std=std, num_frames=int(t), image_size=int(size),
                           matcher=text_encoder, settings=settings, out=out_dir, batch_size=batch_size, device=dev,
-                          num_workers=num_workers, progress=progress, info=info, verbose=verbose, decoder=decoder)
+                          num_workers=num_workers, progress=progress, info=info, verbose=verbose, decoder=decoder,
+                          max_unreadable=max_unreadable)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -530,7 +570,9 @@ def cpu_threads(n: int | None):
 
 
 def _error(cmd: str, exc: BaseException) -> int:
-    print(f"rest-fast {cmd}: error: {exc}", file=sys.stderr)
+    from rest_fast.errors import one_line
+
+    print(f"rest-fast {cmd}: error: {one_line(exc)}", file=sys.stderr)
     return 2
 
 
@@ -546,7 +588,8 @@ def run_eval(args) -> int:
                            prompt=args.prompt, batch_size=args.batch_size, num_frames=args.num_frames,
                            image_size=args.image_size, device=args.device, out=args.out,
                            num_workers=args.num_workers, progress=not args.no_progress, walk=args.walk,
-                           decoder=args.decoder)
+                           decoder=args.decoder,
+                           max_unreadable=getattr(args, "max_unreadable", DEFAULT_MAX_UNREADABLE))
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         return _error("eval", exc)
     print(f"results in {res['out']}", file=sys.stderr)

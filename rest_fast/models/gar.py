@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rest_fast.errors import UserError
 from rest_fast.generation.beam_search import beam_search
 from rest_fast.models.blip_decoder import BlipTextDecoder
 
@@ -66,12 +67,12 @@ class _AdapterHook:
 def _resolve_layers(adapter_layers, num_layers: int) -> list[int]:
     if isinstance(adapter_layers, str):
         if adapter_layers != "all":
-            raise ValueError(f"adapter_layers must be 'all', a list of ViT layer indices or [], got {adapter_layers!r}")
+            raise UserError(f"adapter_layers must be 'all', a list of ViT layer indices or [], got {adapter_layers!r}")
         return list(range(num_layers))
     layers = sorted({int(i) for i in adapter_layers})
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"adapter_layers {bad} out of range for a {num_layers}-layer ViT")
+        raise UserError(f"adapter_layers {bad} out of range for a {num_layers}-layer ViT (layers 0-{num_layers - 1})")
     return layers
 
 

@@ -1,11 +1,13 @@
-"""The built-in demo: a small labelled set of synthetic action clips and tiny random-init models.
+"""The built-in demo: REST on the synthetic action world with pretrained demo models.
 
-``rest-fast train`` with no ``--data`` writes real video files with PyAV (so the real decoding path
-is exercised), builds a tiny random BLIP and a tiny random CLIP, and runs Algorithm 1 on them. The
-models are random, so the captions are nonsense: the demo shows the pipeline, not accuracy.
+``rest-fast train`` with no ``--data`` writes the world's clips as real video files with PyAV (so the real
+decoding path is exercised), loads the demo BLIP (an image captioner pretrained on single "web" frames) and
+the demo CLIP (pretrained contrastively on web clips), and runs Algorithm 1 on the unlabelled clips exactly as
+on real data (see :mod:`rest_fast.synthetic`). The class folders give labels that only CLIP-TAM reads.
 
-Each clip shows one shape (square, disc or triangle) on a plain background doing one action; the
-action is the label and the class folder name (``moving_left`` → "moving left").
+The old random-init path stays as a fixture for the exactness and resume tests: with ``blip=tiny`` the demo
+writes the clips below (one shape on a plain background doing one of six actions, the folder name the action:
+``moving_left`` → "moving left") and the models are random, so its captions mean nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
+from rest_fast.synthetic.video import write_video  # noqa: F401 - re-exported (tests and fixtures write clips)
+
 DEMO_NOTICE = (
+    "DEMO: a synthetic world of 32x32 clips, one coloured shape (square, triangle or cross; red, green, blue or "
+    "yellow) doing one of 8 actions (standing still, blinking, changing colour, changing shape, sliding sideways, "
+    "sliding up and down, sliding diagonally, pulsing) that only the set of frames reveals. The captioner is a tiny BLIP "
+    "pretrained on single web frames: it names the object but can only guess the action. The frozen CLIP is a "
+    "tiny CLIP pretrained on web clips: it knows the actions. REST never sees a label. Accuracy is CLIP-TAM "
+    "top-1 over the 8 action names (chance 12.5%): tam_initial_top1 = the frame captioner on the middle frame "
+    "(where REST starts), tam_pseudo_top1 = the best pseudo-caption, tam_top1 = the GAR's own generated "
+    "caption. Pass --data, --blip and --clip for a real run."
+)
+TINY_DEMO_NOTICE = (
     "DEMO: tiny random-init BLIP and CLIP on synthetic clips. This run shows the REST pipeline end to end "
     "(initial captions, retrieval, self-training rounds, resumable run directory); its captions and accuracy "
     "mean nothing. Pass --data, --blip and --clip for a real run."
@@ -76,27 +90,6 @@ def render_clip(action: str, rng: np.random.Generator, *, frames: int = 16, size
     return out
 
 
-def write_video(path: str | Path, frames: np.ndarray, *, fps: int = 8, codec: str = "mpeg4") -> None:
-    """Encode uint8 [T,H,W,3] frames to ``path`` with PyAV (H and W even for yuv420p)."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
-        if codec == "mpeg4":
-            stream.options = {"qscale": "3"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.replace(path)  # a half-written file never carries the final name
-
-
 def synthesize_dataset(root: str | Path, *, videos_per_class: int = 4, frames: int = 16, size: int = 48,
                        seed: int = 0, actions: tuple[str, ...] = ACTIONS) -> Path:
     """Write ``root/<action>/<action>_NN.mp4`` (class sub-folders = labels) and return ``root``.
@@ -114,3 +107,18 @@ def synthesize_dataset(root: str | Path, *, videos_per_class: int = 4, frames: i
             rng = np.random.default_rng([seed, a_idx, j])
             write_video(path, render_clip(action, rng, frames=frames, size=size))
     return root
+
+
+def demo_notice(blip: str) -> str:
+    """The banner of a demo run: the synthetic world's, or the random-init fixture's when ``blip == "tiny"``."""
+    return TINY_DEMO_NOTICE if blip == "tiny" else DEMO_NOTICE
+
+
+def prepare_demo_data(root: str | Path, *, blip: str, videos_per_class: int, frames: int, size: int,
+                      seed: int) -> Path:
+    """Write the demo's clips to ``root``: the synthetic action world, or the old clips for ``blip == "tiny"``."""
+    if blip == "tiny":
+        return synthesize_dataset(root, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed)
+    from rest_fast.synthetic.dataset import write_world_dataset
+
+    return write_world_dataset(root, videos_per_class=videos_per_class, frames=frames, size=size, seed=seed)

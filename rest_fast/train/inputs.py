@@ -33,12 +33,14 @@ from rest_fast.run.config import TrainConfig
 from rest_fast.train.distributed import DistEnv, all_gather_objects
 
 TINY = "tiny"  # model name of the tiny random-init BLIP / CLIP (demo and tests)
+DEMO = "demo"  # model name of the pretrained demo BLIP / CLIP of the synthetic world (rest_fast.synthetic)
 DEMO_WORDS = ("moving left right growing shrinking spinning changing colour color shape square disc circle "
               "triangle blue red green yellow").split()
 
 
 def build_index(data: str, data_root: str | None):
-    """A ``VideoIndex`` from a folder (class sub-folders → labels) or a list file (``path [label]`` lines).
+    """A ``VideoIndex`` from a folder (class sub-folders → labels; loose videos unlabelled) or a list file
+    (``path [label]`` lines).
 
     Missing files of a list are dropped and reported as bad files (they count toward the threshold).
     """
@@ -55,7 +57,7 @@ def build_index(data: str, data_root: str | None):
     if p.is_file():
         root = data_root if data_root is not None else str(p.parent)
         return VideoIndex.from_list(p, root, skip_missing=True)
-    raise FileNotFoundError(f"data={data!r} is neither a folder of videos nor a list file")
+    raise FileNotFoundError(f"data={data} does not exist (expected a folder of videos or a list file)")
 
 
 def ensure_tiny_blip(save_dir: Path, cfg: TrainConfig, env: DistEnv) -> Path:
@@ -81,19 +83,40 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     from rest_fast.clip import FrozenCLIP, pretrained_for, tiny_clip
     from rest_fast.models import GARModel
 
-    model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames, adapter_layers=cfg.adapter_layers_value())
+    try:
+        model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames,
+                                         adapter_layers=cfg.adapter_layers_value())
+    except OSError as exc:  # transformers' "couldn't connect ... nor find them in the cached files", a bad folder
+        raise _model_error("BLIP", blip_source, exc) from None
     model.to(env.device)
     vis = model.blip.config.vision_config
     if cfg.image_size != vis.image_size and env.is_main:
         print(f"note: image_size={cfg.image_size} differs from the captioner's {vis.image_size}; BLIP's ViT "
               "position embeddings are interpolated to the frame size", flush=True)
-    if clip_source == TINY:
+    if clip_source == DEMO:
+        from rest_fast.synthetic.models import demo_clip
+
+        clip = demo_clip(device=env.device, batch_size=cfg.eval_batch_size)
+    elif clip_source == TINY:
         size = cfg.image_size if cfg.image_size % 8 == 0 else 32
         clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)
     else:
-        clip = FrozenCLIP(clip_source, pretrained=pretrained_for(clip_source, cfg.clip_pretrained), device=env.device,
-                          batch_size=cfg.eval_batch_size)
+        try:
+            clip = FrozenCLIP(clip_source, pretrained=pretrained_for(clip_source, cfg.clip_pretrained),
+                              device=env.device, batch_size=cfg.eval_batch_size)
+        except OSError as exc:
+            raise _model_error("CLIP", clip_source, exc) from None
     return model, clip
+
+
+def _model_error(what: str, source: str, exc: OSError):
+    """A model that cannot be loaded: a local folder that is not a model, or a hub id offline / unknown."""
+    from rest_fast.errors import UserError, one_line
+
+    if os.path.isdir(source):
+        return UserError(f"cannot load {what} from {source}: {one_line(exc)}")
+    return UserError(f"cannot download {what} {source!r} (offline, or not a Hugging Face id, and not in the local "
+                     "cache): pass a local folder")
 
 
 class Inputs:
@@ -109,7 +132,7 @@ class Inputs:
         self.labels = list(index.labels) if index.labels is not None else None
         names = index.class_names
         if self.labels is not None and not names:
-            names = [str(i) for i in range(max(self.labels) + 1)]
+            names = [str(i) for i in range(max(self.labels, default=-1) + 1)]
         self.class_names = list(names) if names else None
         common = os.path.commonpath([os.path.abspath(p) for p in self.paths]) if self.paths else ""
         self._root = common if os.path.isdir(common) else os.path.dirname(common)

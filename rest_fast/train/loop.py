@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rest_fast.errors import UserError
 from rest_fast.run.config import TrainConfig, identity_differences, load_run_config
 from rest_fast.run.rundir import (
     CONFIG_FILE,
@@ -258,11 +259,11 @@ class Trainer:
         from rest_fast.train import demo
 
         cfg, env = self.cfg, self.env
-        log(env, demo.DEMO_NOTICE)
+        log(env, demo.demo_notice(cfg.blip))
         data_dir = self.run_dir.path("demo", "clips")
         if env.is_main:
-            demo.synthesize_dataset(data_dir, videos_per_class=cfg.demo_videos_per_class, frames=cfg.demo_frames,
-                                    size=cfg.demo_resolution, seed=cfg.seed)
+            demo.prepare_demo_data(data_dir, blip=cfg.blip, videos_per_class=cfg.demo_videos_per_class,
+                                   frames=cfg.demo_frames, size=cfg.demo_resolution, seed=cfg.seed)
         barrier(env)
         self.data_source = str(data_dir)
 
@@ -276,19 +277,24 @@ class Trainer:
             self._prepare_demo()
         if cfg.blip == inputs.TINY:  # random-init tiny BLIP, written into the run dir so a resume reloads it
             self.blip_source = str(inputs.ensure_tiny_blip(self.run_dir.path("models", "tiny_blip"), cfg, env))
+        elif cfg.blip == inputs.DEMO:  # the pretrained demo BLIP shipped with the package
+            from rest_fast.synthetic.models import demo_blip_dir
+
+            self.blip_source = str(demo_blip_dir())
         index = inputs.build_index(self.data_source, cfg.data_root)
         self._check_run_inputs(index)
         self.n = len(index)
         if self.n < 2:
             missing = f" ({len(index.missing)} listed files are missing, e.g. {index.missing[0]})" if index.missing else ""
-            raise ValueError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}{missing}")
+            raise UserError(f"REST needs at least 2 videos, {self.data_source} holds {self.n}{missing}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said below, once, on rank 0
             from rest_fast.retrieval import cap_neighbours
 
-            self.h = cap_neighbours(cfg.num_neighbours, self.n)
+            self.h = cap_neighbours(cfg.num_neighbours, self.n, exclude_self=not cfg.neighbours_include_self)
         if self.h < cfg.num_neighbours:
-            msg = f"num_neighbours H={cfg.num_neighbours} capped at N-1={self.h} (only {self.n} videos)"
+            cap = "N" if cfg.neighbours_include_self else "N-1"
+            msg = f"num_neighbours H={cfg.num_neighbours} capped at {cap}={self.h} (only {self.n} videos)"
             if env.is_main:
                 warnings.warn(msg, stacklevel=2)
             log(env, f"warning: {msg}")
@@ -297,8 +303,13 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, 11))
         self.model, self.clip = inputs.load_models(self.blip_source, cfg.clip, cfg, env)
         self.inputs = inputs.Inputs(index, cfg, env, blip_source=self.blip_source, clip=self.clip)
+        if self.inputs.labels is None:
+            log(env, "note: the videos have no labels: self-training needs none; CLIP-TAM accuracy is skipped")
+        elif (unlabelled := sum(1 for y in self.inputs.labels if y < 0)):
+            log(env, f"note: {unlabelled} of {self.n} videos are unlabelled: CLIP-TAM accuracy is over the "
+                     f"{self.n - unlabelled} labelled ones")
         log(env, f"REST: {self.n} videos, T={cfg.num_frames}, S={cfg.image_size}, K={cfg.k}, H={self.h}, "
-                 f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.num_rounds} rounds), world size {env.world_size}, "
+                 f"R={cfg.epochs_per_round}, {cfg.epochs} epochs ({cfg.caption_rounds} rounds), world size {env.world_size}, "
                  f"device {env.device}; run dir {self.run_dir.root}")
 
     def _check_run_inputs(self, index) -> None:
@@ -361,7 +372,8 @@ class Trainer:
         self.video_feats = video_features(
             self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
             key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
-        self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"))
+        self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"),
+                                          include_self=cfg.neighbours_include_self)
         self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device)
         self._check_bad_files()
         log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
@@ -439,7 +451,7 @@ class Trainer:
                        "scores": [round(float(s), 6) for s, c in zip(scores[i], ids[i]) if c >= 0]}
                 if generated is not None:
                     rec["generated"] = generated[i]
-                if self.inputs.labels is not None:
+                if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
                     rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
                 recs.append(rec)
             atomic_write_jsonl(self.run_dir.captions_path(r), recs)
@@ -449,8 +461,10 @@ class Trainer:
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
                                       "caption_features": f"features/captions_{r:02d}.npy"})
-            acc = f", CLIP-TAM top-1 {tam['tam_top1']:.1%}" if "tam_top1" in tam else ""
-            print(f"round {r}/{cfg.num_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
+            acc = "".join(f", {name} {tam[key]:.1%}" for key, name in (
+                ("tam_top1", "CLIP-TAM top-1 generated"), ("tam_pseudo_top1", "pseudo"),
+                ("tam_initial_top1", "frame captioner")) if key in tam)
+            print(f"round {r}/{cfg.caption_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
                   f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
                   f"{stats['cache_size']} captions in cache"
                   f"{acc} [{seconds:.1f} s]", flush=True)
@@ -462,12 +476,18 @@ class Trainer:
             return {}
         from rest_fast.run.clip_tam import clip_tam
 
-        ids, _ = self.cache.get(np.arange(self.n, dtype=np.int64))
+        # only the labelled videos count (a folder may mix class sub-folders with loose, unlabelled videos)
+        have = np.flatnonzero(np.asarray(self.inputs.labels) >= 0)
+        if have.size == 0:
+            return {}
+        ids, _ = self.cache.get(have.astype(np.int64))
         top = [self.cache.text(int(c)) if c >= 0 else "" for c in ids[:, 0]]
-        labels = np.asarray(self.inputs.labels)
-        out = {}
+        labels = np.asarray(self.inputs.labels)[have]
+        generated = None if generated is None else [generated[i] for i in have]
+        out = {"tam_videos": int(have.size)}
         topk = min(5, len(self.inputs.class_names))
-        for name, caps in (("tam", generated), ("tam_pseudo", top)):
+        initial = self._initial_middle_captions()
+        for name, caps in (("tam", generated), ("tam_pseudo", top), ("tam_initial", initial)):
             if caps is None:
                 continue
             pred, _ = clip_tam(caps, self.inputs.class_names, self.clip, topk=topk)
@@ -475,6 +495,20 @@ class Trainer:
             out[f"{name}_top1"] = float((pred[:, 0] == labels).mean())
             out[f"{name}_top5"] = float((pred == labels[:, None]).any(axis=1).mean())
         return out
+
+    def _initial_middle_captions(self) -> list[str] | None:
+        """The zero-shot frame captioner's caption of each video: its middle frame with the first prompt.
+
+        Read from ``captions/initial.jsonl`` (frame-major, P prompts per frame), so a resumed run reports it too.
+        """
+        path = self.run_dir.path("captions", "initial.jsonl")
+        if not path.exists():
+            return None
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        p, mid = len(self.cfg.prompts), self.cfg.num_frames // 2
+        if len(recs) != self.n or any(len(r["captions"]) != p * self.cfg.num_frames for r in recs):
+            return None
+        return [r["captions"][mid * p] for r in recs]
 
     def _record_bad_files(self) -> None:
         self.inputs.write_bad_files(self.run_dir.root)
@@ -564,8 +598,8 @@ class Trainer:
     def run(self) -> Path:
         cfg, env = self.cfg, self.env
         t_start = self._last_report = time.time()
-        if self.state is not None and int(self.state["epoch"]) >= cfg.epochs and int(self.state["round"]) >= cfg.num_rounds:
-            log(env, f"{self.run_dir.root} is already complete ({cfg.epochs} epochs, {cfg.num_rounds} rounds); "
+        if self.state is not None and int(self.state["epoch"]) >= cfg.epochs and int(self.state["round"]) >= cfg.caption_rounds:
+            log(env, f"{self.run_dir.root} is already complete ({cfg.epochs} epochs, {cfg.caption_rounds} rounds); "
                      "raise `epochs` to train further")
             return self.run_dir.root
         self.setup()
@@ -585,7 +619,8 @@ class Trainer:
             rnd = 0
         while True:
             nxt = rnd + 1
-            if nxt <= cfg.num_rounds and epoch >= cfg.round_end_epoch(nxt):
+            if nxt <= cfg.caption_rounds and epoch >= cfg.round_end_epoch(nxt):  # no round after the last epoch
+                # unless final_caption_round: its captions would never be trained on
                 self.caption_round(nxt, epoch)
                 rnd = nxt
                 if time.time() - self._last_report > 60:  # keep the report fresh on long runs, cheap on short ones
@@ -600,9 +635,9 @@ class Trainer:
         log(env, f"done: {cfg.epochs} epochs, {rnd} rounds in {time.time() - t_start:.1f} s; "
                  f"report: {self.run_dir.path('report.html')}")
         if cfg.is_demo:
-            from rest_fast.train.demo import DEMO_NOTICE
+            from rest_fast.train.demo import demo_notice
 
-            log(env, DEMO_NOTICE)
+            log(env, demo_notice(cfg.blip))
         return self.run_dir.root
 
     _last_report = 0.0
@@ -619,18 +654,31 @@ class Trainer:
             print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
 
 
+def _discard_failed_start(root: Path) -> None:
+    """Remove the run folder a start that failed on a user error made (it did not exist before this call, so
+    everything in it is ours), unless the run got as far as a complete state."""
+    if root.is_dir() and not (root / "state.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     """Run (or resume) Algorithm 1 with ``cfg``; returns the run directory. Works under torchrun."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = dist_utils.setup(cfg.device)
+    out = Path(cfg.out)
+    fresh = not out.exists()
     try:
         trainer = Trainer(cfg, env, resume=resume)
         try:
             return trainer.run()
         finally:
             trainer.close()
+    except UserError:
+        if fresh and env.is_main:
+            _discard_failed_start(out)
+        raise
     finally:
         dist_utils.cleanup(env)
         torch.set_num_threads(threads)

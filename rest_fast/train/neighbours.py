@@ -21,11 +21,24 @@ import torch
 from rest_fast.train.distributed import DistEnv, barrier, broadcast_object, gather_rows
 
 
-def neighbour_graph(video_feats: torch.Tensor, h: int, env: DistEnv, *, cache_dir: str | Path) -> np.ndarray:
+def neighbour_graph(video_feats: torch.Tensor, h: int, env: DistEnv, *, cache_dir: str | Path,
+                    include_self: bool = False) -> np.ndarray:
     """int32 [N, h]: for each video its ``h`` most similar other videos, most similar first (exact).
 
-    ``h`` must already be capped at N−1 (:func:`rest_fast.retrieval.cap_neighbours`).
+    ``h`` must already be capped at N−1 (:func:`rest_fast.retrieval.cap_neighbours`). ``include_self``: row
+    ``i`` is ``i`` followed by its ``h - 1`` most similar others (``h`` capped at N; ``h = 1`` gives each video
+    only itself, the paper's "self-training only" ablation).
     """
+    if include_self:
+        n = int(video_feats.shape[0])
+        if not 1 <= h <= n:
+            raise ValueError(f"h must be in [1, N] = [1, {n}] with the video itself included, got {h}")
+        own = np.arange(n, dtype=np.int32)[:, None]
+        if h == 1:
+            return own
+        others = neighbour_graph(video_feats, h - 1, env, cache_dir=cache_dir)
+        return np.ascontiguousarray(np.concatenate([own, others], axis=1), dtype=np.int32)
+
     from rest_fast.retrieval import NeighbourGraph, distributed_topk, feature_hash
 
     path = Path(cache_dir) / "neighbours"

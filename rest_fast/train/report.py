@@ -5,8 +5,11 @@
 * ``plots/loss.png`` — training loss per logged step (and per epoch);
 * ``plots/rounds.png`` — distinct captions in the slots and mean video-text score per round, and
   CLIP-TAM accuracy per round when the videos have labels;
-* ``report.html`` — the round table, then for each shown video its frame strip and the evolution of
-  its pseudo-captions round by round (the paper's Fig. 4).
+* ``plots/accuracy.png`` — when the videos have labels: CLIP-TAM top-1 of the generated captions and of
+  the best pseudo-caption per round, against the zero-shot frame captioner (``tam_initial_top1``) and chance;
+* ``report.html`` — the round table, then for each shown video (as in the paper's Fig. 4) its frame strip,
+  the initial caption of each frame, and round by round its generated caption and pseudo-captions; captions
+  holding the video's label phrase are marked in green.
 
 It can be re-run on a finished or interrupted run (``python -m rest_fast.train.report RUN``).
 """
@@ -66,6 +69,8 @@ def plot_metrics(run: Path, metrics: list[dict]) -> list[Path]:
         _savefig(fig, run / "plots" / "loss.png")
         plt.close(fig)
         written.append(run / "plots" / "loss.png")
+    if any("tam_top1" in r or "tam_pseudo_top1" in r for r in rounds):
+        written.append(_plot_accuracy(run, rounds, plt))
     if rounds:
         has_tam = any("tam_pseudo_top1" in r or "tam_top1" in r for r in rounds)
         ncols = 3 if has_tam else 2
@@ -96,6 +101,54 @@ def plot_metrics(run: Path, metrics: list[dict]) -> list[Path]:
     return written
 
 
+def _plot_accuracy(run: Path, rounds: list[dict], plt) -> Path:
+    """CLIP-TAM top-1 per round: generated captions, best pseudo-caption, the frame captioner, chance."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    x = [r["round"] for r in rounds]
+    for key, label, style in (("tam_top1", "GAR generated caption", "o-"),
+                              ("tam_pseudo_top1", "best pseudo-caption (CLIP re-ranked)", "s--")):
+        xs = [r["round"] for r in rounds if key in r]
+        if xs:
+            ax.plot(xs, [100 * r[key] for r in rounds if key in r], style, label=label)
+    init = [r["tam_initial_top1"] for r in rounds if "tam_initial_top1" in r]
+    if init:
+        ax.axhline(100 * init[0], color="tab:red", ls=":", label="zero-shot frame captioner (middle frame)")
+    n_classes = _num_classes(run)
+    if n_classes:
+        ax.axhline(100 / n_classes, color="gray", ls="-.", lw=0.8, label=f"chance (1/{n_classes})")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(x)
+    ax.set_xlabel("round")
+    ax.set_ylabel("CLIP-TAM top-1 (%)")
+    ax.set_title("action accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    path = run / "plots" / "accuracy.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _num_classes(run: Path) -> int:
+    p = run / "captions" / "round_00.jsonl"
+    if not p.exists():
+        return 0
+    return len({r["label"] for r in read_jsonl(p) if "label" in r})
+
+
+def _initial(run: Path) -> list[list[str]]:
+    p = run / "captions" / "initial.jsonl"
+    return [r.get("captions", []) for r in read_jsonl(p)] if p.exists() else []
+
+
+def _mark(caption: str, phrase: str | None) -> str:
+    """HTML of a caption; green when it holds the label's phrase (underscores read as spaces)."""
+    text = html.escape(caption)
+    if phrase and phrase in caption.lower():
+        return f"<span class='ok'>{text}</span>"
+    return text
+
+
 def _strip_png(frames: np.ndarray, height: int = 96) -> bytes:
     """uint8 [T,H,W,3] → one PNG with the frames side by side, ``height`` pixels high."""
     from PIL import Image
@@ -108,6 +161,16 @@ def _strip_png(frames: np.ndarray, height: int = 96) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _frames_in_strip(strip: Path) -> int:
+    """Frames in a strip PNG (square frames side by side), 0 when there is none."""
+    if not strip.exists():
+        return 0
+    from PIL import Image
+
+    with Image.open(strip) as img:
+        return max(1, round(img.width / img.height))
 
 
 def write_report(run_dir: str | Path, *, max_videos: int = 24,
@@ -127,16 +190,20 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
              "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;vertical-align:top}"
              "th{background:#f3f3f3}.video{margin:1.5em 0;border-top:1px solid #ddd;padding-top:.8em}"
-             ".score{color:#777;font-size:11px}.gen{color:#246}.note{background:#fff6d6;padding:.6em}",
+             ".score{color:#777;font-size:11px}.gen{color:#246}.note{background:#fff6d6;padding:.6em}"
+             ".ok{color:#080;font-weight:bold}.frames td{text-align:center;font-size:12px}",
              "</style></head><body>", f"<h1>REST run: {e(str(run.resolve().name))}</h1>"]
     cfg_path = run / "config.yaml"
     if cfg_path.exists() and "data: null" in cfg_path.read_text():
-        from rest_fast.train.demo import DEMO_NOTICE
+        import yaml
 
-        parts.append(f"<p class='note'>{e(DEMO_NOTICE)}</p>")
+        from rest_fast.train.demo import demo_notice
+
+        blip = (yaml.safe_load(cfg_path.read_text()) or {}).get("blip", "")
+        parts.append(f"<p class='note'>{e(demo_notice(str(blip)))}</p>")
     if round_recs:
         cols = [c for c in ("round", "epoch", "distinct_captions", "mean_score", "mean_top1_score", "new_captions",
-                            "cache_size", "tam_top1", "tam_top5", "tam_pseudo_top1", "seconds")
+                            "cache_size", "tam_initial_top1", "tam_top1", "tam_top5", "tam_pseudo_top1", "seconds")
                 if any(c in r for r in round_recs)]
         parts.append("<h2>Rounds</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
         for r in round_recs:
@@ -148,13 +215,14 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
                 cells.append(f"<td>{e(str(v))}</td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</table>")
-    for p in plots:
-        parts.append(f"<img src='plots/{e(p.name)}' style='max-width:100%'>")
+    for p in sorted(plots, key=lambda p: p.name != "accuracy.png"):  # the accuracy plot first
+        parts.append(f"<img src='plots/{e(p.name)}' style='max-width:100%;height:260px'>")
     if rounds:
         first = rounds[min(rounds)]
         n_show = min(max_videos, len(first))
-        parts.append(f"<h2>Caption evolution ({n_show} of {len(first)} videos)</h2>")
+        parts.append(f"<h2 id='videos'>Caption evolution ({n_show} of {len(first)} videos)</h2>")
         frames_dir = run / "plots" / "frames"
+        initial = _initial(run)
         for i in range(n_show):
             rec0 = first[i]
             strip = frames_dir / f"video_{i:05d}.png"
@@ -167,16 +235,25 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
                     atomic_write_bytes(strip, _strip_png(fr))
             label = f" — label: <b>{e(rec0['label'])}</b>" if "label" in rec0 else ""
             parts.append(f"<div class='video'><div><code>{e(rec0.get('video', str(i)))}</code>{label}</div>")
+            phrase = rec0["label"].replace("_", " ").lower() if "label" in rec0 else None
             if strip.exists():
                 parts.append(f"<img src='plots/frames/{e(strip.name)}'>")
+            if i < len(initial) and initial[i]:
+                caps0 = initial[i]
+                n_frames = _frames_in_strip(strip) or len(caps0)
+                per = max(1, len(caps0) // max(1, n_frames))
+                cells = "".join(f"<td>frame {f}<br>{'<br>'.join(_mark(c, phrase) for c in caps0[f * per:(f + 1) * per])}</td>"
+                                for f in range(len(caps0) // per))
+                parts.append(f"<table class='frames'><tr><th>initial frame captions</th>{cells}</tr></table>")
             parts.append("<table><tr><th>round</th><th>generated this round</th><th>pseudo-captions (score)</th></tr>")
             for r, recs in sorted(rounds.items()):
                 if i >= len(recs):
                     continue
                 rec = recs[i]
-                caps = "<br>".join(f"{e(c)} <span class='score'>{s:.3f}</span>"
+                caps = "<br>".join(f"{_mark(c, phrase)} <span class='score'>{s:.3f}</span>"
                                    for c, s in zip(rec.get("captions", []), rec.get("scores", [])))
-                gen = e(rec.get("generated", "(initial BLIP captions)" if r == 0 else ""))
+                gen = (_mark(rec["generated"], phrase) if "generated" in rec
+                       else e("(initial frame captions, re-ranked)" if r == 0 else ""))
                 parts.append(f"<tr><td>{r}</td><td class='gen'>{gen}</td><td>{caps}</td></tr>")
             parts.append("</table></div>")
     parts.append("</body></html>")

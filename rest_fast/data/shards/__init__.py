@@ -31,6 +31,7 @@ from rest_fast.data.shards.reader import (
     read_prepared_clip,
     read_sample,
 )
+from rest_fast.errors import UserError
 
 __all__ = [
     "prepare",
@@ -66,7 +67,7 @@ def load_index(data: str | os.PathLike, data_root: str | os.PathLike | None = No
         return PreparedIndex.load(p)
     if p.is_dir():
         if (p / "manifest.json").is_file() and (p / "settings.json").is_file():
-            raise ValueError(f"{p}: `rest-fast prepare` did not finish here; run it again to resume")
+            raise UserError(f"{p}: `rest-fast prepare` did not finish here; run it again to resume")
         return VideoIndex.from_folder(p)
     if p.is_file():
         return VideoIndex.from_list(p, data_root if data_root is not None else str(p.parent),

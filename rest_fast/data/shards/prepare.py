@@ -44,6 +44,7 @@ import av
 import numpy as np
 
 from rest_fast.atomic_io import atomic_write_text
+from rest_fast.errors import UserError
 
 FORMAT = "rest_fast.shards"
 VERSION = 1
@@ -337,7 +338,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
         old = json.loads(sfile.read_text())
         diff = [k for k in settings if old.get(k) != settings[k]]
         if diff:
-            raise ValueError(f"{out} holds a prepare run with other settings ({', '.join(diff)} differ); "
+            raise UserError(f"{out} holds a prepare run with other settings ({', '.join(diff)} differ); "
                              "use another --out or delete it")
     else:
         atomic_write_text(sfile, json.dumps(settings, indent=1))

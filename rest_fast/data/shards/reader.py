@@ -53,6 +53,7 @@ from rest_fast.data.loader import (
     sample_seed,
 )
 from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
+from rest_fast.errors import UserError
 
 from .prepare import FORMAT
 
@@ -100,7 +101,7 @@ class PreparedIndex(VideoIndex):
         root = Path(root)
         if not is_prepared_dir(root):
             if (root / "manifest.json").is_file():
-                raise ValueError(f"{root}: `rest-fast prepare` did not finish here; run it again to resume")
+                raise UserError(f"{root}: `rest-fast prepare` did not finish here; run it again to resume")
             raise FileNotFoundError(f"{root} is not a prepared directory (no prepared.json)")
         info = json.loads((root / "prepared.json").read_text())
         with open(root / "index.jsonl", encoding="utf-8") as f:
