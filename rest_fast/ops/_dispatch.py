@@ -31,8 +31,9 @@ OPS: dict[str, tuple[str, str]] = {}
 _WARNED: set[tuple[str, str]] = set()
 
 
-def register_op(name: str, kernels: str, cpu_path: str = "pure-torch reference") -> None:
-    """Declare a fused op for :func:`op_paths` (called by each op module)."""
+def register_op(name: str, kernels: str, cpu_path: str | Callable[[], str] = "pure-torch reference") -> None:
+    """Declare a fused op for :func:`op_paths` (called by each op module). ``cpu_path`` is the CPU path's
+    description, or a function giving it when it depends on what loaded (the native extension)."""
     OPS[name] = (kernels, cpu_path)
 
 
@@ -163,7 +164,7 @@ def op_paths() -> dict[str, str]:
             cpu = ("Triton (interpreted)" if load_kernels(kernels) is not None
                    else f"{cpu_path} (kernels failed to import: {KERNEL_IMPORT_ERRORS.get(kernels)})")
         else:
-            cpu = cpu_path
+            cpu = cpu_path() if callable(cpu_path) else cpu_path
         out[name] = f"cuda: {cuda} · cpu: {cpu}"
     return out
 

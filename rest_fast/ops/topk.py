@@ -451,7 +451,15 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
 # ----------------------------------------------------------------------------------------------------
 
 
-register_op("topk_similarity", "topk")
+def _cpu_path() -> str:
+    from rest_fast.ops import topk_cpu  # imports this module: resolved at call time
+
+    if topk_cpu.NATIVE_AVAILABLE:
+        return "BLAS GEMM blocks + C++ selection (rest_fast._C.TopkSelector); float64: pure-torch reference"
+    return f"pure-torch reference (native selection unavailable: {topk_cpu.NATIVE_ERROR})"
+
+
+register_op("topk_similarity", "topk", _cpu_path)
 
 
 def _dispatch(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
