@@ -1,4 +1,4 @@
-"""Build script: the pybind11 caption cache ``rest_fast._C``.
+"""Build script: the pybind11 extension ``rest_fast._C`` (caption cache, CPU top-k selection).
 
 ``REST_FAST_NO_NATIVE=1`` skips the native build; the package then uses its pure-Python
 ``CaptionCache`` (same API, same behaviour). The extension does not link torch.
@@ -18,7 +18,7 @@ if os.environ.get("REST_FAST_NO_NATIVE", "0") not in ("1", "true", "yes"):
     ext_modules.append(
         Pybind11Extension(
             "rest_fast._C",
-            sources=["csrc/caption_cache.cpp", "csrc/bindings.cpp"],
+            sources=["csrc/caption_cache.cpp", "csrc/topk_select.cpp", "csrc/bindings.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
             extra_compile_args=extra + ["-pthread"],

@@ -2,11 +2,12 @@
 
 Clips: generated 10 s, 30 fps, 604x340 videos (moving texture; h264 via libx264 crf 28 / veryfast, whose
 defaults give B-frames and keyframes at scene cuts; VP9 via libvpx realtime), cached in --cache.
-Rows: ``plain`` (header frame count + sequential decode: the baseline), ``reference`` (decoded count +
-sequential decode), ``fast`` (rest_fast's verified keyframe-jump / NONREF-skip path), the PyAV
-DataLoader with 1 and 2 workers, and DALI when installed. Single-clip rows use one decoding thread and
-also report clips per CPU-second of this process (``cpu_clips_s``), which other jobs on a shared
-machine do not distort; loader rows include worker start-up (wall time only).
+Rows: ``plain`` (header frame count + sequential decode, one thread: the baseline), ``reference`` (decoded
+count + sequential decode), ``fast`` (rest_fast's verified keyframe-jump / NONREF-skip path as production
+runs it outside DataLoader workers: 2 frame threads, ``decode_threads()``), ``fast-1thread`` (the same with one
+decoding thread, as inside DataLoader workers), the PyAV DataLoader with 1 and 2 workers, and DALI when
+installed. Single-clip rows also report clips per CPU-second of this process (``cpu_clips_s``, all threads),
+which other jobs on a shared machine do not distort; loader rows include worker start-up (wall time only).
 
     python bench/decode.py [--quick] [--device cuda] [--summary FILE]
 """
@@ -110,7 +111,11 @@ def main() -> None:
     base, cpu_base = {}, {}
     min_time = 0.5 if args.quick else 2.0
     for codec, path in clips.items():
-        for method in ("plain", "reference", "fast"):
+        for method in ("plain", "reference", "fast", "fast-1thread"):
+            row_name = method
+            if method == "fast-1thread":
+                os.environ["REST_FAST_DECODE_THREADS"] = "1"
+                method = "fast"
             D.reset_verification()
             read_clip(path, T, size=S, method=method)  # warm-up (and, for fast, nothing to verify)
             t = harness.time_fn(lambda m=method, p=path: read_clip(p, T, size=S, method=m), warmup=1, min_time_s=min_time,
@@ -119,7 +124,8 @@ def main() -> None:
             cpu = 1.0 / cpu_seconds(lambda m=method, p=path: read_clip(p, T, size=S, method=m), 3 if args.quick else 5)
             base.setdefault(codec, rate)
             cpu_base.setdefault(codec, cpu)
-            table.add(codec=codec, backend=f"pyav-{method}", workers=0, clips_s=rate, ratio=rate / base[codec],
+            os.environ.pop("REST_FAST_DECODE_THREADS", None)
+            table.add(codec=codec, backend=f"pyav-{row_name}", workers=0, clips_s=rate, ratio=rate / base[codec],
                       cpu_clips_s=cpu, cpu_ratio=cpu / cpu_base[codec])
         n = 8 if args.quick else 16
         for workers in (1, 2):

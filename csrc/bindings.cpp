@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "caption_cache.hpp"
+#include "topk_select.hpp"
 
 namespace py = pybind11;
 using rest_fast::CaptionCache;
@@ -180,14 +181,16 @@ py::array_t<int32_t> candidates(const CaptionCache& c, py::handle videos, py::ha
   if (nb.view.rows != v.view.rows)
     throw rest_fast::ValueError("neighbours must have n = " + std::to_string(v.view.rows) + " rows, got shape " +
                                 shape_of(nb.arr));
-  std::unique_ptr<int32_t[]> out;
+  rest_fast::PooledIds out;
   int64_t L = 0;
   {
     py::gil_scoped_release release;
     out = c.candidates(v.view, nb.view, L);
   }
-  int32_t* data = out.release();
-  py::capsule owner(data, [](void* p) { delete[] static_cast<int32_t*>(p); });
+  int32_t* data = out.get();
+  // The array owns the pooled block; freeing the array hands it back to the cache's pool.
+  auto* holder = new rest_fast::PooledIds(std::move(out));
+  py::capsule owner(holder, [](void* p) { delete static_cast<rest_fast::PooledIds*>(p); });
   return py::array_t<int32_t>({v.view.rows, static_cast<py::ssize_t>(L)}, data, owner);
 }
 
@@ -228,6 +231,25 @@ py::list history(const CaptionCache& c, py::handle video) {
 std::string as_path(py::handle path) {
   py::module_ os = py::module_::import("os");
   return os.attr("fsdecode")(os.attr("fspath")(path)).cast<std::string>();
+}
+
+// A float32 / int64 numpy buffer used in place: right dtype, 2-D, unit column stride, writable. Never
+// converted (a silent copy would drop the results or the in-place exclusion).
+template <class T>
+T* buffer_2d(py::array& a, const char* name, int64_t rows, int64_t cols, int64_t& ld) {
+  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().attr("isnative").cast<bool>())
+    throw rest_fast::TypeError(std::string(name) + " must be a native " +
+                               py::str(py::dtype::of<T>()).cast<std::string>() + " array, got " + dtype_of(a));
+  if (a.ndim() != 2 || a.shape(0) != rows || (cols >= 0 && a.shape(1) != cols))
+    throw rest_fast::ValueError(std::string(name) + " must have shape (" + std::to_string(rows) + ", " +
+                                (cols >= 0 ? std::to_string(cols) : std::string("n")) + "), got " + shape_of(a));
+  if (!a.writeable()) throw rest_fast::ValueError(std::string(name) + " must be writable");
+  if (a.shape(1) > 1 && a.strides(1) != static_cast<py::ssize_t>(sizeof(T)))
+    throw rest_fast::ValueError(std::string(name) + " must have unit column stride");
+  if (a.strides(0) % static_cast<py::ssize_t>(sizeof(T)) != 0 || a.strides(0) < 0)
+    throw rest_fast::ValueError(std::string(name) + " has an unsupported row stride");
+  ld = a.shape(0) > 1 ? a.strides(0) / static_cast<py::ssize_t>(sizeof(T)) : a.shape(1);
+  return static_cast<T*>(a.mutable_data());
 }
 
 }  // namespace
@@ -327,4 +349,56 @@ rest_fast.cache for the full contract. Bulk calls release the GIL and run on all
              py::gil_scoped_release release;
              return CaptionCache::load(p, mmap);
            }, py::arg("path"), py::arg("mmap") = false);
+
+  py::class_<rest_fast::TopkSelector>(m, "TopkSelector", R"doc(
+Exact per-row top-k over blocks of float32 scores (the CPU selection step of
+rest_fast.ops.topk_similarity; see rest_fast/ops/topk_cpu.py). Order: score descending, then key index
+ascending. Buffers are used in place (no copies); calls release the GIL and use `threads` threads.)doc")
+      .def(py::init([](int64_t max_rows, int64_t k) {
+             if (max_rows < 1) throw rest_fast::ValueError("max_rows must be >= 1, got " + std::to_string(max_rows));
+             if (k < 1) throw rest_fast::ValueError("k must be >= 1, got " + std::to_string(k));
+             return new rest_fast::TopkSelector(max_rows, k);
+           }), py::arg("max_rows"), py::arg("k"))
+      .def_property_readonly("k", &rest_fast::TopkSelector::k)
+      .def_property_readonly("cap", &rest_fast::TopkSelector::cap)
+      .def_property_readonly("max_rows", &rest_fast::TopkSelector::max_rows)
+      .def("reset", [](rest_fast::TopkSelector& s, int64_t rows) {
+             if (rows < 0 || rows > s.max_rows())
+               throw rest_fast::ValueError("rows must be in [0, " + std::to_string(s.max_rows()) + "], got " +
+                                           std::to_string(rows));
+             s.reset(rows);
+           }, py::arg("rows"))
+      .def("push", [](rest_fast::TopkSelector& s, py::array scores, int64_t n0, py::object exclude, int threads) {
+             int64_t ld = 0;
+             float* p = buffer_2d<float>(scores, "scores", s.rows(), -1, ld);
+             const int64_t nb = scores.shape(1);
+             const int64_t* ex = nullptr;
+             py::array exa;
+             if (!exclude.is_none()) {
+               exa = py::reinterpret_borrow<py::array>(exclude);
+               if (!py::isinstance<py::array_t<int64_t>>(exa) || exa.ndim() != 1 || exa.shape(0) != s.rows() ||
+                   !(exa.flags() & py::array::c_style))
+                 throw rest_fast::ValueError("exclude must be a contiguous int64 array of shape (" +
+                                             std::to_string(s.rows()) + ",)");
+               ex = static_cast<const int64_t*>(exa.data());
+             }
+             if (n0 < 0) throw rest_fast::ValueError("n0 must be >= 0");
+             py::gil_scoped_release release;
+             try {
+               s.push(p, nb, ld, n0, ex, std::max(1, threads));
+             } catch (const std::invalid_argument& e) {
+               throw rest_fast::ValueError(e.what());
+             }
+           }, py::arg("scores"), py::arg("n0"), py::arg("exclude") = py::none(), py::arg("threads") = 1)
+      .def("finish", [](rest_fast::TopkSelector& s, py::array out_scores, py::array out_index, int threads) {
+             int64_t lds = 0, ldi = 0;
+             float* ps = buffer_2d<float>(out_scores, "out_scores", s.rows(), s.k(), lds);
+             int64_t* pi = buffer_2d<int64_t>(out_index, "out_index", s.rows(), s.k(), ldi);
+             py::gil_scoped_release release;
+             try {
+               s.finish(ps, lds, pi, ldi, std::max(1, threads));
+             } catch (const std::invalid_argument& e) {
+               throw rest_fast::ValueError(e.what());
+             }
+           }, py::arg("out_scores"), py::arg("out_index"), py::arg("threads") = 1);
 }

@@ -1,5 +1,6 @@
 // Implementation of csrc/caption_cache.hpp. See the header for the rules shared with the Python twin.
 #include "caption_cache.hpp"
+#include "parallel.hpp"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <limits>
 #include <mutex>
@@ -31,44 +33,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline bool is_ws(unsigned char c) {
   return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
-}
-
-// Static chunking [begin, end) of n items over T threads, identical for every caller.
-inline std::pair<int64_t, int64_t> chunk(int64_t n, int T, int t) {
-  const int64_t per = (n + T - 1) / T;
-  const int64_t b = std::min<int64_t>(n, per * t);
-  return {b, std::min<int64_t>(n, b + per)};
-}
-
-// Runs fn(begin, end, thread_index) over T static chunks; the caller's thread runs chunk 0.
-// Exceptions from workers are rethrown (the first in chunk order) after every thread has joined.
-template <class F>
-void parallel_for(int64_t n, int T, F&& fn) {
-  if (T <= 1 || n <= 1) {
-    fn(int64_t{0}, n, 0);
-    return;
-  }
-  std::vector<std::exception_ptr> errs(T);
-  std::vector<std::thread> pool;
-  pool.reserve(T - 1);
-  auto run = [&](int t) {
-    auto [b, e] = chunk(n, T, t);
-    try {
-      if (b < e) fn(b, e, t);
-    } catch (...) {
-      errs[t] = std::current_exception();
-    }
-  };
-  try {
-    for (int t = 1; t < T; ++t) pool.emplace_back(run, t);
-  } catch (...) {
-    for (auto& th : pool) th.join();
-    throw;
-  }
-  run(0);
-  for (auto& th : pool) th.join();
-  for (auto& e : errs)
-    if (e) std::rethrow_exception(e);
 }
 
 inline uint32_t rd32(const unsigned char* p) {
@@ -498,17 +462,68 @@ void CaptionCache::add_pending(const IndexView& videos, const IndexView& ids) {
   for (int64_t i = 0; i < n; ++i) rows_[vids[i] * W + k_] = local[i];
 }
 
+BufferPool::~BufferPool() {
+  for (auto& [bytes, p] : free_) std::free(p);
+}
+
+void* BufferPool::take(size_t min_bytes, size_t& bytes) {
+  {
+    std::lock_guard lk(mu_);
+    size_t best = free_.size();
+    for (size_t i = 0; i < free_.size(); ++i)
+      if (free_[i].first >= min_bytes && (best == free_.size() || free_[i].first < free_[best].first)) best = i;
+    if (best < free_.size()) {
+      auto [b, p] = free_[best];
+      free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+      idle_ -= b;
+      bytes = b;
+      return p;
+    }
+  }
+  void* p = std::malloc(std::max<size_t>(min_bytes, 1));
+  if (!p) throw std::bad_alloc();
+  bytes = std::max<size_t>(min_bytes, 1);
+  return p;
+}
+
+void BufferPool::give(void* p, size_t bytes) {
+  if (!p) return;
+  std::lock_guard lk(mu_);
+  free_.emplace_back(bytes, p);
+  idle_ += bytes;
+  // Over budget: drop the smallest blocks first (the big ones are the expensive ones to fault in).
+  while (idle_ > kMaxIdleBytes && !free_.empty()) {
+    auto it = std::min_element(free_.begin(), free_.end());
+    idle_ -= it->first;
+    std::free(it->second);
+    free_.erase(it);
+  }
+}
+
+size_t BufferPool::idle_bytes() const {
+  std::lock_guard lk(mu_);
+  return idle_;
+}
+
 namespace {
-// Growable int32 buffer without zero-filling; realloc lets large blocks grow without a copy (mremap).
+// Growable int32 buffer without zero-filling, backed by the pool: taken at the start of a call, given
+// back at the end, so the pages of earlier calls are reused; realloc lets it grow without a copy (mremap).
 struct IdBuffer {
   int32_t* p = nullptr;
   size_t size = 0, cap = 0;
-  IdBuffer() = default;
+  BufferPool* pool = nullptr;
+  explicit IdBuffer(BufferPool* pl) : pool(pl) {}
   IdBuffer(const IdBuffer&) = delete;
   IdBuffer& operator=(const IdBuffer&) = delete;
-  ~IdBuffer() { std::free(p); }
+  ~IdBuffer() { pool->give(p, cap * sizeof(int32_t)); }
   void reserve(size_t need) {
     if (need <= cap) return;
+    if (!p) {  // first use: the smallest pooled block that fits (or a fresh one)
+      size_t bytes = 0;
+      p = static_cast<int32_t*>(pool->take(std::max(need, size_t{1024}) * sizeof(int32_t), bytes));
+      cap = bytes / sizeof(int32_t);
+      if (need <= cap) return;
+    }
     const size_t nc = std::max(need, cap + cap / 2);
     void* q = std::realloc(p, nc * sizeof(int32_t));
     if (!q) throw std::bad_alloc();
@@ -518,8 +533,8 @@ struct IdBuffer {
 };
 }  // namespace
 
-std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, const IndexView& nb, int64_t& L,
-                                                     int64_t bitset_max) const {
+PooledIds CaptionCache::candidates(const IndexView& videos, const IndexView& nb, int64_t& L,
+                                    int64_t bitset_max) const {
   const auto vids = read_videos(videos, num_videos_);
   const int64_t n = videos.rows, H = nb.cols, W = k_ + 1, N = num_videos_;
   std::shared_lock lk(mu_);
@@ -527,11 +542,13 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
   const int T = static_cast<int>(
       std::min<int64_t>(num_threads(static_cast<size_t>(n * (H + 1) * W), 1 << 16), std::max<int64_t>(n, 1)));
   struct Part {
+    explicit Part(BufferPool* pl) : ids(pl) {}
     IdBuffer ids;
     std::vector<size_t> start;  // row r of the chunk is ids[start[r] : start[r+1]]
     int64_t bad_i = -1, bad_j = -1, bad_v = 0;
   };
-  std::vector<Part> parts(T);
+  std::deque<Part> parts;  // (not movable: IdBuffer owns pooled memory)
+  for (int t = 0; t < T; ++t) parts.emplace_back(pool_.get());
   const int32_t* rows = rows_.data();
   const size_t row_max = static_cast<size_t>((H + 1) * W);
   // Dedup within a row keeps each id's first occurrence. Normally a per-thread bitset over all caption
@@ -648,7 +665,9 @@ std::unique_ptr<int32_t[]> CaptionCache::candidates(const IndexView& videos, con
   L = 0;
   for (const Part& p : parts)
     for (size_t r = 0; r + 1 < p.start.size(); ++r) L = std::max<int64_t>(L, p.start[r + 1] - p.start[r]);
-  std::unique_ptr<int32_t[]> out(new int32_t[static_cast<size_t>(std::max<int64_t>(n * L, 1))]);
+  size_t out_bytes = 0;
+  void* block = pool_->take(static_cast<size_t>(std::max<int64_t>(n * L, 1)) * sizeof(int32_t), out_bytes);
+  PooledIds out(static_cast<int32_t*>(block), PoolDeleter{pool_, out_bytes});
   parallel_for(n, T, [&](int64_t b, int64_t e, int t) {
     const Part& p = parts[t];
     for (int64_t i = b; i < e; ++i) {

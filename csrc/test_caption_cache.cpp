@@ -310,6 +310,29 @@ static void test_concurrency() {
   });
   for (auto& th : pool) th.join();
   CHECK(ok[0] && ok[1] && ok[2] && ok[3]);
+  // Buffer pool: a released output block (and the per-thread scratch) is reused by the next call, and
+  // an output may outlive its cache.
+  {
+    int64_t L = 0;
+    c.candidates(col(all), mat(nb, N, H), L);
+    const size_t idle = c.pooled_bytes();
+    CHECK(idle >= static_cast<size_t>(N * L) * sizeof(int32_t));
+    for (int r = 0; r < 3; ++r) {  // steady state: every block comes from the pool and goes back
+      auto again = c.candidates(col(all), mat(nb, N, H), L);
+      CHECK(c.pooled_bytes() < idle);
+    }
+    CHECK(c.pooled_bytes() == idle);
+  }
+  rest_fast::PooledIds survivor;
+  {
+    rest_fast::CaptionCache tmp(4, 2);
+    int64_t L = 0;
+    std::vector<int64_t> v{0, 1, 2, 3};
+    std::vector<int32_t> nb4{1, 2, 3, 0};
+    survivor = tmp.candidates(col(v), mat(nb4, 4, 1), L);
+    CHECK(L == 0);
+  }
+  survivor.reset();  // returns the block to the pool the dead cache shared with it
 }
 
 int main() {

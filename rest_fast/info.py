@@ -41,6 +41,14 @@ def collect() -> dict[str, object]:
             info[f"kernels.{name}"] = "importable" if ok else f"not importable: {KERNEL_IMPORT_ERRORS.get(name)}"
     except Exception as exc:  # noqa: BLE001
         info["kernels"] = f"unknown ({exc})"
+    try:  # which path each fused op takes now, per device (and why, when CUDA would fall back)
+        import rest_fast.ops  # noqa: F401 - registers the ops
+        from rest_fast.ops._dispatch import op_paths
+
+        for op, path in op_paths().items():
+            info[f"op {op}"] = path
+    except Exception as exc:  # noqa: BLE001
+        info["op paths"] = f"unknown ({exc})"
     try:
         import torch
 

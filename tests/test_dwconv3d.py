@@ -305,3 +305,36 @@ def test_dtype_and_device_errors():
         temporal_dwconv3d(x.to(torch.int32), w.to(torch.int32))
     with pytest.raises(TypeError, match=r"x must be a torch.Tensor"):
         temporal_dwconv3d(x.numpy(), w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# results do not depend on the execution path (reference / interpreted Triton)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["C0", "C0_bias", "float64", "numpy_views"])
+def test_same_result_on_every_path(case, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    shape, C = (1, 3, 4, 5, 6), 6
+    x, w, b = torch.randn(shape, generator=g), torch.randn(C, 3, 3, 3, generator=g), torch.randn(C, generator=g)
+    if case.startswith("C0"):
+        x, w, b = x[..., :0], w[:0], b[:0]
+    if case != "C0_bias":
+        b = None if case == "C0" else b
+    if case == "float64":
+        x, w, b = x.double(), w.double(), b.double()
+    if case == "numpy_views":  # x and the weights are views of one numpy array, starting at the same address
+        np = pytest.importorskip("numpy")
+        buf = np.random.default_rng(0).standard_normal(x.numel() + 1000).astype(np.float32)
+        x = torch.from_numpy(buf[:x.numel()]).view(shape)
+        w = torch.from_numpy(buf[:C * 27]).view(C, 3, 3, 3)
+    outs = []
+    for interpret in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = temporal_dwconv3d(xi, wi, b, residual=True)
+        gx, gw = torch.autograd.grad(y, (xi, wi), torch.ones_like(y), allow_unused=True)
+        outs.append((y, gx, gw))
+    for a, r in zip(outs[1], outs[0]):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)

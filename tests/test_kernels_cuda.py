@@ -15,6 +15,7 @@ import torch
 from conftest import assert_close_verbose
 
 from rest_fast.ops import (
+    _dispatch,
     rerank_captions,
     rerank_captions_ref,
     temporal_dwconv3d,
@@ -72,7 +73,8 @@ def _low_rank(n: int, d: int, g: torch.Generator, rank: int = 16) -> torch.Tenso
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,d,k", [(257, 5003, 96, 1), (300, 20000, 512, 2000), (64, 4500, 33, 4096)])
+@pytest.mark.parametrize("M,N,d,k", [(257, 5003, 96, 1), (300, 20000, 512, 2000), (64, 4500, 33, 4096),
+                                     (512, 240_000, 512, 16)])
 def test_topk_similarity_cuda(dtype, M, N, d, k):
     g = torch.Generator(device="cuda").manual_seed(1)
     keys = _low_rank(N, d, g).to(dtype)
@@ -106,3 +108,34 @@ def test_rerank_captions_cuda(dtype):
     for row in ids.cpu().tolist():
         filled = [c for c in row if c >= 0]
         assert len(filled) == len(set(filled))
+
+
+def test_edge_cases_match_the_reference_path():
+    # Results must not depend on the path: float64, C = 0, empty candidate rows, L = 0.
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, keys = torch.randn(9, 16, device="cuda", generator=g), torch.randn(50, 16, device="cuda", generator=g)
+    s, i = topk_similarity(q.double(), keys.double(), 4)
+    rs, ri = topk_similarity_ref(q.double().cpu(), keys.double().cpu(), 4)
+    assert torch.equal(s.cpu(), rs) and torch.equal(i.cpu(), ri)
+    cand = torch.randint(0, 50, (9, 6), device="cuda", generator=g, dtype=torch.int32)
+    cand[::2] = -1
+    cases = [(q, keys, cand), (q.double(), keys.double(), cand), (q, keys[:0], torch.full_like(cand, -1)),
+             (q, keys, cand[:, :0])]
+    for v, c, cd in cases:
+        s, i = rerank_captions(v, c, cd, 3)
+        rs, ri = rerank_captions_ref(v.cpu(), c.cpu(), cd.cpu(), 3)
+        torch.testing.assert_close(s.cpu(), rs, rtol=1e-5, atol=1e-5)
+        assert torch.equal(i.cpu(), ri)
+    x, w = torch.randn(1, 2, 3, 3, 0, device="cuda"), torch.randn(0, 3, 3, 3, device="cuda")
+    assert temporal_dwconv3d(x, w, None).shape == x.shape
+
+
+def test_interpreter_left_set_warns_once_and_uses_the_reference(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(8, 32, device="cuda")
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
+        s, i = topk_similarity(q, q, 3)
+    rs, ri = topk_similarity_ref(q, q, 3)
+    assert torch.equal(s, rs) and torch.equal(i, ri)
+    assert "Triton (compiled)" not in _dispatch.op_paths()["topk_similarity"]

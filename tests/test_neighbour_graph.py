@@ -21,8 +21,11 @@ def feats(n=60, d=16, seed=0):
 
 @pytest.fixture(autouse=True)
 def reference_path(monkeypatch):
-    # The graph logic is under test here; the kernels have their own tests.
+    # The graph logic is under test here; the kernels and the native CPU top-k have their own tests.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from rest_fast.ops import topk_cpu
+
+    monkeypatch.setattr(topk_cpu, "NATIVE_AVAILABLE", False)
 
 
 def test_build_matches_reference_and_excludes_self():

@@ -143,3 +143,38 @@ def test_custom_op_opcheck_and_compile(monkeypatch):
     s, i = fn(v, c, cand)
     rs, ri = rerank_captions_ref(v, c, cand, 3)
     assert torch.equal(s, rs) and torch.equal(i, ri)
+
+
+# ----------------------------------------------------------------------------------------------------
+# results do not depend on the execution path (reference / interpreted Triton)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _both_paths(monkeypatch, *args):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ref = rerank_captions(*args)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return ref, rerank_captions(*args)
+
+
+@pytest.mark.parametrize("case", ["float64", "no_captions", "empty_rows", "no_candidates", "numpy_views"])
+def test_same_result_on_every_path(case, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    v, c = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g)
+    cand = torch.randint(0, 40, (6, 9), generator=g, dtype=torch.int32)
+    if case == "float64":
+        v, c = v.double(), c.double()
+    elif case == "no_captions":  # C = 0: every candidate slot is empty
+        c, cand = c[:0], torch.full((6, 9), -1, dtype=torch.int32)
+    elif case == "empty_rows":
+        cand[1::2] = -1
+    elif case == "no_candidates":  # L = 0
+        cand = cand[:, :0]
+    elif case == "numpy_views":  # views of one array starting at the same address
+        np = pytest.importorskip("numpy")
+        x = np.random.default_rng(0).standard_normal((60, 16)).astype(np.float32)
+        v, c = torch.from_numpy(x[:6]), torch.from_numpy(x[:40])
+    (rs, ri), (s, i) = _both_paths(monkeypatch, v, c, cand, 3)
+    assert s.dtype == rs.dtype == torch.float32 and i.dtype == ri.dtype == torch.int32
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i, ri)

@@ -201,6 +201,9 @@ def test_errors(fn):
 
 def test_dispatch_reference_when_not_interpreting(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from rest_fast.ops import topk_cpu
+
+    monkeypatch.setattr(topk_cpu, "NATIVE_AVAILABLE", False)  # the native CPU path: tests/test_topk_cpu.py
     q, keys = low_rank(30, 16, seed=18), low_rank(200, 16, seed=19)
     s, i = topk_similarity(q, keys, 7)
     rs, ri = topk_similarity_ref(q, keys, 7)
@@ -234,5 +237,33 @@ def test_custom_op_opcheck_and_compile(monkeypatch):
     torch.library.opcheck(torch.ops.rest_fast.topk_similarity.default, (q, keys, 5, None))
     fn = torch.compile(lambda a, b: topk_similarity(a, b, 5, exclude=ex), fullgraph=True, backend="aot_eager")
     s, i = fn(q, keys)
-    rs, ri = topk_similarity_ref(q, keys, 5, exclude=ex)
+    rs, ri = topk_similarity(q, keys, 5, exclude=ex)  # eager: the same CPU path (native or reference)
+    assert torch.equal(s, rs) and torch.equal(i, ri)
+
+
+# ----------------------------------------------------------------------------------------------------
+# results do not depend on the execution path (reference / interpreted Triton)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_numpy_views_sharing_memory(interpret, monkeypatch):
+    # Two torch.from_numpy views that start at the same address (queries = first 37 rows, keys = first 50):
+    # the interpreter used to fail with "Trying to resize storage that is not resizable".
+    np = pytest.importorskip("numpy")
+    x = np.random.default_rng(0).standard_normal((100, 24)).astype(np.float32)
+    q, keys = torch.from_numpy(x[:37]), torch.from_numpy(x[:50])
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    s, i = topk_similarity(q, keys, 5, exclude=torch.arange(37))
+    rs, ri = dense_topk(q, keys, 5, exclude=torch.arange(37))
+    check(q, keys, s, i, rs, ri, exclude=torch.arange(37))
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_float64_same_result_on_every_path(interpret, monkeypatch):
+    q, keys = low_rank(20, 16, seed=3).double(), low_rank(90, 16, seed=4).double()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rs, ri = topk_similarity(q, keys, 7)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    s, i = topk_similarity(q, keys, 7)
     assert torch.equal(s, rs) and torch.equal(i, ri)

@@ -141,7 +141,8 @@ def test_caption_round_embeds_only_new_captions_and_snapshots():
     initial = cache.intern(["a dog", "a cat", "a dog", "a bird", "a fish", "a cat", "a cow", "a dog"]).reshape(n, 2)
     caption_round(0, None, cache, feats, enc, video, nb, 2, ENV1, initial_ids=initial)
     assert sorted(enc.seen) == sorted(["a dog", "a cat", "a bird", "a fish", "a cow"])
-    torch.testing.assert_close(feats.valid, enc.clip.encode_text(cache.texts(np.arange(len(cache)))))
+    assert feats.valid.dtype == torch.float16  # docs/PRECISION: stored rounded to fp16 once
+    torch.testing.assert_close(feats.valid, enc.clip.encode_text(cache.texts(np.arange(len(cache)))).half())
     enc.seen.clear()
     before, _ = cache.get(np.arange(n))
     stats = caption_round(1, ["a cat", "a horse", "A  Horse", "a dog"], cache, feats, enc, video, nb, 2, ENV1)
@@ -150,7 +151,7 @@ def test_caption_round_embeds_only_new_captions_and_snapshots():
     assert [r for r, _ in cache.history(1)] == [0, 1]
     # brute force over W̃_0 ∪ Ω_0: slots of videos 0 and 1 and their pending captions ("a cat", "a horse")
     pool = {int(c) for c in before[[0, 1]].ravel() if c >= 0} | set(cache.intern(["a cat", "a horse"]).tolist())
-    score = {c: float(feats.valid[c] @ video[0]) for c in pool}
+    score = {c: float(feats.valid[c].double() @ video[0].double()) for c in pool}
     expected = sorted(pool, key=lambda c: (-score[c], c))[:2]
     ids, _ = cache.get([0])
     assert ids[0].tolist() == expected

@@ -37,6 +37,9 @@ first ``VERIFY_CLIPS`` clips of each file type against the reference (indices *a
 a type that ever differs uses the reference from then on (a warning says so). Verification state is per
 process (each DataLoader worker verifies its own first clips).
 
+Outside DataLoader workers the fast path decodes with frame threading (:func:`decode_threads`, 2 threads
+by default): FFmpeg's frame threads are bit-exact, and the verification above covers them too.
+
 Remaining limit: a packet that the reference would reject but that the fast path never sends to the
 decoder (skipped or jumped over) makes the two counts differ by one; such files are corrupt anyway.
 """
@@ -134,8 +137,8 @@ def _open(path: str) -> tuple[av.container.InputContainer, av.video.stream.Video
         container.close()
         raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
     stream = container.streams.video[0]
-    # One decoding thread: parallelism comes from DataLoader workers, and frame threading would add a
-    # delay of thread_count frames to every jump of the fast path.
+    # One decoding thread here (the reference and the plain baseline); the fast path adds frame threads
+    # outside DataLoader workers (decode_threads), where the workers already use the cores.
     stream.thread_type = "SLICE"
     stream.codec_context.thread_count = 1
     return container, stream
@@ -368,6 +371,31 @@ def _fast_decode(container, stream, packets, indices, convert=frame_to_rgb) -> l
     return [got[i] for i in indices]
 
 
+def decode_threads() -> int:
+    """Decoder threads per stream for the fast path: ``REST_FAST_DECODE_THREADS`` if set; else 1 inside a
+    DataLoader worker (the workers already use the cores) and ``min(2, cores)`` elsewhere (eval, demo,
+    ``num_workers=0``, single reads)."""
+    env = os.environ.get("REST_FAST_DECODE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            return 1
+    except ImportError:
+        pass
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _frame_threads(stream, n: int) -> None:
+    """Frame threading (n frames decoded concurrently). FFmpeg's frame threading is bit-exact; it delays
+    each output by n - 1 frames, which the drain at every jump absorbs. Set before the first decode."""
+    if n > 1:
+        stream.thread_type = "FRAME"
+        stream.codec_context.thread_count = n
+
+
 def read_frames_fast(path: str | os.PathLike, num_frames: int = 8, *, train: bool = False,
                      offsets: np.ndarray | None = None,
                      skip_type=None, convert=frame_to_rgb) -> tuple[list, list[int], tuple[str, str]]:
@@ -376,6 +404,7 @@ def read_frames_fast(path: str | os.PathLike, num_frames: int = 8, *, train: boo
     :class:`VideoDecodeError` when it is unreadable."""
     path = str(path)
     container, stream = _open(path)
+    _frame_threads(stream, decode_threads())
     try:
         key = _type_key(container, stream)
         if skip_type is not None and skip_type(key):

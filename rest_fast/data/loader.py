@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -44,9 +45,18 @@ def normalize_clips(clips: torch.Tensor, mean: Sequence[float], std: Sequence[fl
         raise ValueError(f"clips must be uint8 [B, T, S, S, 3], got {clips.dtype} {tuple(clips.shape)}")
     dev = torch.device(device) if device is not None else clips.device
     x = clips.to(dev, non_blocking=True).permute(0, 1, 4, 2, 3).to(dtype)
-    m = torch.as_tensor(mean, dtype=dtype, device=dev).view(1, 1, 3, 1, 1) * 255.0
-    s = torch.as_tensor(std, dtype=dtype, device=dev).view(1, 1, 3, 1, 1) * 255.0
+    m, s = _norm_constants(tuple(map(float, mean)), tuple(map(float, std)), dev, dtype)
     return ((x - m) / s).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``255·mean`` and ``255·std`` as [1, 1, 3, 1, 1] tensors on ``device``, made once per (values, device, dtype):
+    building them per batch would be a host→device copy from pageable memory (a sync) every batch."""
+    m = torch.as_tensor(mean, dtype=dtype, device=device).view(1, 1, 3, 1, 1) * 255.0
+    s = torch.as_tensor(std, dtype=dtype, device=device).view(1, 1, 3, 1, 1) * 255.0
+    return m, s
 
 
 class ClipBatch(NamedTuple):

@@ -6,8 +6,10 @@ Two passes over score tiles ``Q @ K^T`` computed with ``tl.dot`` (fp32 accumulat
   keys ``g, g + J_STRIDE, g + 2 J_STRIDE, …``, ``G`` of them). The k-th largest group maximum is a score
   reached by k distinct keys, so it is a lower bound of the true k-th score: the threshold of pass 2.
 * :func:`filter_kernel` — every score tile is compared with the query's threshold; survivors are appended to
-  a per-query candidate buffer (row-wise prefix sum inside the tile, one ``atomic_add`` per row for the base
-  slot). The counter keeps counting past the buffer capacity so the launcher can see an overflow.
+  a per-query candidate buffer, each taking its slot with its own ``atomic_add`` on the row's counter (the
+  order of slots is irrelevant: selection uses a total order). The counter keeps counting past the buffer
+  capacity so the launcher can see an overflow. ``DENSE`` (no threshold, small ``N``) writes every score at
+  its key's own slot instead, without atomics.
 
 ``IEEE`` selects exact fp32 products for float32 inputs (no TF32); ``UPCAST`` converts tiles to fp32 before
 the dot, which the launcher sets only for bfloat16 under the CPU interpreter (its ``tl.dot`` mishandles
@@ -63,7 +65,7 @@ def group_max_kernel(Q, K, EX, OUT, M, N, D, NG, G, J_STRIDE,
 @triton.jit
 def filter_kernel(Q, K, EX, TAU, CNT, CS, CI, M, N, D, CAP,
                   s_qm, s_qd, s_kn, s_kd,
-                  HAS_EX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  HAS_EX: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, DENSE: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped program order: GROUP_M query tiles sweep the keys together, so key tiles are reused from L2.
     pid = tl.program_id(0)
@@ -95,20 +97,37 @@ def filter_kernel(Q, K, EX, TAU, CNT, CS, CI, M, N, D, CAP,
         else:
             acc = tl.dot(b_q, b_k, acc)
 
-    # Invalid rows get +inf thresholds, so they never produce candidates.
-    b_tau = tl.load(TAU + o_m, mask=m_m, other=float("inf"))
-    m_hit = (acc >= b_tau[:, None]) & m_n[None, :]
-    if HAS_EX:
-        b_ex = tl.load(EX + o_m, mask=m_m, other=-1)
-        m_hit = m_hit & (o_n[None, :] != b_ex[:, None])
-    c_hit = m_hit.to(tl.int32)
-    n_hit = tl.sum(c_hit, axis=1)
-    # Most tiles of a good threshold hold few survivors; skip the compaction when none survive.
-    if tl.sum(n_hit, axis=0) > 0:
-        pre = tl.cumsum(c_hit, axis=1)
-        base = tl.atomic_add(CNT + o_m, n_hit, mask=m_m & (n_hit > 0))
-        pos = base[:, None] + pre - 1
-        m_st = m_hit & (pos < CAP)
-        off = o_m[:, None].to(tl.int64) * CAP + pos
-        tl.store(CS + off, acc, mask=m_st)
+    if DENSE:
+        # No threshold (small N): slot = key index, the buffer is the row itself. The excluded key is
+        # written as -inf, which never ranks (k <= eligible keys, scores are finite).
+        m_st = m_m[:, None] & m_n[None, :]
+        b_s = acc
+        if HAS_EX:
+            b_ex = tl.load(EX + o_m, mask=m_m, other=-1)
+            b_s = tl.where(o_n[None, :] != b_ex[:, None], acc, float("-inf"))
+        off = o_m[:, None] * CAP + o_n[None, :]
+        tl.store(CS + off, b_s, mask=m_st)
         tl.store(CI + off, tl.broadcast_to(o_n[None, :], (BM, BN)), mask=m_st)
+    else:
+        # Invalid rows get +inf thresholds, so they never produce candidates.
+        b_tau = tl.load(TAU + o_m, mask=m_m, other=float("inf"))
+        m_hit = (acc >= b_tau[:, None]) & m_n[None, :]
+        if HAS_EX:
+            b_ex = tl.load(EX + o_m, mask=m_m, other=-1)
+            m_hit = m_hit & (o_n[None, :] != b_ex[:, None])
+        # Most tiles of a good threshold hold no survivor: skip the compaction for them.
+        if tl.max(tl.max(m_hit.to(tl.int32), axis=1), axis=0) > 0:
+            # One atomic per survivor, each returning its own slot: no prefix sum, and no reliance on a
+            # per-row atomic's return value being broadcast to every thread that holds the row (Triton
+            # before mid-2025 returned it to one thread only). The [BM, BN] tile has at least as many
+            # elements as threads (launcher), so no element is replicated across threads.
+            # (The row index is spelled as a select over the tile, not a broadcast of o_m: triton 3.8's
+            # layout propagation asserts on an atomic through a broadcast pointer after a wgmma.)
+            i_row = tl.where(m_hit, o_m[:, None], 0)
+            slot = tl.atomic_add(CNT + i_row, 1, mask=m_hit, sem="relaxed")
+            m_st = m_hit & (slot < CAP)
+            # int32 offsets: the launcher keeps rows * CAP < 2**31 per chunk, so no int64 pointer math
+            # is live next to the accumulator.
+            off = i_row * CAP + slot
+            tl.store(CS + off, acc, mask=m_st)
+            tl.store(CI + off, tl.broadcast_to(o_n[None, :], (BM, BN)), mask=m_st)

@@ -23,6 +23,7 @@ from torch import nn
 
 from rest_fast.errors import UserError
 from rest_fast.generation.beam_search import beam_search
+from rest_fast.models.blip_attention import set_blip_attention
 from rest_fast.models.blip_decoder import BlipTextDecoder
 
 GAR_CONFIG = "gar_config.json"
@@ -47,6 +48,13 @@ class LossOutput(NamedTuple):
     per_sample: torch.Tensor
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: through pinned memory and a non-blocking copy on CUDA (no host wait)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class _AdapterHook:
     """Forward pre-hook of one ViT layer: runs ``model.temporal_adapters[slot]`` on the layer's input tokens.
 
@@ -59,9 +67,40 @@ class _AdapterHook:
         self.slot = slot
 
     def __call__(self, module, args, kwargs):
+        if self.model._checkpointing_now():  # the adapter runs inside the checkpointed layer (_CheckpointedLayer)
+            return None
         if args:
             return (self.model._apply_adapter(self.slot, args[0]), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": self.model._apply_adapter(self.slot, kwargs["hidden_states"])}
+
+
+class _CheckpointedLayer:
+    """``forward`` of one ViT layer (set on the instance): HF's forward, or — when the model checkpoints — the layer's
+    temporal adapter and HF's forward together under ``torch.utils.checkpoint`` (non-reentrant), so backward recomputes
+    both and neither keeps activations. The adapter's frame count is read at call time and bound into the recompute
+    (backward runs outside ``encode``). A small object, not a closure, for the same reason as :class:`_AdapterHook`.
+    """
+
+    def __init__(self, model: GARModel, layer: nn.Module, slot: int | None) -> None:
+        self.model = model
+        self.layer = layer
+        self.slot = slot
+
+    def _run(self, frames: int, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.slot is not None:
+            hidden_states = self.model._apply_adapter(self.slot, hidden_states, frames)
+        return type(self.layer).forward(self.layer, hidden_states, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if not self.model._checkpointing_now():
+            return type(self.layer).forward(self.layer, *args, **kwargs)
+        if args:
+            hidden, args = args[0], args[1:]
+        else:
+            hidden = kwargs.pop("hidden_states")
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self._run, self.model._frames, hidden, *args, use_reentrant=False, **kwargs)
 
 
 def _resolve_layers(adapter_layers, num_layers: int) -> list[int]:
@@ -91,11 +130,17 @@ class GARModel(nn.Module):
         autocast: run ``encode`` / ``loss`` / ``generate`` under bf16 autocast on CUDA (default ``True``).
         compile_decoder: decode through ``torch.compile`` (see :class:`BlipTextDecoder`); off by default, its GPU
             speed is unmeasured.
+        grad_checkpointing: recompute each ViT layer (its temporal adapter included) in backward instead of keeping
+            its activations (:meth:`set_grad_checkpointing`).
+
+    ``attn_impl`` also sets the attention of ``blip``'s own ViT and text modules (used by :meth:`encode` and
+    :meth:`loss`): ``"sdpa"`` patches them in place to ``scaled_dot_product_attention``
+    (:func:`rest_fast.models.blip_attention.set_blip_attention`; state-dict keys unchanged).
     """
 
     def __init__(self, blip, tokenizer, num_frames: int = 8, adapter_layers="all", *,
                  adapter_init_std: float | None = None, attn_impl: str = "sdpa", autocast: bool = True,
-                 compile_decoder: bool = False) -> None:
+                 compile_decoder: bool = False, grad_checkpointing: bool = False) -> None:
         super().__init__()
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -105,7 +150,9 @@ class GARModel(nn.Module):
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
         self.attn_impl = attn_impl
+        set_blip_attention(blip, attn_impl)
         self.autocast = bool(autocast)
+        self.grad_checkpointing = False
         self.compile_decoder = bool(compile_decoder)
         vcfg = blip.config.vision_config
         self.adapter_layers = _resolve_layers(adapter_layers, vcfg.num_hidden_layers)
@@ -122,6 +169,10 @@ class GARModel(nn.Module):
         layers = blip.vision_model.encoder.layers
         for slot, li in enumerate(self.adapter_layers):
             self._hooks.append(layers[li].register_forward_pre_hook(_AdapterHook(self, slot), with_kwargs=True))
+        slot_of = {li: slot for slot, li in enumerate(self.adapter_layers)}
+        for li, layer in enumerate(layers):
+            layer.forward = _CheckpointedLayer(self, layer, slot_of.get(li))
+        self.set_grad_checkpointing(grad_checkpointing)
         tcfg = blip.config.text_config
         self.bos_token_id = tcfg.bos_token_id
         self.eos_token_id = tcfg.sep_token_id  # BLIP's generate stops on [SEP]
@@ -181,9 +232,16 @@ class GARModel(nn.Module):
         os.replace(tmp, path / GAR_CONFIG)
 
     # -- vision ---------------------------------------------------------------------------------------------------
-    def _apply_adapter(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of the ViT layers (adapters included) while training with autograd on."""
+        self.grad_checkpointing = bool(enabled)
+
+    def _checkpointing_now(self) -> bool:
+        return self.grad_checkpointing and self.training and torch.is_grad_enabled()
+
+    def _apply_adapter(self, slot: int, x: torch.Tensor, frames: int | None = None) -> torch.Tensor:
         adapter = self.temporal_adapters[slot]
-        T = self._frames
+        T = self._frames if frames is None else frames
         if T == adapter.num_frames:
             return adapter(x)
         # The adapter's layout rule holds for any T; it reads T from `num_frames`.
@@ -255,29 +313,47 @@ class GARModel(nn.Module):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         dev = videos.device
-        n_prompt = len(self.prompt_ids(prompt))  # BOS + prompt tokens
-        texts = [f"{prompt} {c}".lower().strip() for c in captions]
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-        ids = enc.input_ids.to(dev)
-        mask = enc.attention_mask.to(dev)
-        ids[:, 0] = self.bos_token_id
-        targets = ids[:, 1:]
-        scored = mask[:, 1:].bool()
-        scored[:, : n_prompt - 1] = False
-        counts = scored.sum(1)
-        if bool((counts == 0).any()):
-            raise ValueError(f"max_length={max_length} leaves no caption token after the prompt for some captions")
+        tok = self.loss_tokens(captions, prompt=prompt, max_length=max_length)
+        ids, mask, pos, targets, row, counts = (_to_device(t, dev) for t in tok)
         image = self.encode(videos)
         with self._autocast(dev):
             hidden = self.blip.text_decoder.bert(
                 input_ids=ids, attention_mask=mask, encoder_hidden_states=image, is_decoder=True,
             ).last_hidden_state
-            # The vocabulary projection only where a caption token is predicted.
-            logits = self.blip.text_decoder.cls(hidden[:, :-1][scored])
-        ce = F.cross_entropy(logits.float(), targets[scored], reduction="none", label_smoothing=label_smoothing)
-        row = scored.nonzero()[:, 0]
+            # The vocabulary projection only where a caption token is predicted: positions chosen on the host, so
+            # no boolean-mask indexing (a device sync) happens here.
+            flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            logits = self.blip.text_decoder.cls(flat.index_select(0, pos))
+        ce = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
         per_sample = torch.zeros(ids.shape[0], dtype=ce.dtype, device=dev).index_add_(0, row, ce) / counts
         return LossOutput(per_sample.mean(), per_sample)
+
+    def loss_tokens(self, captions: Sequence[str], *, prompt: str = "a video of", max_length: int = 40):
+        """Host-side (CPU) inputs of :meth:`loss`, built without touching the device.
+
+        Returns ``(ids int64 [B, L], mask int64 [B, L], pos int64 [M], targets int64 [M], row int64 [M],
+        counts float32 [B])``: decoder input ids (BOS first) and attention mask; the flat indices into the
+        ``[B, L-1]`` predicting positions that are scored (caption tokens and the final [SEP], never the prompt), their
+        target token ids and rows; and each row's number of scored tokens. Raises ``ValueError`` when ``max_length``
+        leaves some caption no token after the prompt.
+        """
+        import numpy as np  # host arithmetic in numpy: it never touches (or waits for) the device
+
+        n_prompt = len(self.tokenizer(prompt.lower()).input_ids) - 1  # BOS + prompt tokens (see prompt_ids)
+        texts = [f"{prompt} {c}".lower().strip() for c in captions]
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np")
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        mask = np.asarray(enc["attention_mask"], dtype=np.int64)
+        ids[:, 0] = self.bos_token_id
+        scored = mask[:, 1:].astype(bool)
+        scored[:, : n_prompt - 1] = False
+        counts = scored.sum(1)
+        if (counts == 0).any():
+            raise ValueError(f"max_length={max_length} leaves no caption token after the prompt for some captions")
+        pos = np.flatnonzero(scored)
+        targets = ids[:, 1:].reshape(-1)[pos]
+        row = pos // scored.shape[1]
+        return tuple(torch.from_numpy(a) for a in (ids, mask, pos, targets, row, counts.astype(np.float32)))
 
     def forward(self, videos: torch.Tensor, captions: Sequence[str], **kwargs) -> LossOutput:
         """Same as :meth:`loss`."""

@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rest_fast.ops._dispatch import load_kernels, next_pow2, triton_interpret, use_triton
+from rest_fast.ops._dispatch import (
+    interpreter_safe,
+    load_kernels,
+    next_pow2,
+    register_op,
+    run_or_fallback,
+    triton_interpret,
+    triton_path,
+)
 
 __all__ = [
     "temporal_dwconv3d",
@@ -108,6 +116,9 @@ def temporal_dwconv3d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     _check_inputs(x, weight, bias)
     cd = _compute_dtype(x.dtype)
     C, kt, kh, kw = weight.shape
+    if x.numel() == 0:  # C == 0 or an empty clip: F.conv3d rejects groups=0; the kernels return empty
+        y = x.to(cd) * (weight.to(cd).sum() if weight.numel() else 0)  # keeps autograd connected
+        return y.to(x.dtype).contiguous()
     xc = x.to(cd)
     y = F.conv3d(xc.permute(0, 4, 1, 2, 3), weight.to(cd).unsqueeze(1),
                  None if bias is None else bias.to(cd), padding=(kt // 2, kh // 2, kw // 2), groups=C)
@@ -127,6 +138,9 @@ def temporal_dwconv3d_backward_ref(dy: Tensor, x: Tensor, weight: Tensor, *,
     """
     cd = _compute_dtype(x.dtype)
     C, kt, kh, kw = weight.shape
+    if x.numel() == 0:  # nothing to sum: zero gradients (what the kernels return)
+        return (torch.zeros(x.shape, dtype=x.dtype, device=x.device), torch.zeros_like(weight).contiguous(),
+                torch.zeros(C, dtype=weight.dtype, device=weight.device))
     dx = temporal_dwconv3d_ref(dy.to(cd), weight.to(cd).flip(1, 2, 3), residual=residual).to(x.dtype)
     g = dy.to(cd).permute(0, 4, 1, 2, 3)
     dw = torch.nn.grad.conv3d_weight(x.to(cd).permute(0, 4, 1, 2, 3), (C, 1, kt, kh, kw), g,
@@ -194,6 +208,32 @@ def _interp_block_c(C: int) -> int:
     return min(64, max(16, next_pow2(C)))
 
 
+def _padded_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The forward kernel's weight layout: ``[kt, kh, kw, C_pad]`` in the accumulation dtype.
+
+    A tap's weights are contiguous along C (vector loads), need no conversion inside the tap loop and,
+    zero-padded to a multiple of the widest channel tile, no load mask. A tiny copy: taps·C elements.
+    """
+    C, KT, KH, KW = weight.shape
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    c_pad = -(-C // _MAX_BLOCK_C) * _MAX_BLOCK_C
+    wt = torch.zeros((KT, KH, KW, c_pad), dtype=acc_dtype, device=weight.device)
+    wt[..., :C] = weight.permute(1, 2, 3, 0)
+    return wt
+
+
+def _fwd_launch(x: Tensor, wt: Tensor, bias: Tensor | None, y: Tensor, *, residual: bool,
+                flip: bool) -> tuple[tuple, dict]:
+    """``(args, flags)`` of a forward-kernel launch, without tiles (shared with :mod:`rest_fast.ops.aot`)."""
+    B, T, H, W, C = x.shape
+    KT, KH, KW = wt.shape[:3]
+    w_strides = (wt.stride(3), wt.stride(0), wt.stride(1), wt.stride(2))
+    args = (x, wt, bias if bias is not None else wt, y, B * T * H * W, T, H, W, C, *x.stride(), *w_strides)
+    flags = dict(KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual, FLIP=flip,
+                 ACC_FP64=x.dtype == torch.float64, OFF64=_needs_int64(x, y))
+    return args, flags
+
+
 def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: bool = False,
                  flip: bool = False, block_p: int | None = None, block_c: int | None = None,
                  num_warps: int = 4) -> Tensor:
@@ -205,22 +245,11 @@ def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, resid
     """
     k = _kernels()
     B, T, H, W, C = x.shape
-    KT, KH, KW = weight.shape[1:]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     N = B * T * H * W
     if N == 0 or C == 0:
         return y
-    # [kt, kh, kw, C_pad] in the accumulation dtype: a tap's weights are contiguous along C (vector loads),
-    # need no conversion inside the tap loop and, zero-padded to a multiple of the widest channel tile,
-    # no load mask. A tiny copy: taps*C elements.
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c_pad = -(-C // _MAX_BLOCK_C) * _MAX_BLOCK_C
-    wt = torch.zeros((KT, KH, KW, c_pad), dtype=acc_dtype, device=x.device)
-    wt[..., :C] = weight.permute(1, 2, 3, 0)
-    w_strides = (wt.stride(3), wt.stride(0), wt.stride(1), wt.stride(2))
-    args = (x, wt, bias if bias is not None else wt, y, N, T, H, W, C, *x.stride(), *w_strides)
-    flags = dict(KT=KT, KH=KH, KW=KW, HAS_BIAS=bias is not None, RESIDUAL=residual, FLIP=flip,
-                 ACC_FP64=x.dtype == torch.float64, OFF64=_needs_int64(x, y))
+    args, flags = _fwd_launch(x, _padded_weight(weight, x.dtype), bias, y, residual=residual, flip=flip)
     if block_p is None and block_c is None and x.device.type == "cuda" and not triton_interpret():
         import triton
 
@@ -238,27 +267,53 @@ def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, resid
     return y
 
 
-def _bwd_w_config(C: int, taps_p2: int, device: torch.device) -> tuple[int, int, int, int]:
+def _bwd_w_config(C: int, taps_p2: int, device: torch.device | str,
+                  sms: int | None = None) -> tuple[int, int, int, int]:
     """``(BLOCK_P, BLOCK_C, programs along rows, num_warps)`` of the dw/db kernel: a fixed function of the
-    shape and device, never autotuned (see the module docstring on determinism)."""
+    shape and device, never autotuned (see the module docstring on determinism). ``sms`` (streaming
+    multiprocessors) is read from the device when not given."""
+    device = torch.device(device)
     if device.type != "cuda":
         # Interpreter: big blocks (it pays per op), two row programs so tests cover the cross-program sum.
         return 64, _interp_block_c(C), 2, 4
-    # The [TAPS_P2, BLOCK_P, BLOCK_C] fp32 accumulator and the matching x block live in registers: ~64
-    # accumulator elements per thread (3x3x3: [32, 4, 64] over 4 warps, 154 registers, no spills for
-    # sm_90 per ptxas) amortise the per-block row decomposition better than 32. Not yet timed on a GPU;
-    # `bench/dwconv.py --sweep` times the alternatives.
+    # The [TAPS_P2, BLOCK_P, BLOCK_C] fp32 accumulator and the matching x block live in registers: ~32
+    # accumulator elements per thread (3x3x3 at C=768: [32, 2, 64] over 4 warps, 95 registers). 64 per
+    # thread compiled clean for 3x3x3 but ptxas spilled for other kernel sizes (1x1x1 at C=37: 936 B;
+    # 5x3x1 fp16: 12 B), so the launcher keeps to 32 (tests/test_kernels_aot.py checks sm_90/sm_80).
+    # Not yet timed on a GPU; `bench/dwconv.py --sweep` times the alternatives.
     num_warps = 4
-    per_cta = 64 * 32 * num_warps
-    block_c = min(64, max(16, next_pow2(C)))
+    per_cta = 32 * 32 * num_warps
+    # The widest power of two not above C (16..64): a tile much wider than C idles lanes (C = 37 in a
+    # 64-wide tile: 27 of 64).
+    block_c = min(64, max(16, 1 << max(0, C.bit_length() - 1)))
     while taps_p2 * block_c > per_cta and block_c > 16:
         block_c //= 2
     block_p = max(1, per_cta // (taps_p2 * block_c))
     # Enough programs to fill every SM several times (small tail), few enough that the partial-sum
     # buffer stays a few MB: about 8 programs per SM in total.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if sms is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     progs = max(1, (8 * sms) // -(-C // block_c))
     return block_p, block_c, progs, num_warps
+
+
+def _bwd_w_launch(dy: Tensor, x: Tensor, part: Tensor, ksize: tuple[int, int, int], block_p: int, block_c: int,
+                  per_prog: int, num_warps: int) -> tuple[tuple, tuple, dict]:
+    """``(grid, args, kwargs)`` of a dw/db-kernel launch (shared with :mod:`rest_fast.ops.aot`)."""
+    B, T, H, W, C = x.shape
+    KT, KH, KW = ksize
+    grid = (part.shape[0], -(-C // block_c))
+    args = (dy, x, part, B * T * H * W, T, H, W, C, per_prog, *dy.stride(), *x.stride())
+    kwargs = dict(KT=KT, KH=KH, KW=KW, ACC_FP64=part.dtype == torch.float64, OFF64=_needs_int64(dy, x),
+                  TAPS_P2=next_pow2(KT * KH * KW), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    return grid, args, kwargs
+
+
+def _bwd_w_programs(N: int, block_p: int, programs: int) -> tuple[int, int]:
+    """``(programs, row blocks per program)`` for ``N`` rows: every program walks the same block count."""
+    n_blocks = -(-N // block_p)
+    per_prog = -(-n_blocks // min(programs, n_blocks))
+    return -(-n_blocks // per_prog), per_prog
 
 
 def dwconv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, *, residual: bool = False, need_dx: bool = True,
@@ -287,15 +342,10 @@ def dwconv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, *, residual: bool = Fals
     taps_p2 = next_pow2(taps)
     bp, bc, progs, nw = _bwd_w_config(C, taps_p2, x.device)
     bp, bc, progs, nw = block_p or bp, block_c or bc, programs or progs, num_warps or nw
-    n_blocks = -(-N // bp)
-    per_prog = -(-n_blocks // min(progs, n_blocks))
-    progs = -(-n_blocks // per_prog)
+    progs, per_prog = _bwd_w_programs(N, bp, progs)
     part = torch.empty((progs, taps + 1, C), dtype=acc_dtype, device=x.device)
-    k.dwconv3d_bwd_w_kernel[(progs, -(-C // bc))](
-        dy, x, part, N, T, H, W, C, per_prog, *dy.stride(), *x.stride(),
-        KT=KT, KH=KH, KW=KW, ACC_FP64=acc_dtype == torch.float64, OFF64=_needs_int64(dy, x),
-        TAPS_P2=taps_p2, BLOCK_P=bp, BLOCK_C=bc, num_warps=nw,
-    )
+    grid, args, kwargs = _bwd_w_launch(dy, x, part, (KT, KH, KW), bp, bc, per_prog, nw)
+    k.dwconv3d_bwd_w_kernel[grid](*args, **kwargs)
     # Fixed-order reduction of the per-program partials (torch's sum is deterministic, no atomics).
     red = part.sum(dim=0)
     dw = red[:taps].t().reshape(C, KT, KH, KW).to(weight.dtype).contiguous()
@@ -308,23 +358,30 @@ def dwconv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, *, residual: bool = Fals
 # ----------------------------------------------------------------------------------------------------
 
 
+register_op("temporal_dwconv3d", "dwconv3d")
+
+
 def _triton_ok(*tensors: Tensor) -> bool:
-    return use_triton(*tensors) and triton_available()
+    return triton_path("temporal_dwconv3d", "dwconv3d", *tensors)
+
+
+def _fwd_impl(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool) -> Tensor:
+    if _triton_ok(x, weight):
+        x, weight, bias = interpreter_safe(x, weight, bias)
+        return run_or_fallback("temporal_dwconv3d", dwconv3d_fwd, temporal_dwconv3d_ref, x, weight, bias,
+                               residual=residual)
+    return temporal_dwconv3d_ref(x, weight, bias, residual=residual)
 
 
 @torch.library.custom_op("rest_fast::temporal_dwconv3d", mutates_args=(), device_types="cuda")
 def _temporal_dwconv3d_op(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool) -> Tensor:
-    if _triton_ok(x, weight):
-        return dwconv3d_fwd(x, weight, bias, residual=residual)
-    return temporal_dwconv3d_ref(x, weight, bias, residual=residual)
+    return _fwd_impl(x, weight, bias, residual)
 
 
 @_temporal_dwconv3d_op.register_kernel("cpu")
 def _temporal_dwconv3d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, residual: bool) -> Tensor:
     # Interpreted Triton when TRITON_INTERPRET=1 (how tests exercise the real kernels), else the reference.
-    if _triton_ok(x, weight):
-        return dwconv3d_fwd(x, weight, bias, residual=residual)
-    return temporal_dwconv3d_ref(x, weight, bias, residual=residual)
+    return _fwd_impl(x, weight, bias, residual)
 
 
 @_temporal_dwconv3d_op.register_fake
@@ -332,15 +389,21 @@ def _temporal_dwconv3d_fake(x: Tensor, weight: Tensor, bias: Tensor | None, resi
     return x.new_empty(x.shape)
 
 
-def _bwd_impl(dy, x, weight, residual, need_dx, need_dw):
-    if _triton_ok(dy, x, weight):
-        return dwconv3d_bwd(dy, x, weight, residual=residual, need_dx=need_dx, need_dw=need_dw)
+def _bwd_ref(dy, x, weight, residual=False, need_dx=True, need_dw=True):
     dx, dw, db = temporal_dwconv3d_backward_ref(dy, x, weight, residual=residual)
     if not need_dx:
         dx = x.new_empty((0,))
     if not need_dw:
         dw, db = weight.new_empty((0,)), weight.new_empty((0,))
     return dx, dw, db
+
+
+def _bwd_impl(dy, x, weight, residual, need_dx, need_dw):
+    if _triton_ok(dy, x, weight):
+        dy, x, weight = interpreter_safe(dy, x, weight)
+        return run_or_fallback("temporal_dwconv3d", dwconv3d_bwd, _bwd_ref, dy, x, weight, residual=residual,
+                               need_dx=need_dx, need_dw=need_dw)
+    return _bwd_ref(dy, x, weight, residual, need_dx, need_dw)
 
 
 @torch.library.custom_op("rest_fast::temporal_dwconv3d_backward", mutates_args=(), device_types="cuda")

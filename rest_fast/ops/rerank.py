@@ -20,7 +20,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rest_fast.ops._dispatch import kernels_unavailable, load_kernels, next_pow2, use_triton
+from rest_fast.ops._dispatch import (
+    interpreter_safe,
+    kernels_unavailable,
+    load_kernels,
+    next_pow2,
+    register_op,
+    run_or_fallback,
+    triton_path,
+)
 from rest_fast.ops.topk import _KEY_MIN, pack_keys, unpack_indices, unpack_scores
 
 __all__ = ["rerank_captions", "rerank_captions_ref", "rerank_captions_triton", "MAX_TRITON_K"]
@@ -97,6 +105,10 @@ def rerank_captions_ref(video_feats: Tensor, caption_feats: Tensor, candidates: 
     ct = torch.promote_types(torch.promote_types(video_feats.dtype, caption_feats.dtype), torch.float32)
     out_s = torch.empty(N, k, dtype=torch.float32, device=dev)
     out_i = torch.empty(N, k, dtype=torch.int32, device=dev)
+    if caption_feats.shape[0] == 0:  # no captions: every slot is empty (ids were checked to be -1)
+        out_s.fill_(float("-inf"))
+        out_i.fill_(-1)
+        return out_s, out_i
     for n0 in range(0, N, block):
         cand = candidates[n0:n0 + block].long()
         valid = cand >= 0
@@ -115,6 +127,31 @@ def _kernels():
     return load_kernels("rerank")
 
 
+def _tiles(device_type: str, L: int, D: int, dtype: torch.dtype = torch.float16) -> dict:
+    """Chunk sizes of the re-rank kernel: ``BL`` candidates × ``BD`` feature elements per step.
+
+    CUDA: a ``64 × 128`` gathered chunk for 16-bit features; ``64 × 64`` for fp32, whose ``64 × 128``
+    chunk spilled on sm_80 (``tests/test_kernels_aot.py``).
+    """
+    if device_type == "cuda":
+        bd = 64 if dtype == torch.float32 else 128
+        return dict(BL=64, BD=min(bd, max(16, next_pow2(D))), num_warps=4)
+    # Interpreter: cost per op, so few large chunks.
+    return dict(BL=min(1024, max(16, next_pow2(L))), BD=min(256, max(16, next_pow2(D))), num_warps=4)
+
+
+def _rerank_launch(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, out_s: Tensor, out_i: Tensor,
+                   t: dict) -> tuple[tuple, tuple, dict]:
+    """``(grid, args, kwargs)`` of one re-rank launch (shared with :mod:`rest_fast.ops.aot`)."""
+    N, L = candidates.shape
+    k = out_s.shape[1]
+    args = (video_feats, caption_feats, candidates, out_s, out_i, L, video_feats.shape[1], caption_feats.shape[0],
+            video_feats.stride(0), video_feats.stride(1), caption_feats.stride(0), caption_feats.stride(1),
+            candidates.stride(0), candidates.stride(1))
+    kwargs = dict(K=k, KP=max(2, next_pow2(k)), BL=t["BL"], BD=t["BD"], num_warps=t["num_warps"])
+    return (N,), args, kwargs
+
+
 def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
                            k: int) -> tuple[Tensor, Tensor]:
     """Triton launcher for :func:`rerank_captions` (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``k ≤ 32``."""
@@ -131,21 +168,22 @@ def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidate
     out_i = torch.empty(N, k, dtype=torch.int32, device=dev)
     if N == 0:
         return out_s, out_i
-    if dev.type == "cuda":
-        BL, BD, warps = 64, min(128, max(16, next_pow2(D))), 4
-    else:  # interpreter: cost per op, so few large chunks
-        BL, BD, warps = min(1024, max(16, next_pow2(L))), min(256, max(16, next_pow2(D))), 4
-    kern.rerank_kernel[(N,)](
-        video_feats, caption_feats, candidates, out_s, out_i, L, D, caption_feats.shape[0],
-        video_feats.stride(0), video_feats.stride(1), caption_feats.stride(0), caption_feats.stride(1),
-        candidates.stride(0), candidates.stride(1),
-        K=k, KP=max(2, next_pow2(k)), BL=BL, BD=BD, num_warps=warps)
+    dt = torch.promote_types(video_feats.dtype, caption_feats.dtype)
+    grid, args, kwargs = _rerank_launch(video_feats, caption_feats, candidates, out_s, out_i,
+                                        _tiles(dev.type, L, D, dt))
+    kern.rerank_kernel[grid](*args, **kwargs)
     return out_s, out_i
 
 
+register_op("rerank_captions", "rerank")
+
+
 def _dispatch(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    if k <= MAX_TRITON_K and use_triton(video_feats, caption_feats, candidates) and _kernels() is not None:
-        return rerank_captions_triton(video_feats, caption_feats, candidates, k)
+    # float64 and k > MAX_TRITON_K are served by the reference on every path (by design, no warning).
+    low = video_feats.dtype != torch.float64 and caption_feats.dtype != torch.float64
+    if low and k <= MAX_TRITON_K and triton_path("rerank_captions", "rerank", video_feats, caption_feats, candidates):
+        v, c, cand = interpreter_safe(video_feats, caption_feats, candidates)
+        return run_or_fallback("rerank_captions", rerank_captions_triton, rerank_captions_ref, v, c, cand, k)
     return rerank_captions_ref(video_feats, caption_feats, candidates, k)
 
 

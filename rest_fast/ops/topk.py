@@ -13,6 +13,15 @@ keys, so the result is deterministic whatever order candidates were produced in.
 Scores are computed with fp32 accumulation; the Triton kernel and the reference may differ in the last bits
 of a score (summation order), so two keys that tie in one may not tie in the other.
 
+Precision contract (retrieval)
+------------------------------
+The trainer passes L2-normalised CLIP features stored rounded to fp16: the kernels read fp16 tiles and
+accumulate in fp32 (tensor cores, fp32 accumulator); fp32 inputs are computed in exact fp32 (``ieee``, no TF32);
+the CPU path upcasts fp16 blocks to fp32 for the GEMM. "Exact" means the exact top-k of the fp32-accumulated dot
+products of the given (rounded) inputs, ties broken by lower index; :func:`topk_mismatch` checks a result against
+a float64 re-score of the same inputs, comparing ids only outside tie groups of accumulation-order size.
+float64 inputs are served by the reference on every path.
+
 Triton design and cost model
 ----------------------------
 Notation: ``M`` queries, ``N`` keys, dimension ``d``, ``k`` neighbours. The GEMM floor is ``2·M·N·d`` flops.
@@ -50,12 +59,15 @@ import math
 import torch
 from torch import Tensor
 
-from rest_fast.ops._dispatch import kernels_unavailable, load_kernels, next_pow2, use_triton
-
-try:  # triton is optional at import time: the reference serves without it
-    import triton
-except Exception:  # noqa: BLE001
-    triton = None
+from rest_fast.ops._dispatch import (
+    interpreter_safe,
+    kernels_unavailable,
+    load_kernels,
+    next_pow2,
+    register_op,
+    run_or_fallback,
+    triton_path,
+)
 
 __all__ = [
     "topk_similarity",
@@ -286,37 +298,81 @@ def _memory_budget(device: torch.device) -> int:
     return 256 << 20
 
 
-def _tiles(device: torch.device, D: int) -> dict:
-    if device.type == "cuda":
-        return dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, BG=64)
+def _tiles(device_type: str, dtype: torch.dtype, D: int) -> dict:
+    """Tile configuration of both kernels for one device type and input dtype.
+
+    CUDA tiles are per dtype and checked by ``tests/test_kernels_aot.py`` (sm_90 and sm_80, zero spills,
+    shared memory within the per-block limit): half-precision operands feed tensor cores with a
+    ``128 × 64`` fp32 accumulator over 8 warps (32 values per thread: with 4 warps, 64 per thread, the
+    compaction branch spilled); fp32 operands take the exact
+    (``ieee``, FMA) path, whose operands also live in registers, so its tiles are ``64 × 64`` with a
+    ``BK = 32`` slice over 8 warps (with 4 warps its dense variant spilled on sm_90), and the group-max pass
+    takes ``32 × 64`` (``64 × 64`` spilled a few bytes with triton 3.6 on sm_80 or sm_90). ``BM · BN`` is at least the thread count: the filter kernel's per-element atomics
+    rely on no element being replicated across threads.
+    """
+    if device_type == "cuda":
+        if dtype == torch.float32:
+            return dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=8, num_stages=2,
+                        GBM=32, BG=64, GBK=32, g_warps=4, g_stages=2)
+        return dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3,
+                    GBM=64, BG=64, GBK=64, g_warps=4, g_stages=3)
     # Interpreter: cost is per op, so few large tiles.
-    return dict(BM=64, BN=64, BK=min(128, max(16, next_pow2(D))), GROUP_M=4, num_warps=4, num_stages=1, BG=64)
+    bk = min(128, max(16, next_pow2(D)))
+    return dict(BM=64, BN=64, BK=bk, GROUP_M=4, num_warps=4, num_stages=1,
+                GBM=64, BG=64, GBK=bk, g_warps=4, g_stages=1)
+
+
+def _group_max_launch(q: Tensor, keys: Tensor, ex: Tensor | None, gmax: Tensor, ng: int, G: int, jstride: int,
+                      t: dict, ieee: bool, upcast: bool) -> tuple[tuple, tuple, dict]:
+    """``(grid, args, kwargs)`` of one ``group_max_kernel`` launch (shared with :mod:`rest_fast.ops.aot`)."""
+    mb, D = q.shape
+    grid = (-(-mb // t["GBM"]), -(-ng // t["BG"]))
+    args = (q, keys, ex if ex is not None else gmax, gmax, mb, keys.shape[0], D, ng, G, jstride,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), gmax.stride(0))
+    kwargs = dict(HAS_EX=ex is not None, IEEE=ieee, UPCAST=upcast, BM=t["GBM"], BG=t["BG"], BK=t["GBK"],
+                  num_warps=t["g_warps"], num_stages=t["g_stages"])
+    return grid, args, kwargs
+
+
+def _filter_launch(q: Tensor, keys: Tensor, ex: Tensor | None, tau: Tensor, cnt: Tensor, cs: Tensor, ci: Tensor,
+                   t: dict, ieee: bool, upcast: bool, dense: bool) -> tuple[tuple, tuple, dict]:
+    """``(grid, args, kwargs)`` of one ``filter_kernel`` launch (shared with :mod:`rest_fast.ops.aot`)."""
+    M, D = q.shape
+    N = keys.shape[0]
+    cap = cs.shape[1]
+    grid = (-(-M // t["BM"]) * -(-N // t["BN"]),)
+    args = (q, keys, ex if ex is not None else cnt, tau, cnt, cs, ci, M, N, D, cap,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1))
+    kwargs = dict(HAS_EX=ex is not None, IEEE=ieee, UPCAST=upcast, DENSE=dense, BM=t["BM"], BN=t["BN"],
+                  BK=t["BK"], GROUP_M=t["GROUP_M"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+    return grid, args, kwargs
 
 
 def _filter_select(kern, q: Tensor, keys: Tensor, ex: Tensor | None, tau: Tensor, k: int, cap: int,
-                   t: dict, ieee: bool, upcast: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   t: dict, ieee: bool, upcast: bool, dense: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Run the filter kernel with buffer width ``cap``; return (scores, indices, count) of the selection.
 
-    Rows whose count exceeds ``cap`` (or, defensively, falls under ``k``) hold garbage and are redone by
-    the caller.
+    ``dense`` (``cap == N``, no threshold): every key is written at its own slot. Rows whose count exceeds
+    ``cap`` (or, defensively, falls under ``k``) hold garbage and are redone by the caller.
     """
-    M, D = q.shape
+    M = q.shape[0]
     N = keys.shape[0]
     dev = q.device
-    cnt = torch.zeros(M, dtype=torch.int32, device=dev)
+    cnt = torch.full((M,), N if dense else 0, dtype=torch.int32, device=dev)
     cs = torch.empty(M, cap, dtype=torch.float32, device=dev)
     ci = torch.empty(M, cap, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),)
-    kern.filter_kernel[grid](
-        q, keys, ex if ex is not None else cnt, tau, cnt, cs, ci, M, N, D, cap,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-        HAS_EX=ex is not None, IEEE=ieee, UPCAST=upcast, BM=t["BM"], BN=t["BN"], BK=t["BK"], GROUP_M=t["GROUP_M"],
-        num_warps=t["num_warps"], num_stages=t["num_stages"])
+    grid, args, kwargs = _filter_launch(q, keys, ex, tau, cnt, cs, ci, t, ieee, upcast, dense)
+    kern.filter_kernel[grid](*args, **kwargs)
     valid = torch.arange(cap, device=dev)[None, :] < cnt[:, None].to(torch.int64)
     packed = torch.where(valid, pack_keys(cs, ci.clamp_min(0)), _KEY_MIN)
     kk = min(k, cap)
     best = torch.topk(packed, kk, dim=1, sorted=True).values
     return unpack_scores(best), unpack_indices(best), cnt
+
+
+def _max_rows(cap: int) -> int:
+    """Rows per filter launch so that in-kernel int32 buffer offsets (``row · cap + slot``) cannot overflow."""
+    return max(1, (2**31 - 1) // max(1, cap))
 
 
 def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None = None,
@@ -344,9 +400,10 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
     # The interpreter's tl.dot mishandles bfloat16 operands: upcast the tiles there (CUDA keeps bf16 MMA).
     upcast = dev.type != "cuda" and dt == torch.bfloat16
     ieee = dt == torch.float32 or upcast
-    t = _tiles(dev, D)
+    t = _tiles(dev.type, dt, D)
     ng, G, jstride, cap_auto = _plan(N, k, sample_fraction)
     cap = min(N, max(k, cap)) if cap is not None else cap_auto
+    dense = ng == 0 and cap == N
     # Rounding margin between the two passes (see module docstring).
     if ng:
         kmax = float(keys.float().norm(dim=1).max())
@@ -354,36 +411,34 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
     budget = memory_budget or _memory_budget(dev)
     per_row = cap * 32 + ng * 8 + 64
     mc = max(t["BM"], (budget // per_row) // t["BM"] * t["BM"])
+    mc = min(mc, _max_rows(cap))
     for m0 in range(0, M, mc):
         q = q_all[m0:m0 + mc]
         ex = exclude[m0:m0 + mc].contiguous() if exclude is not None else None
         mb = q.shape[0]
         if ng:
             gmax = torch.empty(mb, ng, dtype=torch.float32, device=dev)
-            grid = (triton.cdiv(mb, t["BM"]), triton.cdiv(ng, t["BG"]))
-            kern.group_max_kernel[grid](
-                q, keys, ex if ex is not None else gmax, gmax, mb, N, D, ng, G, jstride,
-                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), gmax.stride(0),
-                HAS_EX=ex is not None, IEEE=ieee, UPCAST=upcast, BM=t["BM"], BG=t["BG"], BK=t["BK"],
-                num_warps=t["num_warps"], num_stages=t["num_stages"])
+            grid, args, kwargs = _group_max_launch(q, keys, ex, gmax, ng, G, jstride, t, ieee, upcast)
+            kern.group_max_kernel[grid](*args, **kwargs)
             tau = torch.topk(gmax, k, dim=1, sorted=False).values.min(1).values - eps_all[m0:m0 + mb]
             del gmax
         else:
             tau = torch.full((mb,), float("-inf"), dtype=torch.float32, device=dev)
-        s, i, cnt = _filter_select(kern, q, keys, ex, tau, k, cap, t, ieee, upcast)
+        s, i, cnt = _filter_select(kern, q, keys, ex, tau, k, cap, t, ieee, upcast, dense)
         bad = torch.nonzero((cnt > cap) | (cnt < k)).squeeze(1)
         if bad.numel():
             # Overflow (or a threshold that let fewer than k through — impossible by construction, kept as
             # a safety net): redo those rows with a buffer as wide as their exact count, or no threshold.
+            redo_dense = bool((cnt[bad] < k).any())
             tau_b = torch.where(cnt[bad] < k, float("-inf"), tau[bad])
-            cap_b = N if bool((cnt[bad] < k).any()) else int(cnt[bad].max())
+            cap_b = N if redo_dense else int(cnt[bad].max())
             qb = q[bad]
             exb = ex[bad] if ex is not None else None
-            step = max(1, budget // (cap_b * 32 + 64))
+            step = min(max(1, budget // (cap_b * 32 + 64)), _max_rows(cap_b))
             for r0 in range(0, bad.numel(), step):
                 sl = slice(r0, r0 + step)
                 sb, ib, _ = _filter_select(kern, qb[sl], keys, exb[sl] if exb is not None else None,
-                                           tau_b[sl].contiguous(), k, cap_b, t, ieee, upcast)
+                                           tau_b[sl].contiguous(), k, cap_b, t, ieee, upcast, redo_dense)
                 s[bad[sl]] = sb
                 i[bad[sl]] = ib
         out_s[m0:m0 + mb] = s
@@ -396,9 +451,29 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
 # ----------------------------------------------------------------------------------------------------
 
 
+def _cpu_path() -> str:
+    from rest_fast.ops import topk_cpu  # imports this module: resolved at call time
+
+    if topk_cpu.NATIVE_AVAILABLE:
+        return "BLAS GEMM blocks + C++ selection (rest_fast._C.TopkSelector); float64: pure-torch reference"
+    return f"pure-torch reference (native selection unavailable: {topk_cpu.NATIVE_ERROR})"
+
+
+register_op("topk_similarity", "topk", _cpu_path)
+
+
 def _dispatch(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
-    if use_triton(queries, keys) and triton_available():
-        return topk_similarity_triton(queries, keys, k, exclude=exclude)
+    # float64 is served by the reference on every path (the kernels take fp32/fp16/bf16), so a result
+    # never depends on the execution path.
+    low = queries.dtype != torch.float64 and keys.dtype != torch.float64
+    if low and triton_path("topk_similarity", "topk", queries, keys):
+        q, kk, ex = interpreter_safe(queries, keys, exclude)
+        return run_or_fallback("topk_similarity", topk_similarity_triton, topk_similarity_ref, q, kk, k, exclude=ex)
+    if low and queries.device.type == "cpu" and keys.device.type == "cpu":
+        from rest_fast.ops import topk_cpu  # imports this module: resolved at call time
+
+        if topk_cpu.NATIVE_AVAILABLE:
+            return topk_cpu.topk_similarity_cpu(queries, keys, k, exclude=exclude)
     return topk_similarity_ref(queries, keys, k, exclude=exclude)
 
 
@@ -438,8 +513,9 @@ def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
         ValueError: bad shapes / dtypes / devices, ``k`` larger than the number of eligible keys, or NaN/inf
             in ``queries`` or ``keys``.
 
-    Dispatch: CUDA → Triton; CPU with ``TRITON_INTERPRET=1`` → Triton (interpreted); else the blocked
-    reference :func:`topk_similarity_ref`. ``M × N`` scores are never materialised. Runs as the custom op
+    Dispatch: CUDA → Triton; CPU with ``TRITON_INTERPRET=1`` → Triton (interpreted); other CPU calls → BLAS
+    GEMM blocks + the native C++ selection (:mod:`rest_fast.ops.topk_cpu`), or the blocked reference
+    :func:`topk_similarity_ref` when the extension is not built (``REST_FAST_NO_NATIVE=1``). ``M × N`` scores are never materialised. Runs as the custom op
     ``torch.ops.rest_fast.topk_similarity`` (a single opaque node under ``torch.compile``).
     """
     if not (isinstance(queries, Tensor) and isinstance(keys, Tensor)):

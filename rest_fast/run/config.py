@@ -97,7 +97,8 @@ class TrainConfig:
     # --- run -----------------------------------------------------------------------------------
     seed: int = _f(0, "seed: caption sampling, shuffling, augmentation draws and dropout derive from it", group="run")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (torchrun uses LOCAL_RANK)", group="run", runtime=True)
-    amp: bool = _f(True, "bf16 autocast on CUDA", group="run", runtime=True)
+    amp: bool = _f(True, "bf16 autocast on CUDA (false: fp32 model and CLIP weights on CUDA too)", group="run", runtime=True)
+    nccl_timeout: float = _f(3600.0, "seconds a collective may wait under torchrun before the run fails (covers rank-0 round work)", group="run", runtime=True)
     threads: int = _f(0, "CPU intra-op threads per process (0 = torch's default)", group="run", runtime=True)
     log_every: int = _f(10, "steps between loss records in metrics.jsonl", group="run", runtime=True)
     keep_checkpoints: int = _f(2, "epoch checkpoints kept on disk (the newest ones)", group="run", runtime=True)

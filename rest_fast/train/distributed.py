@@ -63,8 +63,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE`` > 1), else a 1-process env."""
+def setup(device: str = "auto", timeout_s: float = 3600.0) -> DistEnv:
+    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE`` > 1), else a 1-process env.
+
+    ``timeout_s``: how long a collective waits for the slowest rank before failing (config ``nccl_timeout``).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,7 +75,11 @@ def setup(device: str = "auto") -> DistEnv:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        if timeout_s <= 0:
+            raise ValueError(f"nccl_timeout must be > 0 seconds, got {timeout_s}")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -125,12 +132,81 @@ def gather_rows(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes_i)], dim=0)
 
 
+def gather_rows_into(env: DistEnv, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out [n, ...]`` in place from every rank's block: rank r has written rows ``shard_range(n, r)``
+    of ``out`` and they are broadcast from it straight into the same rows everywhere (no padded or concatenated
+    copy). CPU tensors on gloo, CUDA tensors on NCCL."""
+    if not env.distributed:
+        return out
+    n = out.shape[0]
+    for r in range(env.world_size):
+        rows = shard_range(n, r, env.world_size)
+        if len(rows):
+            view = out[int(rows[0]): int(rows[-1]) + 1]
+            if view.is_contiguous():
+                dist.broadcast(view, src=r)
+            else:
+                buf = view.contiguous()
+                dist.broadcast(buf, src=r)
+                view.copy_(buf)
+    return out
+
+
+def gather_rows_to_main(env: DistEnv, t: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's ``t [n_r, ...]`` concatenated in rank order on rank 0 (``None`` elsewhere): unlike
+    :func:`gather_rows`, the other ranks never hold the whole result."""
+    if not env.distributed:
+        return t
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(env.world_size)]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s.item()) for s in sizes]
+    m = max(sizes_i)
+    padded = t
+    if t.shape[0] != m:
+        padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)] if env.is_main else None
+    dist.gather(padded.contiguous(), parts, dst=0)
+    if not env.is_main:
+        return None
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_i)], dim=0)
+
+
 def all_reduce_mean(env: DistEnv, value: float) -> float:
     if not env.distributed:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t.item()) / env.world_size
+
+
+def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks (a new tensor on ``t``'s device; ``t`` itself when not distributed)."""
+    if not env.distributed:
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What ``amp`` means on a device: ``autocast`` — the captioner and CLIP calls run under bf16 autocast;
+    ``clip_dtype`` — the frozen CLIP's weight dtype (``None`` = its default: bf16/fp16 on CUDA, fp32 on CPU)."""
+
+    autocast: bool
+    clip_dtype: torch.dtype | None
+
+
+def precision(device: torch.device, amp: bool) -> Precision:
+    """The precision decisions for ``device`` under config ``amp`` (pure: testable for CUDA without a GPU).
+
+    ``amp=False`` on CUDA is fp32 everywhere: no autocast in the model, CLIP weights in fp32.
+    """
+    if device.type != "cuda":
+        return Precision(autocast=False, clip_dtype=torch.float32)
+    return Precision(autocast=True, clip_dtype=None) if amp else Precision(autocast=False, clip_dtype=torch.float32)
 
 
 def autocast(device: torch.device, enabled: bool = True):

@@ -96,32 +96,54 @@ def _agree(env: DistEnv, flag: bool) -> bool:
     return broadcast_object(env, flag)
 
 
+GROWTH = 1.25  # capacity grows by at most this factor beyond what is needed (bounded over-allocation)
+
+
 class CaptionFeatures:
     """CLIP text features of every interned caption, indexed by caption id, grown as the cache grows.
 
-    ``feats`` is float32 [capacity, D] on the compute device; rows ``[0, len(self))`` are valid.
+    ``feats`` is ``dtype`` (fp16 by default, docs/PRECISION: L2-normalised, then rounded once) ``[capacity, D]`` on
+    the compute device; rows ``[0, len(self))`` are valid. Memory at K400 scale (≈4M captions × 512): 4 GiB in fp16.
+
+    * Growth: to ``max(needed, 1.25 × capacity)`` rows (:data:`GROWTH`), so at most 25 % stays unused; the one copy a
+      growth makes is of the old rows into the new buffer. :meth:`reserve` sizes the table ahead (the trainer reserves
+      N more rows before each round, so a round grows it at most once).
+    * New rows are written in place: each rank embeds its shard of the new captions and the shards are broadcast
+      straight into their rows of the table (:func:`rest_fast.train.distributed.gather_rows_into`), no concatenated copy.
+    * On disk only new rows are written each round (:meth:`save_new`); :meth:`load_rows` streams the round files back
+      into place.
     """
 
-    def __init__(self, dim: int, device: torch.device) -> None:
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float16) -> None:
         self.dim = int(dim)
         self.device = device
-        self.feats = torch.zeros((0, self.dim), dtype=torch.float32, device=device)
+        self.dtype = dtype
+        self.feats = torch.zeros((0, self.dim), dtype=dtype, device=device)
         self.count = 0
+        self.saved = 0  # rows [0, saved) are on disk
 
     def __len__(self) -> int:
         return self.count
 
     @property
+    def capacity(self) -> int:
+        return int(self.feats.shape[0])
+
+    @property
     def valid(self) -> torch.Tensor:
         return self.feats[: self.count]
 
-    def _grow(self, n: int) -> None:
-        if n <= self.feats.shape[0]:
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` rows in all (one allocation and one copy of the valid rows, when it grows)."""
+        if n <= self.capacity:
             return
-        cap = max(n, 2 * self.feats.shape[0], 1024)
-        new = torch.zeros((cap, self.dim), dtype=torch.float32, device=self.device)
-        new[: self.count] = self.feats[: self.count]
-        self.feats = new
+        new = torch.empty((n, self.dim), dtype=self.dtype, device=self.device)
+        new[: self.count].copy_(self.feats[: self.count])
+        self.feats = new  # the old buffer is released here: old + new coexist only during the copy
+
+    def _grow(self, n: int) -> None:
+        if n > self.capacity:
+            self.reserve(max(n, int(self.capacity * GROWTH), 1024))
 
     @torch.no_grad()
     def update(self, cache, clip, env: DistEnv, *, batch_size: int = 256, amp: bool = True,
@@ -129,41 +151,69 @@ class CaptionFeatures:
         """Embed the captions interned since the last update; return how many were embedded.
 
         Ids are dense and assigned in intern order, so the new ids are exactly ``[len(self), len(cache))``
-        (the same set ``cache.new_since`` reports); they are sharded over ranks and gathered.
+        (the same set ``cache.new_since`` reports); they are sharded over ranks and gathered into place.
         """
+        from rest_fast.train.distributed import gather_rows_into
+
         total = len(cache)
         if total <= self.count:
             return 0
         new_ids = np.arange(self.count, total, dtype=np.int64)
         mine = new_ids[shard_range(len(new_ids), env.rank, env.world_size)]
-        texts = list(cache.texts(mine.astype(np.int32))) if len(mine) else []
-        parts = []
-        chunks = range(0, len(texts), batch_size)
-        for lo in (progress(chunks) if progress else chunks):
-            with autocast(env.device, amp):
-                f = clip.encode_text(texts[lo: lo + batch_size])
-            parts.append(f.float().to(env.device))
-        local = torch.cat(parts) if parts else torch.zeros((0, self.dim), device=env.device)
-        allf = gather_rows(env, local if env.device.type == "cuda" else local.cpu()).to(self.device)
-        if allf.shape[0] != len(new_ids):
-            raise RuntimeError(f"embedded {allf.shape[0]} captions, expected {len(new_ids)}")
         self._grow(total)
-        self.feats[self.count: total] = allf
+        lo = int(mine[0]) if len(mine) else total  # caption id == row
+        chunks = range(0, len(mine), batch_size)
+        for c0 in (progress(chunks) if progress else chunks):
+            texts = list(cache.texts(mine[c0: c0 + batch_size].astype(np.int32)))
+            with autocast(env.device, amp):
+                f = clip.encode_text(texts)
+            rows = self.feats[lo + c0: lo + c0 + len(texts)]
+            if f.shape != rows.shape:
+                raise RuntimeError(f"the text encoder returned {tuple(f.shape)} for {len(texts)} captions")
+            rows.copy_(f.detach())  # rounded to fp16 once, here
+        gather_rows_into(env, self.feats[self.count: total])
         self.count = total
         return len(new_ids)
 
+    def save_new(self, path: str | Path) -> tuple[int, int]:
+        """Write rows ``[saved, len)`` — those added since the last save — to ``path``; returns that row range."""
+        lo, hi = self.saved, self.count
+        atomic_save_numpy(path, self.feats[lo:hi].cpu().numpy())
+        self.saved = hi
+        return lo, hi
+
     def save(self, path: str | Path) -> None:
+        """Write every valid row to ``path`` (one file; used by tools, not by the trainer's rounds)."""
         atomic_save_numpy(path, self.valid.cpu().numpy())
 
-    def load(self, path: str | Path, max_rows: int | None = None) -> None:
-        """Load saved rows (at most ``max_rows``: a snapshot may predate later captions)."""
-        arr = np.load(path)
-        if arr.ndim != 2 or arr.shape[1] != self.dim:
-            raise ValueError(f"{path}: expected [n, {self.dim}] caption features, got {arr.shape}")
+    def load_rows(self, paths, max_rows: int | None = None, *, chunk: int = 1 << 16) -> None:
+        """Replace the table by the rows of ``paths`` in order (round files of :meth:`save_new`, or one full file).
+
+        Files are memory-mapped and copied into place ``chunk`` rows at a time (no full-table host copy); at most
+        ``max_rows`` rows are kept (a snapshot may predate later captions).
+        """
+        arrays = []
+        for path in paths:
+            arr = np.load(path, mmap_mode="r")
+            if arr.ndim != 2 or arr.shape[1] != self.dim:
+                raise ValueError(f"{path}: expected [n, {self.dim}] caption features, got {arr.shape}")
+            arrays.append(arr)
+        n = sum(a.shape[0] for a in arrays)
         if max_rows is not None:
-            arr = arr[:max_rows]
-        self.feats = torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
+            n = min(n, max_rows)
+        self.feats = torch.empty((0, self.dim), dtype=self.dtype, device=self.device)
         self.count = 0
-        self._grow(arr.shape[0])
-        self.feats[: arr.shape[0]] = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
-        self.count = arr.shape[0]
+        self.reserve(n)
+        pos = 0
+        for arr in arrays:
+            take = min(arr.shape[0], n - pos)
+            for c0 in range(0, take, chunk):
+                c1 = min(take, c0 + chunk)
+                block = torch.from_numpy(np.array(arr[c0:c1]))  # a writable copy of one chunk
+                self.feats[pos + c0: pos + c1].copy_(block)
+            pos += take
+        self.count = self.saved = n
+
+    def load(self, path: str | Path, max_rows: int | None = None) -> None:
+        """Load one saved file (at most ``max_rows`` rows)."""
+        self.load_rows([path], max_rows=max_rows)

@@ -82,12 +82,16 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     """(GARModel on ``env.device`` in fp32, FrozenCLIP on ``env.device``)."""
     from rest_fast.clip import FrozenCLIP, pretrained_for, tiny_clip
     from rest_fast.models import GARModel
+    from rest_fast.train.distributed import precision
 
+    prec = precision(env.device, cfg.amp)
     try:
         model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames,
                                          adapter_layers=cfg.adapter_layers_value())
     except OSError as exc:  # transformers' "couldn't connect ... nor find them in the cached files", a bad folder
         raise _model_error("BLIP", blip_source, exc) from None
+    model.autocast = prec.autocast  # amp=false: fp32 on CUDA too
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(env.device)
     vis = model.blip.config.vision_config
     if cfg.image_size != vis.image_size and env.is_main:
@@ -99,11 +103,12 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
         clip = demo_clip(device=env.device, batch_size=cfg.eval_batch_size)
     elif clip_source == TINY:
         size = cfg.image_size if cfg.image_size % 8 == 0 else 32
-        clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size)
+        clip = tiny_clip(seed=cfg.seed, image_size=size, device=env.device, batch_size=cfg.eval_batch_size,
+                         dtype=prec.clip_dtype)
     else:
         try:
             clip = FrozenCLIP(clip_source, pretrained=pretrained_for(clip_source, cfg.clip_pretrained),
-                              device=env.device, batch_size=cfg.eval_batch_size)
+                              device=env.device, batch_size=cfg.eval_batch_size, dtype=prec.clip_dtype)
         except OSError as exc:
             raise _model_error("CLIP", clip_source, exc) from None
     return model, clip

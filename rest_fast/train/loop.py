@@ -133,7 +133,8 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
             ckpt = fallback
             if ckpt is None:
                 # no intact weights: self-training restarts after round 0 (kept if its files are there)
-                has_round0 = run.cache_path(0).is_file() and run.path("features", "captions_00.npy").is_file()
+                has_round0 = run.cache_path(0).is_file() and any(
+                    run.path("features", f).is_file() for f in (_caption_rows_name(0), "captions_00.npy"))
                 state = {**state, "epoch": 0, "round": 0, "checkpoint": None} if has_round0 else None
                 return cfg, root, state, None
     if ckpt is not None:
@@ -372,9 +373,12 @@ class Trainer:
         self.video_feats = video_features(
             self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
             key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
+        # docs/PRECISION: the trainer's CLIP features are L2-normalised, then rounded to fp16 once (fp32 scores)
+        self.video_feats = self.video_feats.to(torch.float16)
+        # this rank's rows of the graph only (all rows in one process)
         self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"),
                                           include_self=cfg.neighbours_include_self)
-        self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device)
+        self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device, dtype=torch.float16)
         self._check_bad_files()
         log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
                  f"({time.time() - t0:.1f} s)")
@@ -414,6 +418,8 @@ class Trainer:
         self.cache = CaptionCache(self.n, cfg.k)
         flat = [c for caps in initial for c in caps]
         initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
+        del flat, initial
+        self.text_feats.reserve(len(self.cache) + self.n)  # room for round 1's captions too: one growth at most
         stats = caption_round(0, None, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours, cfg.k,
                               env, batch_size=cfg.eval_batch_size, amp=cfg.amp, initial_ids=initial_ids,
                               progress=_progress(cfg, env, "embed captions"),
@@ -431,6 +437,7 @@ class Trainer:
         generated = generate_captions(self.model, self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
                                       amp=cfg.amp, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()))
+        self.text_feats.reserve(len(self.cache) + self.n)  # at most N new captions this round
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
                               cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.amp,
                               progress=_progress(cfg, env, "embed captions"), rerank_progress=_progress(cfg, env, "re-rank"))
@@ -442,7 +449,7 @@ class Trainer:
         tam = self._clip_tam(generated)
         if env.is_main:
             self.cache.save(str(self.run_dir.cache_path(r)))
-            self.text_feats.save(self.run_dir.path("features", f"captions_{r:02d}.npy"))
+            self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r)))  # this round's rows only
             ids, scores = self.cache.get(np.arange(self.n, dtype=np.int64))
             recs = []
             for i in range(self.n):
@@ -460,7 +467,7 @@ class Trainer:
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
-                                      "caption_features": f"features/captions_{r:02d}.npy"})
+                                      "caption_features": f"features/{_caption_rows_name(r)}"})
             acc = "".join(f", {name} {tam[key]:.1%}" for key, name in (
                 ("tam_top1", "CLIP-TAM top-1 generated"), ("tam_pseudo_top1", "pseudo"),
                 ("tam_initial_top1", "frame captioner")) if key in tam)
@@ -471,27 +478,49 @@ class Trainer:
         barrier(env)
 
     def _clip_tam(self, generated: list[str] | None) -> dict:
-        """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot)."""
+        """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot).
+
+        Every caption scored here is already in the cache and its CLIP text feature in ``text_feats`` (embedded
+        sharded over the ranks this round), so rank 0 only looks rows up and takes one [N, D] × [D, classes]
+        product: no re-encoding of 2N captions on one rank while the others wait.
+        """
         if self.inputs.labels is None or not self.env.is_main:
             return {}
-        from rest_fast.run.clip_tam import clip_tam
+        from rest_fast.run.clip_tam import embed_classes, nearest_classes
 
         # only the labelled videos count (a folder may mix class sub-folders with loose, unlabelled videos)
         have = np.flatnonzero(np.asarray(self.inputs.labels) >= 0)
         if have.size == 0:
             return {}
+        if getattr(self, "_class_emb", None) is None:
+            self._class_emb = embed_classes(self.inputs.class_names, self.clip)
         ids, _ = self.cache.get(have.astype(np.int64))
-        top = [self.cache.text(int(c)) if c >= 0 else "" for c in ids[:, 0]]
+        top = ids[:, 0].astype(np.int64)
+
+        def ids_of(texts: list[str] | None) -> np.ndarray | None:
+            """Caption ids of ``texts`` for the labelled videos: every one was interned (and embedded) already."""
+            if texts is None:
+                return None
+            before = len(self.cache)
+            out = np.asarray(self.cache.intern([texts[i] for i in have]), dtype=np.int64)
+            if len(self.cache) != before:
+                raise RuntimeError("a caption scored by CLIP-TAM was missing from the cache")
+            return out
+
+        gen = ids_of(generated)
+        initial = ids_of(self._initial_middle_captions())
         labels = np.asarray(self.inputs.labels)[have]
-        generated = None if generated is None else [generated[i] for i in have]
         out = {"tam_videos": int(have.size)}
         topk = min(5, len(self.inputs.class_names))
-        initial = self._initial_middle_captions()
-        for name, caps in (("tam", generated), ("tam_pseudo", top), ("tam_initial", initial)):
-            if caps is None:
+        for name, rows in (("tam", gen), ("tam_pseudo", top), ("tam_initial", initial)):
+            if rows is None:
                 continue
-            pred, _ = clip_tam(caps, self.inputs.class_names, self.clip, topk=topk)
-            pred = np.asarray(pred)
+            dev = self.text_feats.device
+            feats = self.text_feats.feats[torch.from_numpy(np.maximum(rows, 0)).to(dev)].float()
+            if (rows < 0).any():  # a video without a caption is scored as the empty caption, as before
+                feats[torch.from_numpy(rows < 0).to(dev)] = self.clip.encode_text([""]).float().to(dev)
+            pred, _ = nearest_classes(feats, self._class_emb.to(dev), topk)
+            pred = pred.cpu().numpy()
             out[f"{name}_top1"] = float((pred[:, 0] == labels).mean())
             out[f"{name}_top5"] = float((pred == labels[:, None]).any(axis=1).mean())
         return out
@@ -527,8 +556,7 @@ class Trainer:
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            self.train_module = DDP(self.loss_module, device_ids=ids)
+            self.train_module = DDP(self.loss_module, **ddp_options(env))
         else:
             self.train_module = self.loss_module
 
@@ -591,7 +619,11 @@ class Trainer:
         from rest_fast.cache import CaptionCache
 
         self.cache = CaptionCache.load(str(self.run_dir.cache_path(rnd)))
-        self.text_feats.load(self.run_dir.path("features", f"captions_{rnd:02d}.npy"), max_rows=len(self.cache))
+        rows = [self.run_dir.path("features", _caption_rows_name(r)) for r in range(rnd + 1)]
+        if all(p.exists() for p in rows):
+            self.text_feats.load_rows(rows, max_rows=len(self.cache))
+        else:  # a run made before round files held only their new rows: one full table per round
+            self.text_feats.load(self.run_dir.path("features", f"captions_{rnd:02d}.npy"), max_rows=len(self.cache))
         self.text_feats.update(self.cache, self.clip, self.env, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp)
 
     # --- Algorithm 1 ---------------------------------------------------------------------------------
@@ -654,6 +686,23 @@ class Trainer:
             print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
 
 
+def _caption_rows_name(r: int) -> str:
+    """File of the caption-feature rows added in round ``r`` (rows of rounds 0..r, in order, make the table)."""
+    return f"caption_rows_{r:02d}.npy"
+
+
+def ddp_options(env: DistEnv) -> dict:
+    """DDP arguments of the self-training module.
+
+    ``gradient_as_bucket_view``: gradients are views into the all-reduce buckets (no second copy of the gradients,
+    no bucket↔grad copies). ``static_graph``: every step uses the same parameters in the same order (the loss runs
+    the whole captioner; no branch skips a layer), which lets DDP overlap and skip the unused-parameter search, and
+    is valid with non-reentrant activation checkpointing.
+    """
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return {"device_ids": ids, "gradient_as_bucket_view": True, "static_graph": True}
+
+
 def _discard_failed_start(root: Path) -> None:
     """Remove the run folder a start that failed on a user error made (it did not exist before this call, so
     everything in it is ours), unless the run got as far as a complete state."""
@@ -666,7 +715,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    env = dist_utils.setup(cfg.device)
+    env = dist_utils.setup(cfg.device, timeout_s=cfg.nccl_timeout)
     out = Path(cfg.out)
     fresh = not out.exists()
     try:

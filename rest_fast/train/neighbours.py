@@ -5,10 +5,14 @@ features) and kept as a :class:`rest_fast.retrieval.NeighbourGraph` under ``feat
 (memory-mappable, tagged with the features' hash): a resumed run reuses it when the hash matches and
 rebuilds it otherwise.
 
-One process: ``NeighbourGraph.load_or_build``. Under torchrun: every rank searches with its own block of
-videos as queries over the keys of all ranks (``rest_fast.retrieval.distributed_topk``; each rank's key
-shard is its block, so global key indices are video indices), the rows are gathered in rank order, and
-rank 0 saves the graph.
+Each rank keeps only the rows of the videos it re-ranks (its :meth:`DistEnv.shard` block): at K400 scale the whole
+graph is 240K × 2000 int32 = 1.9 GB, a rank's block an eighth of it on 8 GPUs.
+
+One process: ``NeighbourGraph.load_or_build`` (a loaded graph stays memory-mapped). Under torchrun: every rank
+searches with its own block of videos as queries over the keys of all ranks
+(``rest_fast.retrieval.distributed_topk``; each rank's key shard is its block, so global key indices are video
+indices), rank 0 alone gathers the rows and saves the graph; on a resume every rank memory-maps the saved graph and
+copies its block (rank 0 only says whether the saved graph matches: a boolean, never the graph, is broadcast).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.train.distributed import DistEnv, barrier, broadcast_object, gather_rows
+from rest_fast.train.distributed import DistEnv, barrier, broadcast_object, gather_rows_to_main
 
 
 def neighbour_graph(video_feats: torch.Tensor, h: int, env: DistEnv, *, cache_dir: str | Path,
                     include_self: bool = False) -> np.ndarray:
-    """int32 [N, h]: for each video its ``h`` most similar other videos, most similar first (exact).
+    """int32 [n_r, h]: for each video of this rank's block ``env.shard(N)`` (all N videos in one process) its ``h``
+    most similar other videos (global indices), most similar first (exact).
 
     ``h`` must already be capped at N−1 (:func:`rest_fast.retrieval.cap_neighbours`). ``include_self``: row
     ``i`` is ``i`` followed by its ``h - 1`` most similar others (``h`` capped at N; ``h = 1`` gives each video
@@ -33,7 +38,7 @@ def neighbour_graph(video_feats: torch.Tensor, h: int, env: DistEnv, *, cache_di
         n = int(video_feats.shape[0])
         if not 1 <= h <= n:
             raise ValueError(f"h must be in [1, N] = [1, {n}] with the video itself included, got {h}")
-        own = np.arange(n, dtype=np.int32)[:, None]
+        own = (env.shard(n) if env.distributed else np.arange(n)).astype(np.int32)[:, None]  # this rank's rows
         if h == 1:
             return own
         others = neighbour_graph(video_feats, h - 1, env, cache_dir=cache_dir)
@@ -47,27 +52,28 @@ def neighbour_graph(video_feats: torch.Tensor, h: int, env: DistEnv, *, cache_di
         raise ValueError(f"h must be in [1, N-1] = [1, {n - 1}], got {h}")
     if not env.distributed:
         g = NeighbourGraph.load_or_build(path, video_feats, h, exclude_self=True, device=env.device, cap=False)
-        return np.ascontiguousarray(g.indices.numpy(), dtype=np.int32)
+        return np.ascontiguousarray(g.indices.numpy(), dtype=np.int32)  # a loaded graph stays memory-mapped
 
     digest = feature_hash(video_feats)
-    cached = None
+    mine = env.shard(n)
+    hit = False
     if env.is_main:
         try:
             g = NeighbourGraph.load(path)
-            if g.feature_hash == digest and g.k == h and g.exclude_self and g.n == n:
-                cached = np.ascontiguousarray(g.indices.numpy(), dtype=np.int32)
+            hit = g.feature_hash == digest and g.k == h and g.exclude_self and g.n == n
         except (FileNotFoundError, ValueError, KeyError):
-            cached = None
-    cached = broadcast_object(env, cached)
-    if cached is not None:
-        return cached
-    mine = torch.from_numpy(env.shard(n))
-    local = video_feats[mine].to(env.device)
-    scores, idx = distributed_topk(local, local, h, exclude=mine.to(env.device))
-    comm = (lambda t: t) if env.device.type == "cuda" else (lambda t: t.cpu())
-    all_idx = gather_rows(env, comm(idx.to(torch.int32))).cpu()
-    all_scores = gather_rows(env, comm(scores.float())).cpu()
+            hit = False
+    if broadcast_object(env, hit):
+        g = NeighbourGraph.load(path)  # memory-mapped: only this rank's rows are read
+        return np.array(g.indices.numpy()[mine[0]: mine[-1] + 1] if len(mine) else np.zeros((0, h)), dtype=np.int32)
+    idx_t = torch.from_numpy(mine)
+    local = video_feats[idx_t].to(env.device)
+    scores, idx = distributed_topk(local, local, h, exclude=idx_t.to(env.device))
+    all_idx = gather_rows_to_main(env, idx.to(torch.int32))
+    all_scores = gather_rows_to_main(env, scores.float())
     if env.is_main:
-        NeighbourGraph(indices=all_idx, scores=all_scores, k=h, exclude_self=True, feature_hash=digest).save(path)
+        NeighbourGraph(indices=all_idx.cpu(), scores=all_scores.cpu(), k=h, exclude_self=True,
+                       feature_hash=digest).save(path)
+        del all_idx, all_scores
     barrier(env)
-    return np.ascontiguousarray(all_idx.numpy(), dtype=np.int32)
+    return np.ascontiguousarray(idx.to(torch.int32).cpu().numpy())

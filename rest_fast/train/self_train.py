@@ -8,6 +8,7 @@ AdamW under a cosine schedule. Under torchrun the loss module is wrapped in DDP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from rest_fast.run.optim import build_optimizer, build_scheduler, cosine_lambda, derive_seed  # noqa: F401 - re-exported
-from rest_fast.train.distributed import DistEnv, all_reduce_mean, autocast
+from rest_fast.train.distributed import DistEnv, all_reduce_sum, autocast
 
 
 class CaptionLoss(nn.Module):
@@ -32,6 +33,25 @@ class CaptionLoss(nn.Module):
         return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
 
 
+def _to_host(t: torch.Tensor) -> list[float]:
+    """The one place the training loop reads device values on the host (a sync on CUDA): every ``log_every`` steps
+    and at the end of the epoch. Kept as a function so tests can count the calls."""
+    return t.detach().to("cpu").tolist()
+
+
+def _check_window(window: torch.Tensor, env: DistEnv, *, epoch: int, step: int) -> tuple[float, float]:
+    """All-reduce ``[loss sum, steps]`` of a window (every rank takes part) and read it: ``(mean loss, steps)``.
+
+    Raises ``FloatingPointError`` when the window's loss is not finite (on every rank alike, since it is the
+    reduced value): the check runs here, every ``log_every`` steps, instead of a sync before every ``backward``.
+    """
+    reduced = all_reduce_sum(env, window)
+    total, count = _to_host(reduced)
+    if not math.isfinite(total):
+        raise FloatingPointError(f"non-finite loss ({total}) in the steps up to epoch {epoch} step {step}")
+    return total / max(count, 1.0), count
+
+
 def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable,
                      cache, *, epoch: int, seed: int, env: DistEnv, amp: bool = True, grad_clip: float = 0.0,
                      log_every: int = 10, on_log: Callable[[dict], None] | None = None,
@@ -39,33 +59,37 @@ def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, s
     """One epoch over ``batches`` = ``(video_indices int64 [B], clips float [B,T,3,S,S])``; returns epoch stats.
 
     ``on_log(record)`` receives ``{"step", "loss", "lr"}`` every ``log_every`` steps (loss averaged over
-    ranks; every rank takes part in that reduction, only rank 0's callback should write).
+    ranks and the window's steps; every rank takes part in that reduction, only rank 0's callback should write).
+
+    No host sync inside a step: captions are sampled and tokenised on the host, clips copied non-blocking, the loss
+    summed on the device; the sum is read (and checked finite) only every ``log_every`` steps and at the end.
     """
     loss_module.train()
     params = [p for p in loss_module.parameters() if p.requires_grad]
-    total, count, window, n_window = 0.0, 0, 0.0, 0
+    dev = env.device
+    window = torch.zeros(2, dtype=torch.float64, device=dev)  # [loss sum, steps] since the last log
+    total = torch.zeros(2, dtype=torch.float64, device=dev)
+    one = torch.ones((), dtype=torch.float64, device=dev)
+    step = -1
     for step, (idx, clips) in enumerate(progress(batches) if progress else batches):
         ids = cache.sample(idx.numpy().astype(np.int64), derive_seed(seed, epoch, step))
         captions = list(cache.texts(np.asarray(ids, dtype=np.int32)))
-        with autocast(env.device, amp):
-            loss = loss_module(clips.to(env.device, non_blocking=True), captions)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch} step {step}")
+        with autocast(dev, amp):
+            loss = loss_module(clips.to(dev, non_blocking=True), captions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
         optimizer.step()
         scheduler.step()
-        value = float(loss.detach())
-        total += value
-        count += 1
-        window += value
-        n_window += 1
+        window[0] += loss.detach().to(torch.float64)
+        window[1] += one
         if (step + 1) % log_every == 0:
-            avg = all_reduce_mean(env, window / n_window)
+            total += window
+            avg, _ = _check_window(window, env, epoch=epoch, step=step)
             if on_log is not None:
                 on_log({"step_in_epoch": step + 1, "loss": avg, "lr": optimizer.param_groups[0]["lr"]})
-            window, n_window = 0.0, 0
-    mean = all_reduce_mean(env, total / max(count, 1))
-    return {"loss": mean, "steps": count}
+            window.zero_()
+    total += window
+    mean, _ = _check_window(total, env, epoch=epoch, step=step)
+    return {"loss": mean, "steps": step + 1}

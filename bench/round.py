@@ -1,0 +1,204 @@
+"""Scale rehearsal of one retrieval update: caption-feature table update + caption-cache candidates + re-rank +
+cache update, on synthetic features, before (the code path of the base commit) and after (this tree), on CPU.
+
+    python bench/round.py                          # N=240K videos, H=20, both kinds of round, ~minutes on 2 cores
+    python bench/round.py --n 20000 --h 10 --quick # smoke run
+    python bench/round.py --kind round0 --n 60000 --h 50
+
+Each (implementation, kind) runs in its own subprocess, so its peak resident memory (``ru_maxrss``) is its own.
+Times are process CPU seconds (all threads; robust when the machine is shared) and wall seconds; ratios use CPU time.
+"before" loads ``rest_fast/train/retrieval_update.py`` and ``features.py`` of ``--base`` (default: the merge base
+with main) straight from git, and uses them as the trainer did there: fp32 video and caption features, the table
+doubled on growth and gathered through concatenated copies, round 0 re-ranking all (H+1)·T·P initial ids per video.
+"after" is this tree: fp16 features (docs/PRECISION), growth ≤ 1.25×, in-place gather, round 0 on distinct ids.
+
+Workload (seeded): N videos with D-dim unit features; each video has ``--distinct`` distinct initial captions spread
+over M = T·P = ``--m`` slots (frame captions repeat); neighbours are H distinct videos from a window around the video
+(overlapping sets, as k-NN graphs have; not a real k-NN search — that is bench/retrieval.py's job). ``round0`` = the
+first update (all initial captions embedded, then re-ranked with their neighbours'); ``round`` = a later round (K slots
+filled, one new pending caption per video: N new rows embedded, then re-ranked). The text encoder is a stand-in that
+returns random unit vectors (the CLIP text tower is not what is measured). Re-ranking runs on the CPU reference path
+(TRITON_INTERPRET=0), as the trainer does on CPU.
+
+Time of the re-rank scales with N·H (it reads every candidate's feature row); the table and caches with N; the
+neighbour graph with N·H. The README/closing note extrapolates from the measured size to N=240K, H=2000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _module_from_git(rev: str, path: str, name: str) -> types.ModuleType:
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    mod = types.ModuleType(name)
+    mod.__file__ = f"{rev}:{path}"
+    sys.modules[name] = mod
+    exec(compile(src, mod.__file__, "exec"), mod.__dict__)  # noqa: S102 - our own repository's history
+    return mod
+
+
+class _StandInEncoder:
+    """``encode_text(texts) -> [n, D]`` random unit vectors (fp32), cheap and deterministic per call."""
+
+    def __init__(self, dim: int) -> None:
+        import torch
+
+        self.dim = dim
+        self.calls = 0
+        self.g = torch.Generator().manual_seed(1)
+
+    def encode_text(self, texts):
+        import torch
+
+        self.calls += 1
+        x = torch.randn(len(texts), self.dim, generator=self.g)
+        return torch.nn.functional.normalize(x, dim=1)
+
+
+def worker(args) -> dict:
+    os.environ["TRITON_INTERPRET"] = "0"
+    import numpy as np
+    import torch
+
+    from rest_fast.cache import CaptionCache
+    from rest_fast.train.distributed import DistEnv
+
+    if args.impl == "before":
+        ru = _module_from_git(args.base, "rest_fast/train/retrieval_update.py", "_before_retrieval_update")
+        fe = _module_from_git(args.base, "rest_fast/train/features.py", "_before_features")
+        dtype = torch.float32
+        feats_kw = {}
+    else:
+        ru = importlib.import_module("rest_fast.train.retrieval_update")
+        fe = importlib.import_module("rest_fast.train.features")
+        dtype = torch.float16
+        feats_kw = {"dtype": torch.float16}
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    n, h, d, k, m, dist_ = args.n, args.h, args.d, args.k, args.m, args.distinct
+    # low intrinsic dimension (as CLIP features): a random 32-dim subspace plus a little noise
+    basis = torch.randn(32, d, generator=torch.Generator().manual_seed(0))
+    video = torch.randn(n, 32, generator=torch.Generator().manual_seed(2)) @ basis
+    video = torch.nn.functional.normalize(video + 0.1 * torch.randn(n, d, generator=torch.Generator().manual_seed(3)),
+                                          dim=1).to(dtype)
+    win = max(4 * h, 64)
+    offs = np.stack([rng.choice(np.arange(1, win), h, replace=False) for _ in range(min(n, 4096))])
+    neighbours = ((np.arange(n)[:, None] + offs[np.arange(n) % len(offs)] * np.where(
+        rng.random((n, 1)) < 0.5, 1, -1)) % n).astype(np.int32)
+    cache = CaptionCache(n, k)
+    texts = [f"video {v} caption {j}" for v in range(n) for j in range(dist_)]
+    cache.intern(texts)
+    del texts
+    own = np.arange(n, dtype=np.int64)[:, None] * dist_
+    pick = rng.integers(0, dist_, size=(n, m))
+    pick[:, :dist_] = np.arange(dist_)  # every distinct caption appears at least once
+    initial = (own + pick).astype(np.int32)
+    enc = _StandInEncoder(d)
+    table = fe.CaptionFeatures(d, torch.device("cpu"), **feats_kw)
+    if args.kind == "round":
+        table.update(cache, enc, env, batch_size=4096)  # the initial captions, embedded in an earlier round
+        slot_src = (np.arange(n)[:, None] + rng.integers(-win, win, size=(n, k))) % n
+        slots = (slot_src * dist_ + rng.integers(0, dist_, size=(n, k))).astype(np.int32)
+        slots = np.where(np.arange(k)[None] < 1, (np.arange(n) * dist_)[:, None], slots).astype(np.int32)
+        srt = np.sort(slots, 1)
+        dup = np.zeros_like(slots, dtype=bool)
+        dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        slots = np.where(dup, -1, srt).astype(np.int32)
+        cache.set(np.arange(n), slots, np.where(slots >= 0, 0.0, -np.inf).astype(np.float32))
+        pending = cache.intern([f"video {v} generated" for v in range(n)])
+        cache.add_pending(np.arange(n), pending)
+    rss0, t0, c0 = _rss_gb(), time.perf_counter(), time.process_time()
+    embedded = table.update(cache, enc, env, batch_size=4096)
+    t1, c1 = time.perf_counter(), time.process_time()
+    kw = {"initial_ids": initial} if args.kind == "round0" else {}
+    stats = ru.retrieval_update(cache, video, table.valid, neighbours, k, env, **kw)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"impl": args.impl, "kind": args.kind, "n": n, "h": h, "embedded": int(embedded),
+            "captions": len(cache), "table_dtype": str(table.feats.dtype).replace("torch.", ""),
+            "table_rows": int(table.feats.shape[0]), "embed_s": t1 - t0, "rerank_s": t2 - t1, "total_s": t2 - t0,
+            "embed_cpu_s": c1 - c0, "rerank_cpu_s": c2 - c1, "cpu_s": c2 - c0,
+            "rss_before_gb": rss0, "peak_gb": _peak_gb(), "mean_score": stats["mean_score"],
+            "candidates_scored": int(stats.get("candidates_scored", -1))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=240_000)
+    ap.add_argument("--h", type=int, default=20)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--m", type=int, default=24, help="initial captions per video (T x P)")
+    ap.add_argument("--distinct", type=int, default=8, help="distinct initial captions per video")
+    ap.add_argument("--kind", choices=["round0", "round", "both"], default="both")
+    ap.add_argument("--impl", choices=["before", "after", "both"], default="both")
+    ap.add_argument("--base", default=None, help="git revision of the 'before' code (default: merge base with main)")
+    ap.add_argument("--quick", action="store_true", help="N=20000, H=10")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.h = 20_000, 10
+    if args.base is None:
+        args.base = subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True,
+                                   check=True).stdout.strip()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    from harness import Table, hardware_name
+
+    kinds = ["round0", "round"] if args.kind == "both" else [args.kind]
+    impls = ["before", "after"] if args.impl == "both" else [args.impl]
+    table = Table("round", ["kind", "impl", "shape", "captions", "table", "embed cpu s", "re-rank cpu s", "cpu s",
+                            "wall s", "peak GB", "x cpu", "x peak", "scored ids", "note"])
+    for kind in kinds:
+        base = None
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--kind", kind, "--n", str(args.n),
+                   "--h", str(args.h), "--d", str(args.d), "--k", str(args.k), "--m", str(args.m),
+                   "--distinct", str(args.distinct), "--base", args.base]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                print(f"{kind}/{impl} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            base = base or r
+            table.add(kind=kind, impl=impl, shape=f"N={r['n']} H={r['h']} D={args.d} K={args.k} M={args.m}",
+                      captions=r["captions"], table=f"{r['table_rows']}x{args.d} {r['table_dtype']}",
+                      **{"embed cpu s": r["embed_cpu_s"], "re-rank cpu s": r["rerank_cpu_s"], "cpu s": r["cpu_s"],
+                         "wall s": r["total_s"], "peak GB": r["peak_gb"], "x cpu": base["cpu_s"] / r["cpu_s"],
+                         "x peak": base["peak_gb"] / r["peak_gb"], "scored ids": r["candidates_scored"]},
+                      note=f"before = {args.base[:8]}" if impl == "before" else "")
+            print(f"{kind}/{impl}: {r['cpu_s']:.1f} CPU s ({r['total_s']:.1f} s wall), peak {r['peak_gb']:.2f} GB",
+                  flush=True)
+    print(table.format())
+    if not args.no_save and table.rows:
+        print(f"appended to {table.save(hardware_name('cpu'), {'device': 'cpu'})}")
+
+
+if __name__ == "__main__":
+    main()
