@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rest_fast.data import augment
-from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
+from rest_fast.data.bad_files import BadFilesReport
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, probe_video, sample_indices
 from rest_fast.data.index import VideoIndex
@@ -44,10 +44,9 @@ from rest_fast.data.loader import (
     _EpochSampler,
     _LoaderBase,
     normalize_clips,
-    resample_index,
     sample_seed,
 )
-from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
+from rest_fast.data.workers import DecodeTimeout, read_with_replacements, resolve_num_workers
 
 __all__ = ["DALIClipLoader", "dali_available", "build_pipeline", "Prefetcher", "dali_to_torch"]
 
@@ -187,30 +186,27 @@ class VideoSampleSource(Dataset):
 
     def __getitem__(self, key):
         epoch, entry = key if isinstance(key, tuple) else (0, key)
-        bad: list[tuple[str, str]] = []
-        j = entry
-        for attempt in range(self.max_retries + 1):
+
+        def read(j: int) -> dict:
             path, label = self.index[j]
-            try:
-                with decode_deadline(self.decode_timeout_s):
-                    probe = probe_video(path)
-                    rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
-                    off = draw_offsets(self.num_frames, rng) if self.train else None
-                    idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
-                    h, w = probe.height, probe.width
-                    params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
-                    # a tensor crosses from the worker through shared memory, not through the pipe (pickled
-                    # bytes would cost the main process ~1 GB/s of copying at 500 clips/s)
-                    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-                return {"entry": j, "label": -1 if label is None else label, "frames": np.asarray(idx, np.int32),
-                        "params": params, "data": data, "bad": bad, "failed": False}
-            except (VideoDecodeError, DecodeTimeout, OSError) as e:
-                bad.append(_bad_reason(e, str(path), self.decode_timeout_s))
-            if self.skip_bad:
-                return {"entry": entry, "bad": bad, "failed": True}
-            j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
-        raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable; "
-                              f"last: {bad[-1][0]}: {bad[-1][1]}")
+            probe = probe_video(path)
+            rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
+            off = draw_offsets(self.num_frames, rng) if self.train else None
+            idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
+            h, w = probe.height, probe.width
+            params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
+            # a tensor crosses from the worker through shared memory, not through the pipe (pickled
+            # bytes would cost the main process ~1 GB/s of copying at 500 clips/s)
+            data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+            return {"entry": j, "label": -1 if label is None else label, "frames": np.asarray(idx, np.int32),
+                    "params": params, "data": data, "failed": False}
+
+        def describe(j: int, e: BaseException) -> tuple[str, str]:
+            return _bad_reason(e, str(self.index[j][0]), self.decode_timeout_s)
+
+        return read_with_replacements(read, describe, (VideoDecodeError, OSError), entry=entry, epoch=epoch,
+                                      seed=self.seed, n=len(self.index), max_retries=self.max_retries,
+                                      timeout_s=self.decode_timeout_s, skip_bad=self.skip_bad)
 
 
 def _items(items):

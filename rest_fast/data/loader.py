@@ -16,23 +16,18 @@ from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
 from rest_fast.data.clip import read_clip
 from rest_fast.data.decode import VideoDecodeError, preverify
 from rest_fast.data.index import VideoIndex
-from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
+from rest_fast.data.workers import (  # noqa: F401 - resample_index re-exported
+    read_with_replacements,
+    resample_index,
+    resolve_num_workers,
+)
 
 __all__ = ["ClipBatch", "ClipDataset", "PyAVClipLoader", "sample_seed", "normalize_clips", "finish_batch", "loader_kwargs"]
-
-_RESAMPLE_TAG = 0x5E5A  # separates the resample stream from the per-sample stream
-
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed ``read_clip`` gets for dataset entry ``index`` in ``epoch``: independent of worker count,
     batch size and order, so the same (seed, epoch) reads the same frames and augmentations."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def resample_index(seed: int, epoch: int, index: int, attempt: int, n: int) -> int:
-    """Deterministic replacement for a bad entry (``attempt`` = 1, 2, ...)."""
-    ss = np.random.SeedSequence([seed, epoch, index, _RESAMPLE_TAG, attempt])
-    return int(np.random.default_rng(ss).integers(n))
 
 
 def normalize_clips(clips: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -125,22 +120,21 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, entry = key if isinstance(key, tuple) else (0, key)
-        bad: list[tuple[str, str]] = []
-        j = entry
-        for attempt in range(self.max_retries + 1):
+
+        def read(j: int) -> dict:
             path, label = self.index[j]
-            try:
-                with decode_deadline(self.decode_timeout_s):
-                    clip, idx, params = self.read(path, sample_seed(self.seed, epoch, j))
-                return {"clip": clip, "label": -1 if label is None else label, "index": j,
-                        "frame_indices": torch.tensor(idx, dtype=torch.int64), "bad": bad, "params": params}
-            except VideoDecodeError as e:
-                bad.append((e.path, e.reason))
-            except DecodeTimeout:
-                bad.append((str(path), f"decoding took longer than decode_timeout_s={self.decode_timeout_s:g}"))
-            j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
-        raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable; "
-                              f"last: {bad[-1][0]}: {bad[-1][1]}")
+            clip, idx, params = self.read(path, sample_seed(self.seed, epoch, j))
+            return {"clip": clip, "label": -1 if label is None else label, "index": j,
+                    "frame_indices": torch.tensor(idx, dtype=torch.int64), "params": params}
+
+        def describe(j: int, e: BaseException) -> tuple[str, str]:
+            if isinstance(e, VideoDecodeError):
+                return e.path, e.reason
+            return str(self.index[j][0]), f"decoding took longer than decode_timeout_s={self.decode_timeout_s:g}"
+
+        return read_with_replacements(read, describe, (VideoDecodeError,), entry=entry, epoch=epoch, seed=self.seed,
+                                      n=len(self.index), max_retries=self.max_retries,
+                                      timeout_s=self.decode_timeout_s)
 
 
 def _collate(items):

@@ -21,8 +21,14 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable
 
-__all__ = ["DecodeTimeout", "cpus_available", "default_num_workers", "resolve_num_workers", "decode_deadline"]
+import numpy as np
+
+__all__ = ["DecodeTimeout", "cpus_available", "default_num_workers", "resolve_num_workers", "decode_deadline",
+           "resample_index", "read_with_replacements"]
+
+_RESAMPLE_TAG = 0x5E5A  # separates the resample stream from the per-sample stream
 
 
 class DecodeTimeout(Exception):
@@ -75,3 +81,41 @@ def decode_deadline(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0.0)
         signal.signal(signal.SIGALRM, old)
+
+
+def resample_index(seed: int, epoch: int, index: int, attempt: int, n: int) -> int:
+    """Deterministic replacement for a bad entry (``attempt`` = 1, 2, ...)."""
+    ss = np.random.SeedSequence([seed, epoch, index, _RESAMPLE_TAG, attempt])
+    return int(np.random.default_rng(ss).integers(n))
+
+
+def read_with_replacements(read: Callable[[int], dict], describe: Callable[[int, BaseException], tuple[str, str]],
+                           errors: tuple[type[BaseException], ...], *, entry: int, epoch: int, seed: int, n: int,
+                           max_retries: int, timeout_s: float, skip_bad: bool = False) -> dict:
+    """The item ``read(entry)``, or of its deterministic replacements when it is unreadable.
+
+    Every dataset of every loader (PyAV, CPU shards, both DALI sources) reads a sample this one way, so a
+    bad file is handled identically everywhere: ``read(j)`` runs under :func:`decode_deadline`; a
+    :class:`DecodeTimeout` or one of ``errors`` is recorded as ``describe(j, error) -> (path, reason)`` and
+    entry :func:`resample_index` ``(seed, epoch, entry, attempt)`` is tried next, up to ``max_retries``
+    times. The item comes back with ``"bad"``: the failures met on the way (the caller's report counts
+    them). ``skip_bad=True`` tries no replacement: ``{"entry", "bad", "failed": True}`` comes back instead.
+    Raises :class:`~rest_fast.data.bad_files.TooManyBadFiles` when every try failed.
+    """
+    from rest_fast.data.bad_files import TooManyBadFiles
+
+    bad: list[tuple[str, str]] = []
+    j = entry
+    for attempt in range(max_retries + 1):
+        try:
+            with decode_deadline(timeout_s):
+                item = read(j)
+            item["bad"] = bad
+            return item
+        except (DecodeTimeout, *errors) as e:
+            bad.append(describe(j, e))
+        if skip_bad:
+            return {"entry": entry, "bad": bad, "failed": True}
+        j = resample_index(seed, epoch, entry, attempt + 1, n)
+    raise TooManyBadFiles(f"entry {entry} and {max_retries} deterministic replacements are all unreadable; "
+                          f"last: {bad[-1][0]}: {bad[-1][1]}")

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rest_fast.data import augment
-from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
+from rest_fast.data.bad_files import BadFilesReport
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.dali import Prefetcher, _resolve_dali_device, _sample_loader, dali_to_torch
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, sample_indices
@@ -41,10 +41,9 @@ from rest_fast.data.loader import (
     _EpochSampler,
     _LoaderBase,
     normalize_clips,
-    resample_index,
     sample_seed,
 )
-from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
+from rest_fast.data.workers import DecodeTimeout, read_with_replacements, resolve_num_workers
 
 from .reader import PreparedIndex, read_sample
 
@@ -143,23 +142,21 @@ class ShardSampleSource(Dataset):
 
     def __getitem__(self, key):
         epoch, entry = key if isinstance(key, tuple) else (0, key)
-        bad: list[tuple[str, str]] = []
-        j = entry
-        for attempt in range(self.max_retries + 1):
-            try:
-                with decode_deadline(self.decode_timeout_s):
-                    jpegs, meta = read_sample(self.index, j)
-                    it = select_frames(self.index, num_frames=self.num_frames, train=self.train, seed=self.seed,
-                                       epoch=epoch, j=j, jpegs=jpegs, meta=meta)
-                it["bad"] = bad
-                return it
-            except DecodeTimeout:
-                bad.append((self.index.paths[j], f"reading took longer than decode_timeout_s={self.decode_timeout_s:g}"))
-            except (VideoDecodeError, OSError, ValueError) as e:
-                bad.append((self.index.paths[j], f"prepared sample unreadable: {e}"))
-            j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
-        raise TooManyBadFiles(f"entry {entry} and {self.max_retries} deterministic replacements are all unreadable; "
-                              f"last: {bad[-1][0]}: {bad[-1][1]}")
+
+        def read(j: int) -> dict:
+            jpegs, meta = read_sample(self.index, j)
+            it = select_frames(self.index, num_frames=self.num_frames, train=self.train, seed=self.seed,
+                               epoch=epoch, j=j, jpegs=jpegs, meta=meta)
+            return it
+
+        def describe(j: int, e: BaseException) -> tuple[str, str]:
+            if isinstance(e, DecodeTimeout):
+                return self.index.paths[j], f"reading took longer than decode_timeout_s={self.decode_timeout_s:g}"
+            return self.index.paths[j], f"prepared sample unreadable: {e}"
+
+        return read_with_replacements(read, describe, (VideoDecodeError, OSError, ValueError), entry=entry,
+                                      epoch=epoch, seed=self.seed, n=len(self.index), max_retries=self.max_retries,
+                                      timeout_s=self.decode_timeout_s)
 
 
 class DALIShardLoader(_LoaderBase):

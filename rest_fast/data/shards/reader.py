@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from rest_fast.data import augment
-from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
+from rest_fast.data.bad_files import BadFilesReport
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.decode import VideoDecodeError, draw_offsets, sample_indices
 from rest_fast.data.index import VideoIndex
@@ -49,10 +49,9 @@ from rest_fast.data.loader import (
     _LoaderBase,
     finish_batch,
     loader_kwargs,
-    resample_index,
     sample_seed,
 )
-from rest_fast.data.workers import DecodeTimeout, decode_deadline, resolve_num_workers
+from rest_fast.data.workers import DecodeTimeout, read_with_replacements, resolve_num_workers
 from rest_fast.errors import UserError
 
 from .prepare import FORMAT
@@ -280,22 +279,21 @@ class ShardClipDataset(Dataset):
 
     def __getitem__(self, key):
         epoch, entry = key if isinstance(key, tuple) else (0, key)
-        bad: list[tuple[str, str]] = []
-        j = entry
-        for attempt in range(self.max_retries + 1):
-            try:
-                with decode_deadline(self.decode_timeout_s):
-                    jpegs, meta = read_sample(self.index, j)
-                    it = _item(jpegs, meta, j, self.index[j].label, self.num_frames, self.size, self.train,
-                               self.seed, epoch, self.defer_colour)
-                it["bad"] = bad
-                return it
-            except DecodeTimeout:
-                bad.append((self.index.paths[j], f"reading took longer than decode_timeout_s={self.decode_timeout_s:g}"))
-            except (VideoDecodeError, OSError, ValueError) as e:
-                bad.append((self.index.paths[j], f"prepared sample unreadable: {e}"))
-            j = resample_index(self.seed, epoch, entry, attempt + 1, len(self.index))
-        raise TooManyBadFiles(f"entry {entry} and {self.max_retries} replacements are unreadable; last: {bad[-1]}")
+
+        def read(j: int) -> dict:
+            jpegs, meta = read_sample(self.index, j)
+            it = _item(jpegs, meta, j, self.index[j].label, self.num_frames, self.size, self.train,
+                       self.seed, epoch, self.defer_colour)
+            return it
+
+        def describe(j: int, e: BaseException) -> tuple[str, str]:
+            if isinstance(e, DecodeTimeout):
+                return self.index.paths[j], f"reading took longer than decode_timeout_s={self.decode_timeout_s:g}"
+            return self.index.paths[j], f"prepared sample unreadable: {e}"
+
+        return read_with_replacements(read, describe, (VideoDecodeError, OSError, ValueError), entry=entry,
+                                      epoch=epoch, seed=self.seed, n=len(self.index), max_retries=self.max_retries,
+                                      timeout_s=self.decode_timeout_s)
 
 
 class ShardStreamDataset(IterableDataset):
