@@ -35,7 +35,7 @@ from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport
 from rest_fast.data.clip import clip_rng
 from rest_fast.data.dali import Prefetcher, _resolve_dali_device, _sample_loader, dali_to_torch
-from rest_fast.data.decode import VideoDecodeError, draw_offsets, sample_indices
+from rest_fast.data.decode import draw_offsets, sample_indices
 from rest_fast.data.loader import (
     ClipBatch,
     _EpochSampler,
@@ -43,9 +43,9 @@ from rest_fast.data.loader import (
     normalize_clips,
     sample_seed,
 )
-from rest_fast.data.workers import DecodeTimeout, read_with_replacements, resolve_num_workers
+from rest_fast.data.workers import read_with_replacements, resolve_num_workers
 
-from .reader import PreparedIndex, read_sample
+from .reader import PREPARED_READ_ERRORS, PreparedIndex, prepared_bad_reason, read_sample
 
 __all__ = ["DALIShardLoader", "ShardSampleSource", "build_shard_pipeline", "build_reader_pipeline", "select_frames"]
 
@@ -150,11 +150,9 @@ class ShardSampleSource(Dataset):
             return it
 
         def describe(j: int, e: BaseException) -> tuple[str, str]:
-            if isinstance(e, DecodeTimeout):
-                return self.index.paths[j], f"reading took longer than decode_timeout_s={self.decode_timeout_s:g}"
-            return self.index.paths[j], f"prepared sample unreadable: {e}"
+            return prepared_bad_reason(self.index, j, e, self.decode_timeout_s)
 
-        return read_with_replacements(read, describe, (VideoDecodeError, OSError, ValueError), entry=entry,
+        return read_with_replacements(read, describe, PREPARED_READ_ERRORS, entry=entry,
                                       epoch=epoch, seed=self.seed, n=len(self.index), max_retries=self.max_retries,
                                       timeout_s=self.decode_timeout_s)
 

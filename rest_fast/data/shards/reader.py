@@ -261,6 +261,17 @@ def _item(jpegs, meta, j: int, label, num_frames: int, size: int, train: bool, s
 _collate_params = _collate  # the shared collate keeps each item's params (None when colour was applied)
 
 
+# what reading a prepared sample can raise: a damaged shard (OSError), a torn tar member or json (ValueError)
+PREPARED_READ_ERRORS = (VideoDecodeError, OSError, ValueError)
+
+
+def prepared_bad_reason(index: PreparedIndex, j: int, e: BaseException, timeout_s: float) -> tuple[str, str]:
+    """``(source path, reason)`` recorded for entry ``j`` of a prepared set that could not be read."""
+    if isinstance(e, DecodeTimeout):
+        return index.paths[j], f"reading took longer than decode_timeout_s={timeout_s:g}"
+    return index.paths[j], f"prepared sample unreadable: {e}"
+
+
 class ShardClipDataset(Dataset):
     """Map-style dataset over a :class:`PreparedIndex`; items keyed by ``(epoch, entry)`` like
     :class:`rest_fast.data.ClipDataset`. A sample that cannot be read (damaged shard) is replaced by the
@@ -287,11 +298,9 @@ class ShardClipDataset(Dataset):
             return it
 
         def describe(j: int, e: BaseException) -> tuple[str, str]:
-            if isinstance(e, DecodeTimeout):
-                return self.index.paths[j], f"reading took longer than decode_timeout_s={self.decode_timeout_s:g}"
-            return self.index.paths[j], f"prepared sample unreadable: {e}"
+            return prepared_bad_reason(self.index, j, e, self.decode_timeout_s)
 
-        return read_with_replacements(read, describe, (VideoDecodeError, OSError, ValueError), entry=entry,
+        return read_with_replacements(read, describe, PREPARED_READ_ERRORS, entry=entry,
                                       epoch=epoch, seed=self.seed, n=len(self.index), max_retries=self.max_retries,
                                       timeout_s=self.decode_timeout_s)
 
