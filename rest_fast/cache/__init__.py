@@ -54,27 +54,14 @@ both classes are safe to call from several threads at once.
 
 from __future__ import annotations
 
-import os
-
+from rest_fast._native import load_native
 from rest_fast.cache._pycache import PyCaptionCache, normalize_caption, splitmix64
 
 __all__ = ["CaptionCache", "PyCaptionCache", "normalize_caption", "splitmix64", "NATIVE_AVAILABLE",
            "NATIVE_ERROR"]
 
-NATIVE_AVAILABLE = False
-NATIVE_ERROR: str | None = None
-
-if os.environ.get("REST_FAST_NO_NATIVE", "0").lower() in ("1", "true", "yes"):
-    NATIVE_ERROR = "disabled by REST_FAST_NO_NATIVE=1"
-else:
-    try:
-        from rest_fast import _C
-
-        _C.CaptionCache  # noqa: B018 - a stale build without the class counts as not loaded
-    except Exception as exc:  # noqa: BLE001 - any failure means "use the Python class"; keep the reason
-        NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
-    else:
-        NATIVE_AVAILABLE = True
+_C, NATIVE_ERROR = load_native("CaptionCache")
+NATIVE_AVAILABLE = _C is not None
 
 if NATIVE_AVAILABLE:
     CaptionCache = _C.CaptionCache

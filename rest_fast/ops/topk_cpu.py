@@ -22,7 +22,6 @@ pure-torch reference :func:`rest_fast.ops.topk.topk_similarity_ref` (the oracle 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,25 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rest_fast._native import load_native
 from rest_fast.ops.topk import _check_inputs
 
 __all__ = ["topk_similarity_cpu", "NATIVE_AVAILABLE", "NATIVE_ERROR", "DEFAULT_GEMM"]
 
-NATIVE_AVAILABLE = False
-NATIVE_ERROR: str | None = None
-_C = None
-if os.environ.get("REST_FAST_NO_NATIVE", "0").lower() in ("1", "true", "yes"):
-    NATIVE_ERROR = "disabled by REST_FAST_NO_NATIVE=1"
-else:
-    try:
-        from rest_fast import _C
-
-        _C.TopkSelector  # noqa: B018 - a stale build without the class counts as not loaded
-    except Exception as exc:  # noqa: BLE001 - any failure means "use the reference"; keep the reason
-        NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
-        _C = None
-    else:
-        NATIVE_AVAILABLE = True
+_C, NATIVE_ERROR = load_native("TopkSelector")
+NATIVE_AVAILABLE = _C is not None
 
 _FAST_NUMPY_BLAS = ("openblas", "mkl", "accelerate", "blis")
 

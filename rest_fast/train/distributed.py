@@ -116,19 +116,28 @@ def gather_list(env: DistEnv, items: list) -> list:
     return [x for part in all_gather_objects(env, items) for x in part]
 
 
-def gather_rows(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``t`` [n_r, ...] along dim 0 in rank order; sizes may differ per rank."""
-    if not env.distributed:
-        return t
+def _pad_to_largest(env: DistEnv, t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``t`` zero-padded along dim 0 to the largest rank's row count (collectives need equal shapes), and
+    every rank's row count (one small all_gather)."""
     n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(env.world_size)]
     dist.all_gather(sizes, n)
     sizes_i = [int(s.item()) for s in sizes]
     m = max(sizes_i)
+    if t.shape[0] == m:
+        return t.contiguous(), sizes_i
     padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: t.shape[0]] = t
+    return padded, sizes_i
+
+
+def gather_rows(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``t`` [n_r, ...] along dim 0 in rank order; sizes may differ per rank."""
+    if not env.distributed:
+        return t
+    padded, sizes_i = _pad_to_largest(env, t)
     parts = [torch.empty_like(padded) for _ in range(env.world_size)]
-    dist.all_gather(parts, padded.contiguous())
+    dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes_i)], dim=0)
 
 
@@ -157,17 +166,9 @@ def gather_rows_to_main(env: DistEnv, t: torch.Tensor) -> torch.Tensor | None:
     :func:`gather_rows`, the other ranks never hold the whole result."""
     if not env.distributed:
         return t
-    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(env.world_size)]
-    dist.all_gather(sizes, n)
-    sizes_i = [int(s.item()) for s in sizes]
-    m = max(sizes_i)
-    padded = t
-    if t.shape[0] != m:
-        padded = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        padded[: t.shape[0]] = t
+    padded, sizes_i = _pad_to_largest(env, t)
     parts = [torch.empty_like(padded) for _ in range(env.world_size)] if env.is_main else None
-    dist.gather(padded.contiguous(), parts, dst=0)
+    dist.gather(padded, parts, dst=0)
     if not env.is_main:
         return None
     return torch.cat([p[:s] for p, s in zip(parts, sizes_i)], dim=0)
