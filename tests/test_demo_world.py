@@ -106,46 +106,63 @@ def test_pretrain_script_is_bit_reproducible(tmp_path):
     from rest_fast.synthetic.models import demo_clip
     from rest_fast.synthetic.pretrain import main
 
-    args = ["--web-clips", "24", "--clip-steps", "3", "--blip-steps", "3", "--seed", "5", "--serial"]
+    size = ["--web-clips", "24", "--blip-web-clips", "16", "--clip-steps", "3", "--blip-steps", "3"]
+    args = [*size, "--seed", "5", "--serial"]
     assert main(["--out", str(tmp_path / "a"), *args]) == 0
     assert main(["--out", str(tmp_path / "b"), *args]) == 0
     assert main(["--out", str(tmp_path / "a"), "--check", *args]) == 0
     recipe = json.loads((tmp_path / "a" / "recipe.json").read_text())
     assert recipe["seed"] == 5 and recipe["blip_steps"] == 3
     assert demo_clip(tmp_path / "b").encode_text(["a blue cross blinking"]).shape[0] == 1
-    assert main(["--out", str(tmp_path / "a"), "--check", "--web-clips", "24", "--clip-steps", "3",
-                 "--blip-steps", "3", "--seed", "6", "--serial"]) == 1  # another seed: other bytes
+    assert main(["--out", str(tmp_path / "a"), "--check", *size, "--seed", "6", "--serial"]) == 1  # other seed, bytes
 
 
-# A reduced default demo: 8 actions x 12 clips, 2 rounds of 8 epochs (the full demo: 3 rounds of 16).
-REDUCED = ["epochs=16", "epochs_per_round=8", "--no-progress"]
-
-
-@pytest.mark.slow
-def test_rest_beats_its_start(tmp_path):
-    """`rest-fast train` with no --data (the default demo, reduced): the generated captions' CLIP-TAM top-1 ends
-    well above the zero-shot frame captioner's, the best pseudo-caption does not get worse, and the captions
-    name their action verbatim."""
-    run = tmp_path / "demo"
+def _run_demo(out, *overrides: str) -> tuple[list[dict], subprocess.CompletedProcess]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    p = subprocess.run([sys.executable, "-m", "rest_fast", "train", f"--out={run}", *REDUCED], env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "rest_fast", "train", f"--out={out}", "--no-progress", *overrides],
+                       env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r for r in rounds if r.get("kind") == "round"), key=lambda r: r["round"]), p
+
+
+def _verbatim(out, round_: int) -> float:
+    """Share of generated captions that hold their action's phrase word for word."""
+    recs = [json.loads(x) for x in (out / "captions" / f"round_{round_:02d}.jsonl").read_text().splitlines()]
+    return float(np.mean([r["label"].replace("_", " ") in r["generated"] for r in recs]))
+
+
+def test_rest_beats_its_start(tmp_path):
+    """`rest-fast train` with no --data (the default demo, reduced to 2 rounds of 8 epochs, ~25 s): the generated
+    captions' CLIP-TAM top-1 ends far above the zero-shot frame captioner's, the best pseudo-caption does not get
+    worse, and the captions name their action verbatim. (Measured: frame captioner 34.4%, pseudo-captions
+    81.2% -> 81.2%, generated 63.5%.)"""
+    run = tmp_path / "demo"
+    rounds, p = _run_demo(run, "epochs=16", "epochs_per_round=8")
     assert "synthetic world" in p.stdout
-    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    rounds = sorted((r for r in rounds if r.get("kind") == "round"), key=lambda r: r["round"])
     assert [r["round"] for r in rounds] == [0, 1, 2]
     first, last = rounds[0], rounds[-1]
     for key in ("tam_top1", "tam_top5", "tam_pseudo_top1", "tam_initial_top1"):
         assert key in last, key
     print({k: [r.get(k) for r in rounds] for k in ("tam_initial_top1", "tam_pseudo_top1", "tam_top1")})
-    assert last["tam_top1"] >= last["tam_initial_top1"] + 0.1
-    # re-ranking with a tiny CLIP may swap a right pseudo-caption for a wrong generated one (measured: 60.4% -> 58.3%
-    # in the full demo), so a small fall is tolerated here and reported in the issue
-    assert last["tam_pseudo_top1"] >= first["tam_pseudo_top1"] - 0.05
-    recs = [json.loads(x) for x in (run / "captions" / "round_02.jsonl").read_text().splitlines()]
-    verbatim = np.mean([r["label"].replace("_", " ") in r["generated"] for r in recs])
-    assert verbatim >= 0.5, verbatim
+    assert last["tam_top1"] >= last["tam_initial_top1"] + 0.2
+    assert last["tam_pseudo_top1"] >= first["tam_pseudo_top1"]
+    assert _verbatim(run, 2) >= 0.5
     assert (run / "plots" / "accuracy.png").exists()
     html = (run / "report.html").read_text()
     assert "initial frame captions" in html and "class='ok'" in html
+
+
+@pytest.mark.slow
+def test_default_demo_meets_its_bars(tmp_path):
+    """The full default demo (3 rounds of 16 epochs, ~45 s), against issue 15's bars: generated-caption top-1
+    >= 60% and >= 25 points above the frame captioner, pseudo-caption accuracy not falling from round 0 to the
+    last round, and at least half the captions naming their action verbatim. (Measured: 34.4% -> 82.3%,
+    pseudo-captions 81.2% -> 82.3%, 82% verbatim.)"""
+    run = tmp_path / "demo"
+    rounds, _ = _run_demo(run)
+    first, last = rounds[0], rounds[-1]
+    print({k: [r.get(k) for r in rounds] for k in ("tam_initial_top1", "tam_pseudo_top1", "tam_top1")})
+    assert last["tam_top1"] >= 0.6 and last["tam_top1"] >= last["tam_initial_top1"] + 0.25
+    assert last["tam_pseudo_top1"] >= first["tam_pseudo_top1"]
+    assert _verbatim(run, last["round"]) >= 0.5
