@@ -87,7 +87,17 @@ def test_demo_clip_knows_the_actions_and_blip_only_the_objects():
     v = clip.encode_frames(to_pixels(clips, clip.mean, clip.std))
     t = clip.encode_text(list(world.ACTIONS))
     clip_acc = float(((v @ t.T).argmax(1).numpy() == labels).mean())
-    assert clip_acc >= 0.5, clip_acc  # 4x chance (measured 56% with the bare action names, 60% as pseudo-captions)
+    assert clip_acc >= 0.6, clip_acc  # bare action names: ~5x chance (measured 65%)
+    # as REST ranks them: captions that name the clip's object, one per action (measured 92%; standing still is the
+    # hard one, since only the sameness of the frames tells it)
+    per_object = clip.encode_text([f"a {s.object} {a}" for s in specs for a in world.ACTIONS]).view(len(specs), 8, -1)
+    named_acc = float((torch.einsum("bd,bad->ba", v, per_object).argmax(1).numpy() == labels).mean())
+    assert named_acc >= 0.8, named_acc
+    # CLIP-TAM: every template caption of every object maps to its own action name (measured 100%)
+    captions = [tpl.format(o=f"{c} {s}", a=a) for tpl in world.TEMPLATES for c in world.COLOURS for s in world.SHAPES
+                for a in world.ACTIONS]
+    mapped = (clip.encode_text(captions) @ t.T).argmax(1).numpy()
+    assert float((mapped == np.arange(len(captions)) % len(world.ACTIONS)).mean()) >= 0.95
 
     model = GARModel.from_pretrained(str(demo_blip_dir()), num_frames=1, adapter_layers=[])
     mid = to_pixels(clips[:, 2], OPENAI_MEAN, OPENAI_STD)
@@ -96,7 +106,7 @@ def test_demo_clip_knows_the_actions_and_blip_only_the_objects():
     colour_acc = float(np.mean([s.colour in t for s, t in zip(specs, texts)]))
     pred, _ = clip_tam(texts, [world.folder_name(a) for a in world.ACTIONS], clip, topk=1)
     frame_acc = float((np.asarray(pred)[:, 0] == labels).mean())
-    print(f"demo CLIP video->action {clip_acc:.0%}; frame captioner: object {object_acc:.0%}, action {frame_acc:.0%}")
+    print(f"demo CLIP video->action {clip_acc:.0%} (object named: {named_acc:.0%}); frame captioner: object {object_acc:.0%}, action {frame_acc:.0%}")
     assert colour_acc >= 0.9 and object_acc >= 0.4, (colour_acc, object_acc)  # chance: 25% and 8%
     assert frame_acc <= 0.5, frame_acc
 
@@ -135,8 +145,8 @@ def _verbatim(out, round_: int) -> float:
 def test_rest_beats_its_start(tmp_path):
     """`rest-fast train` with no --data (the default demo, reduced to 2 rounds of 8 epochs, ~25 s): the generated
     captions' CLIP-TAM top-1 ends far above the zero-shot frame captioner's, the best pseudo-caption does not get
-    worse, and the captions name their action verbatim. (Measured: frame captioner 34.4%, pseudo-captions
-    81.2% -> 81.2%, generated 63.5%.)"""
+    worse, and the captions name their action verbatim. (Measured: frame captioner 32.3%, pseudo-captions
+    75.0% -> 80.2%, generated 59.4%, 59% verbatim.)"""
     run = tmp_path / "demo"
     rounds, p = _run_demo(run, "epochs=16", "epochs_per_round=8")
     assert "synthetic world" in p.stdout
@@ -157,8 +167,8 @@ def test_rest_beats_its_start(tmp_path):
 def test_default_demo_meets_its_bars(tmp_path):
     """The full default demo (3 rounds of 16 epochs, ~45 s), against issue 15's bars: generated-caption top-1
     >= 60% and >= 25 points above the frame captioner, pseudo-caption accuracy not falling from round 0 to the
-    last round, and at least half the captions naming their action verbatim. (Measured: 34.4% -> 82.3%,
-    pseudo-captions 81.2% -> 82.3%, 82% verbatim.)"""
+    last round, and at least half the captions naming their action verbatim. (Measured: 32.3% -> 79.2%,
+    pseudo-captions 75.0% -> 80.2%, 79% verbatim.)"""
     run = tmp_path / "demo"
     rounds, _ = _run_demo(run)
     first, last = rounds[0], rounds[-1]

@@ -31,3 +31,14 @@ def test_report_from_files(tmp_path):
     assert "cap &lt;1&gt; r0" in html and "cap &lt;1&gt; r1" in html and "gen 1" in html  # escaped, both rounds
     assert "cap &lt;2&gt;" not in html  # beyond max_videos
     assert "25.0%" in html and "75.0%" in html  # CLIP-TAM columns
+
+
+def test_report_shows_every_class_in_turn():
+    """A labelled set shows videos from every class (in turn, then by index), not the first class's videos only."""
+    from rest_fast.train.report import _videos_to_show
+
+    recs = [{"label": lab} for lab in ["a"] * 4 + ["b"] * 3 + ["c"]]
+    assert _videos_to_show(recs, 5) == [0, 1, 4, 5, 7]  # a, b, c, then a, b
+    assert _videos_to_show(recs, 100) == list(range(8))
+    assert _videos_to_show(recs, 0) == []
+    assert _videos_to_show([{"video": "x"}] * 3, 2) == [0, 1]  # unlabelled: the first n

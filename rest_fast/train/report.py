@@ -173,6 +173,23 @@ def _frames_in_strip(strip: Path) -> int:
         return max(1, round(img.width / img.height))
 
 
+def _videos_to_show(records: list[dict], n: int) -> list[int]:
+    """Indices of the ``n`` videos the report shows: taken in turn from each class when the records carry labels
+    (so a labelled set shows every class, not the first class's ``n`` videos), else the first ``n``."""
+    if not records or "label" not in records[0]:
+        return list(range(min(n, len(records))))
+    by_label: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        by_label.setdefault(str(rec.get("label")), []).append(i)
+    queues = list(by_label.values())
+    shown: list[int] = []
+    depth = 0
+    while len(shown) < min(n, len(records)):
+        shown += [q[depth] for q in queues if depth < len(q)][: n - len(shown)]
+        depth += 1
+    return sorted(shown)
+
+
 def write_report(run_dir: str | Path, *, max_videos: int = 24,
                  frames_of: Callable[[int], np.ndarray | None] | None = None) -> Path:
     """Write plots and ``report.html`` for the run at ``run_dir``; return the HTML path.
@@ -219,11 +236,11 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
         parts.append(f"<img src='plots/{e(p.name)}' style='max-width:100%;height:260px'>")
     if rounds:
         first = rounds[min(rounds)]
-        n_show = min(max_videos, len(first))
-        parts.append(f"<h2 id='videos'>Caption evolution ({n_show} of {len(first)} videos)</h2>")
+        shown = _videos_to_show(first, max_videos)
+        parts.append(f"<h2 id='videos'>Caption evolution ({len(shown)} of {len(first)} videos)</h2>")
         frames_dir = run / "plots" / "frames"
         initial = _initial(run)
-        for i in range(n_show):
+        for i in shown:
             rec0 = first[i]
             strip = frames_dir / f"video_{i:05d}.png"
             if not strip.exists() and frames_of is not None:
