@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -64,7 +65,17 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 def test_distributed_topk_gloo_two_processes():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    # A failed assertion in a worker raises ProcessRaisedException at once. A worker killed by a signal is retried
+    # once on a fresh port: CI saw one run (of ~25 here, none reproduced) where rank 0 died of SIGABRT
+    # ("terminate called without an active exception", from gloo's C++ threads) with no Python error.
+    for attempt in (1, 2):
+        try:
+            mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+            return
+        except mp.ProcessExitedException as e:
+            if attempt == 2:
+                raise
+            warnings.warn(f"gloo worker died of a signal ({e}); retrying once", RuntimeWarning, stacklevel=1)
 
 
 def test_single_process_falls_back():
