@@ -35,6 +35,10 @@ def test_world_is_deterministic_and_covers_every_action():
     for s in specs:
         cap = world.caption(s, r)
         assert s.action in cap and s.object in cap and set(cap.split()) <= vocab
+    # the captioner's corpus is a prefix of the CLIP's: clip i does not depend on how many are rendered
+    more, more_specs = world.web_corpus(len(specs) + 30, seed=0)
+    np.testing.assert_array_equal(more[: len(specs)], clips)
+    assert more_specs[: len(specs)] == specs
     # standing still is the only action whose frames are all alike (up to the pixel noise)
     spread = {s.action: float(np.abs(c.astype(float) - c.astype(float).mean(0)).mean()) for c, s in zip(clips, specs)}
     assert spread["standing still"] < min(v for k, v in spread.items() if k != "standing still")
