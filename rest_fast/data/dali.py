@@ -45,8 +45,9 @@ from rest_fast.data.loader import (
     _LoaderBase,
     normalize_clips,
     sample_seed,
+    video_bad_reason,
 )
-from rest_fast.data.workers import DecodeTimeout, read_with_replacements, resolve_num_workers
+from rest_fast.data.workers import ResamplingDataset, resolve_num_workers
 
 __all__ = ["DALIClipLoader", "dali_available", "build_pipeline", "Prefetcher", "dali_to_torch"]
 
@@ -162,15 +163,7 @@ class Prefetcher:
                 inflight.popleft()
 
 
-def _bad_reason(e: BaseException, path: str, timeout: float) -> tuple[str, str]:
-    if isinstance(e, VideoDecodeError):
-        return e.path, e.reason
-    if isinstance(e, DecodeTimeout):
-        return path, f"decoding took longer than decode_timeout_s={timeout:g}"
-    return path, f"{type(e).__name__}: {e}"
-
-
-class VideoSampleSource(Dataset):
+class VideoSampleSource(ResamplingDataset):
     """What the DALI loader's worker processes prepare per ``(epoch, entry)``: the entry read, its label,
     frame indices (int32 [T]), :class:`~rest_fast.data.augment.ClipParams` and the file's bytes, after
     resampling bad entries (``bad`` lists them). ``skip_bad=True`` does not resample: the item comes back
@@ -181,32 +174,24 @@ class VideoSampleSource(Dataset):
         self.index, self.num_frames, self.train, self.seed = index, num_frames, train, seed
         self.max_retries, self.decode_timeout_s, self.skip_bad = max_retries, decode_timeout_s, skip_bad
 
-    def __len__(self) -> int:
-        return len(self.index)
+    read_errors = (VideoDecodeError, OSError)
 
-    def __getitem__(self, key):
-        epoch, entry = key if isinstance(key, tuple) else (0, key)
+    def read_entry(self, j: int, epoch: int) -> dict:
+        path, label = self.index[j]
+        probe = probe_video(path)
+        rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
+        off = draw_offsets(self.num_frames, rng) if self.train else None
+        idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
+        h, w = probe.height, probe.width
+        params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
+        # a tensor crosses from the worker through shared memory, not through the pipe (pickled
+        # bytes would cost the main process ~1 GB/s of copying at 500 clips/s)
+        data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        return {"entry": j, "label": -1 if label is None else label, "frames": np.asarray(idx, np.int32),
+                "params": params, "data": data, "failed": False}
 
-        def read(j: int) -> dict:
-            path, label = self.index[j]
-            probe = probe_video(path)
-            rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
-            off = draw_offsets(self.num_frames, rng) if self.train else None
-            idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
-            h, w = probe.height, probe.width
-            params = augment.draw_train_params(rng, h, w) if self.train else augment.eval_params(h, w)
-            # a tensor crosses from the worker through shared memory, not through the pipe (pickled
-            # bytes would cost the main process ~1 GB/s of copying at 500 clips/s)
-            data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-            return {"entry": j, "label": -1 if label is None else label, "frames": np.asarray(idx, np.int32),
-                    "params": params, "data": data, "failed": False}
-
-        def describe(j: int, e: BaseException) -> tuple[str, str]:
-            return _bad_reason(e, str(self.index[j][0]), self.decode_timeout_s)
-
-        return read_with_replacements(read, describe, (VideoDecodeError, OSError), entry=entry, epoch=epoch,
-                                      seed=self.seed, n=len(self.index), max_retries=self.max_retries,
-                                      timeout_s=self.decode_timeout_s, skip_bad=self.skip_bad)
+    def describe_bad(self, j: int, e: BaseException) -> tuple[str, str]:
+        return video_bad_reason(e, str(self.index[j][0]), self.decode_timeout_s)
 
 
 def _items(items):

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport, TooManyBadFiles
@@ -17,7 +17,8 @@ from rest_fast.data.clip import read_clip
 from rest_fast.data.decode import VideoDecodeError, preverify
 from rest_fast.data.index import VideoIndex
 from rest_fast.data.workers import (  # noqa: F401 - resample_index re-exported
-    read_with_replacements,
+    DecodeTimeout,
+    ResamplingDataset,
     resample_index,
     resolve_num_workers,
 )
@@ -87,7 +88,16 @@ class _EpochSampler(Sampler):
         return iter([(self.epoch, i) for i in order[self.rank::self.world_size]])
 
 
-class ClipDataset(Dataset):
+def video_bad_reason(e: BaseException, path: str, timeout_s: float) -> tuple[str, str]:
+    """``(path, reason)`` recorded for a video file that could not be read (decoder error, deadline, I/O)."""
+    if isinstance(e, VideoDecodeError):
+        return e.path, e.reason
+    if isinstance(e, DecodeTimeout):
+        return path, f"decoding took longer than decode_timeout_s={timeout_s:g}"
+    return path, f"{type(e).__name__}: {e}"
+
+
+class ClipDataset(ResamplingDataset):
     """Map-style dataset over a :class:`VideoIndex`; items are keyed by ``(epoch, entry)``.
 
     A bad entry (``VideoDecodeError``, or a read that outlives ``decode_timeout_s``) is replaced by
@@ -115,26 +125,16 @@ class ClipDataset(Dataset):
                               return_indices=True, method=self.method)
         return clip, idx, None
 
-    def __len__(self) -> int:
-        return len(self.index)
+    read_errors = (VideoDecodeError,)
 
-    def __getitem__(self, key):
-        epoch, entry = key if isinstance(key, tuple) else (0, key)
+    def read_entry(self, j: int, epoch: int) -> dict:
+        path, label = self.index[j]
+        clip, idx, params = self.read(path, sample_seed(self.seed, epoch, j))
+        return {"clip": clip, "label": -1 if label is None else label, "index": j,
+                "frame_indices": torch.tensor(idx, dtype=torch.int64), "params": params}
 
-        def read(j: int) -> dict:
-            path, label = self.index[j]
-            clip, idx, params = self.read(path, sample_seed(self.seed, epoch, j))
-            return {"clip": clip, "label": -1 if label is None else label, "index": j,
-                    "frame_indices": torch.tensor(idx, dtype=torch.int64), "params": params}
-
-        def describe(j: int, e: BaseException) -> tuple[str, str]:
-            if isinstance(e, VideoDecodeError):
-                return e.path, e.reason
-            return str(self.index[j][0]), f"decoding took longer than decode_timeout_s={self.decode_timeout_s:g}"
-
-        return read_with_replacements(read, describe, (VideoDecodeError,), entry=entry, epoch=epoch, seed=self.seed,
-                                      n=len(self.index), max_retries=self.max_retries,
-                                      timeout_s=self.decode_timeout_s)
+    def describe_bad(self, j: int, e: BaseException) -> tuple[str, str]:
+        return video_bad_reason(e, str(self.index[j][0]), self.decode_timeout_s)
 
 
 def _collate(items):

@@ -24,9 +24,10 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+from torch.utils.data import Dataset
 
 __all__ = ["DecodeTimeout", "cpus_available", "default_num_workers", "resolve_num_workers", "decode_deadline",
-           "resample_index", "read_with_replacements"]
+           "resample_index", "read_with_replacements", "ResamplingDataset"]
 
 _RESAMPLE_TAG = 0x5E5A  # separates the resample stream from the per-sample stream
 
@@ -119,3 +120,34 @@ def read_with_replacements(read: Callable[[int], dict], describe: Callable[[int,
         j = resample_index(seed, epoch, entry, attempt + 1, n)
     raise TooManyBadFiles(f"entry {entry} and {max_retries} deterministic replacements are all unreadable; "
                           f"last: {bad[-1][0]}: {bad[-1][1]}")
+
+
+class ResamplingDataset(Dataset):
+    """Base of the map-style sample datasets (PyAV clips, CPU shards, both DALI sample sources): items keyed by
+    ``(epoch, entry)`` (or a bare ``entry``, epoch 0), each read through :func:`read_with_replacements`.
+
+    A subclass sets ``index``, ``seed``, ``max_retries`` and ``decode_timeout_s``, names what makes an entry
+    unreadable in ``read_errors``, and implements :meth:`read_entry` and :meth:`describe_bad`. ``skip_bad``
+    (default False) returns failures instead of resampling.
+    """
+
+    read_errors: tuple[type[BaseException], ...] = ()
+    skip_bad: bool = False
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read_entry(self, j: int, epoch: int) -> dict:
+        """The item of entry ``j`` in ``epoch``; raises one of ``read_errors`` when it cannot be read."""
+        raise NotImplementedError
+
+    def describe_bad(self, j: int, e: BaseException) -> tuple[str, str]:
+        """``(path, reason)`` recorded for entry ``j`` that raised ``e`` (a ``read_errors`` or a DecodeTimeout)."""
+        raise NotImplementedError
+
+    def __getitem__(self, key) -> dict:
+        epoch, entry = key if isinstance(key, tuple) else (0, key)
+        return read_with_replacements(lambda j: self.read_entry(j, epoch), self.describe_bad, self.read_errors,
+                                      entry=entry, epoch=epoch, seed=self.seed, n=len(self.index),
+                                      max_retries=self.max_retries, timeout_s=self.decode_timeout_s,
+                                      skip_bad=self.skip_bad)

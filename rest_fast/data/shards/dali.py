@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport
@@ -43,7 +42,7 @@ from rest_fast.data.loader import (
     normalize_clips,
     sample_seed,
 )
-from rest_fast.data.workers import read_with_replacements, resolve_num_workers
+from rest_fast.data.workers import ResamplingDataset, resolve_num_workers
 
 from .reader import PREPARED_READ_ERRORS, PreparedIndex, prepared_bad_reason, read_sample
 
@@ -128,7 +127,7 @@ def _unpack(packed) -> list[np.ndarray]:
     return [a[s:e] for s, e in zip([0, *ends[:-1]], ends)]
 
 
-class ShardSampleSource(Dataset):
+class ShardSampleSource(ResamplingDataset):
     """What the worker processes prepare per ``(epoch, entry)`` (random access): :func:`select_frames` of
     the entry, after the deterministic resample of unreadable samples (listed in ``bad``)."""
 
@@ -137,24 +136,15 @@ class ShardSampleSource(Dataset):
         self.index, self.num_frames, self.train, self.seed = index, num_frames, train, seed
         self.max_retries, self.decode_timeout_s = max_retries, decode_timeout_s
 
-    def __len__(self) -> int:
-        return len(self.index)
+    read_errors = PREPARED_READ_ERRORS
 
-    def __getitem__(self, key):
-        epoch, entry = key if isinstance(key, tuple) else (0, key)
+    def read_entry(self, j: int, epoch: int) -> dict:
+        jpegs, meta = read_sample(self.index, j)
+        return select_frames(self.index, num_frames=self.num_frames, train=self.train, seed=self.seed, epoch=epoch,
+                             j=j, jpegs=jpegs, meta=meta)
 
-        def read(j: int) -> dict:
-            jpegs, meta = read_sample(self.index, j)
-            it = select_frames(self.index, num_frames=self.num_frames, train=self.train, seed=self.seed,
-                               epoch=epoch, j=j, jpegs=jpegs, meta=meta)
-            return it
-
-        def describe(j: int, e: BaseException) -> tuple[str, str]:
-            return prepared_bad_reason(self.index, j, e, self.decode_timeout_s)
-
-        return read_with_replacements(read, describe, PREPARED_READ_ERRORS, entry=entry,
-                                      epoch=epoch, seed=self.seed, n=len(self.index), max_retries=self.max_retries,
-                                      timeout_s=self.decode_timeout_s)
+    def describe_bad(self, j: int, e: BaseException) -> tuple[str, str]:
+        return prepared_bad_reason(self.index, j, e, self.decode_timeout_s)
 
 
 class DALIShardLoader(_LoaderBase):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rest_fast.data import augment
 from rest_fast.data.bad_files import BadFilesReport
@@ -51,7 +51,7 @@ from rest_fast.data.loader import (
     loader_kwargs,
     sample_seed,
 )
-from rest_fast.data.workers import DecodeTimeout, read_with_replacements, resolve_num_workers
+from rest_fast.data.workers import DecodeTimeout, ResamplingDataset, resolve_num_workers
 from rest_fast.errors import UserError
 
 from .prepare import FORMAT
@@ -272,7 +272,7 @@ def prepared_bad_reason(index: PreparedIndex, j: int, e: BaseException, timeout_
     return index.paths[j], f"prepared sample unreadable: {e}"
 
 
-class ShardClipDataset(Dataset):
+class ShardClipDataset(ResamplingDataset):
     """Map-style dataset over a :class:`PreparedIndex`; items keyed by ``(epoch, entry)`` like
     :class:`rest_fast.data.ClipDataset`. A sample that cannot be read (damaged shard) is replaced by the
     same deterministic resample as the PyAV loader and reported with the item."""
@@ -285,24 +285,15 @@ class ShardClipDataset(Dataset):
         self.seed, self.max_retries, self.defer_colour = seed, max_retries, defer_colour
         self.decode_timeout_s = decode_timeout_s
 
-    def __len__(self) -> int:
-        return len(self.index)
+    read_errors = PREPARED_READ_ERRORS
 
-    def __getitem__(self, key):
-        epoch, entry = key if isinstance(key, tuple) else (0, key)
+    def read_entry(self, j: int, epoch: int) -> dict:
+        jpegs, meta = read_sample(self.index, j)
+        return _item(jpegs, meta, j, self.index[j].label, self.num_frames, self.size, self.train, self.seed, epoch,
+                     self.defer_colour)
 
-        def read(j: int) -> dict:
-            jpegs, meta = read_sample(self.index, j)
-            it = _item(jpegs, meta, j, self.index[j].label, self.num_frames, self.size, self.train,
-                       self.seed, epoch, self.defer_colour)
-            return it
-
-        def describe(j: int, e: BaseException) -> tuple[str, str]:
-            return prepared_bad_reason(self.index, j, e, self.decode_timeout_s)
-
-        return read_with_replacements(read, describe, PREPARED_READ_ERRORS, entry=entry,
-                                      epoch=epoch, seed=self.seed, n=len(self.index), max_retries=self.max_retries,
-                                      timeout_s=self.decode_timeout_s)
+    def describe_bad(self, j: int, e: BaseException) -> tuple[str, str]:
+        return prepared_bad_reason(self.index, j, e, self.decode_timeout_s)
 
 
 class ShardStreamDataset(IterableDataset):
