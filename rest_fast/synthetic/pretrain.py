@@ -51,9 +51,10 @@ def train_demo_clip(clips: np.ndarray, specs: list[world.ClipSpec], *, seed: int
     """Contrastive training of :class:`DemoCLIP`: REST's video feature vs one caption per clip (soft targets).
 
     Plus a text-text term (weight ``text_text_weight``): each caption must be nearer its bare action name than
-    the other seven names. CLIP-TAM scores a caption by exactly that, and video-text training alone left
-    "a red square changing colour" nearer the name "standing still" (measured: 75% of captions mapped to their
-    own action without the term, 100% with it; the video side is unchanged, 90-91% on fresh clips).
+    the other seven names. CLIP-TAM scores a caption by exactly that, and video-text training alone left every
+    "... changing colour" and "... changing shape" caption nearer another action's name (measured: 75% of
+    captions mapped to their own action without the term, 100% with it; the video side is unchanged, 90-91% on
+    fresh clips).
     """
     rng = np.random.default_rng([seed, 0xC11])
     tok = WordTokenizer(world.vocabulary())
@@ -179,8 +180,8 @@ def pretrain(out: str | Path, *, seed: int = 0, web_clips: int = DEFAULTS["web_c
         for fn, kw in jobs:
             for line in fn(str(tmp), **kw):
                 log(line)
-    recipe = {"seed": seed, "web_clips": web_clips, "blip_web_clips": blip_web_clips, "frames": frames, "size": size, "clip_steps": clip_steps,
-              "blip_steps": blip_steps, "torch": torch.__version__}
+    recipe = {"seed": seed, "web_clips": web_clips, "blip_web_clips": blip_web_clips, "frames": frames, "size": size,
+              "clip_steps": clip_steps, "blip_steps": blip_steps, "torch": torch.__version__}
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     umask = os.umask(0)
     os.umask(umask)
