@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +252,25 @@ def test_auto_verification_with_frame_objects(fx):
         frames, idx = D.read_frames(fx["hevc"], 4, convert=None)
         assert [vf.decode_index(D.frame_to_rgb(f)) for f in frames] == idx
     assert D.verification_state()[("mov,mp4,m4a,3gp,3g2,mj2", "hevc")] == {"verified": D.VERIFY_CLIPS, "failed": None}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
+def test_frame_conversion_starts_no_threads_a_forked_worker_could_inherit(tmp_path):
+    """swscale's slice-thread pool outlives a conversion; a DataLoader worker forked after it hung forever
+    freeing the inherited pool. Conversions stay on the calling thread, so no pool exists to inherit."""
+    code = (
+        "import os, numpy as np, av\n"
+        "from rest_fast.data.decode import frame_to_rgb\n"
+        "from rest_fast.data.clip import crop_resize_frame\n"
+        "f = av.VideoFrame.from_ndarray(np.zeros((480, 640, 3), np.uint8), format='rgb24').reformat(format='yuv420p', threads=1)\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "for _ in range(3):\n"
+        "    frame_to_rgb(f); crop_resize_frame(f, (0, 0, 320, 240), 112)\n"
+        "print(before, len(os.listdir('/proc/self/task')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if "unexpected keyword argument 'threads'" in out.stderr:
+        pytest.skip("this PyAV has no swscale threads option (and no slice-thread pool)")
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert after == before

@@ -156,9 +156,29 @@ def _as_is(frame):
     return frame
 
 
+def _single_threaded_swscale() -> dict:
+    """Keyword arguments that keep swscale on the calling thread (``{}`` on PyAV without the option).
+
+    PyAV >= 14 scales with ``threads=0`` (auto) by default: swscale then keeps a pool of slice threads in a
+    cached context. A DataLoader worker forked after the parent converted a frame inherits that context
+    without its threads, and its first conversion blocks forever freeing it (``pthread_cond_destroy`` in
+    ``avpriv_slicethread_free``; seen as a hung loader test). Frames here are clip-sized and conversions
+    already run one per worker (or beside frame-threaded decoding), so slice threads buy nothing.
+    """
+    try:
+        frame = av.VideoFrame(16, 16, "yuv420p")
+        frame.to_ndarray(format="rgb24", threads=1)
+    except TypeError:  # older PyAV: no threads option, and no slice-thread pool either
+        return {}
+    return {"threads": 1}
+
+
+SWSCALE_KW = _single_threaded_swscale()
+
+
 def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """uint8 [H, W, 3] RGB of a decoded frame, rotated as its display matrix says (CCW, 90-degree steps)."""
-    a = frame.to_ndarray(format="rgb24")
+    a = frame.to_ndarray(format="rgb24", **SWSCALE_KW)
     k = _rotation(frame)
     if k:
         a = np.ascontiguousarray(np.rot90(a, k))
