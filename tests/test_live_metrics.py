@@ -229,3 +229,17 @@ def test_dev_extra_declares_tensorboard():
     assert any(r.startswith("tensorboard") for r in extras["tensorboard"])
     assert any(r.startswith("wandb") for r in extras["wandb"])
     assert "rest_fast[tensorboard]" in extras["dev"]
+
+
+def test_nothing_is_imported_unless_asked(tmp_path):
+    """Without ``log_to`` neither dashboard package is imported (a fresh process: other tests import them)."""
+    import subprocess
+
+    code = ("import sys; from rest_fast.run.rundir import RunDir; from rest_fast.run.sinks import MetricsLog; "
+            "import rest_fast.train.loop; "
+            f"log = MetricsLog.open(RunDir({str(tmp_path)!r}), []); log.write({{'kind': 'step', 'step': 1}}); "
+            "log.close(); print(sorted(m for m in ('tensorboard', 'wandb', 'torch.utils.tensorboard') "
+            "if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"
