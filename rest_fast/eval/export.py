@@ -55,7 +55,7 @@ def check_out(out: Path) -> bool:
     if not out.exists() and not out.is_symlink():
         return False
     if not out.is_dir() or out.is_symlink():
-        raise UserError(f"--out {out} exists and is not a folder (nothing was changed)")
+        raise UserError(f"--out {out} exists and is not a plain folder (a file or a link; nothing was changed)")
     entries = sorted(e.name for e in out.iterdir())
     if not entries:
         return True
