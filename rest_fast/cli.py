@@ -57,6 +57,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return run_finetune(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rest_fast.eval.export import run_export
+
+    return run_export(args)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import inspect
 
@@ -279,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_match_arguments(p_ft)
     _add_generation_arguments(p_ft)
     p_ft.set_defaults(func=_cmd_finetune)
+
+    p_exp = sub.add_parser("export", help="a trained run as a self-contained HF-style model folder (optionally pushed "
+                           "to the hub)",
+                           description="Write the run's captioner (BLIP + temporal adapters, safetensors), tokenizer, "
+                           "processor, config and a model card with the run's metrics to --out, loadable with "
+                           "GARModel.from_pretrained(DIR) and `rest-fast caption --checkpoint DIR` without the run.")
+    p_exp.add_argument("run", metavar="RUN", help="a `rest-fast train` run folder (its latest intact checkpoint) or "
+                       "one of its checkpoints/epoch_XXXX folders")
+    p_exp.add_argument("--out", required=True, metavar="DIR", help="new or empty folder (or an earlier export, "
+                       "replaced)")
+    p_exp.add_argument("--push-to-hub", metavar="REPO", help="then upload DIR to this Hugging Face model repo "
+                       "(needs network and a login)")
+    p_exp.add_argument("--private", action="store_true", help="create the hub repo as private")
+    p_exp.set_defaults(func=_cmd_export)
 
     p_prep = sub.add_parser("prepare", help="decode videos once into WebDataset shards of JPEG frames (resumable)",
                             description="Decode every video once (robust path), keep F frames uniformly spaced "

@@ -128,3 +128,23 @@ def test_normalisation_constants_made_once_per_device():
         / torch.tensor(std).double().view(1, 1, 3, 1, 1)
     torch.testing.assert_close(first, again)
     torch.testing.assert_close(first.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e9])
+def test_logged_grad_norm_adds_no_sync_and_is_the_last_steps_norm(monkeypatch, grad_clip):
+    """The step record's grad norm (issue 21 item 6) rides in the window's one host read, with or without clipping
+    (without, it is computed on the log steps only), and is the total norm of the log step's gradients."""
+    module, opt, sched, cache, batches = _setup(log_every=3, steps=3)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    reads: list[list[float]] = []
+    real = self_train._to_host
+    monkeypatch.setattr(self_train, "_to_host", lambda t: reads.append(real(t)) or reads[-1])
+    logs: list[dict] = []
+    with SyncCounter() as c:
+        self_train.self_train_epoch(module, opt, sched, batches, cache, epoch=0, seed=0, env=env,
+                                    grad_clip=grad_clip, log_every=3, on_log=logs.append)
+    assert c.hits == [] and len(reads) == 2
+    grads = [p.grad.double() for p in module.parameters() if p.grad is not None]  # the last (= log) step's
+    expected = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    assert len(logs) == 1 and logs[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert logs[0]["clips_per_second"] > 0 and 0 <= logs[0]["data_wait_fraction"] <= 1

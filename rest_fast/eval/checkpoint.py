@@ -6,8 +6,10 @@ Accepted, in the order they are tried:
    ``state.json`` names (the newest complete epoch), else the newest complete ``checkpoints/epoch_XXXX``;
 2. one ``RUN/checkpoints/epoch_XXXX`` folder of such a run (an older epoch);
 3. a directory holding a saved model under ``model/`` (what ``rest-fast finetune --out`` writes);
-4. a directory written by :meth:`GARModel.save_pretrained` or HF ``save_pretrained`` (``config.json``);
-5. anything else that is not an existing path: a Hugging Face hub id (``Salesforce/blip-image-captioning-base``).
+4. a folder written by ``rest-fast export`` (``rest_fast_export.json``): a saved model that carries the run's
+   decoding defaults, so it captions as the run did without the run folder;
+5. a directory written by :meth:`GARModel.save_pretrained` or HF ``save_pretrained`` (``config.json``);
+6. anything else that is not an existing path: a Hugging Face hub id (``Salesforce/blip-image-captioning-base``).
 
 For a trainer run the model is rebuilt exactly as the trainer built it (same BLIP source — the run's own tiny
 BLIP for the demo —, ``num_frames``, adapter layers) and the checkpoint's weights are loaded strictly. The run's
@@ -148,6 +150,24 @@ def _from_run(spec: str, root: Path, ckpt: Path, note: str | None = None) -> Res
     return ResolvedCheckpoint(spec, "run", blip, ckpt / "model.safetensors", root, cfg, defaults, data, data_root, note)
 
 
+def _export_defaults(p: Path) -> dict | None:
+    """The run's decoding defaults recorded in a ``rest-fast export`` folder, or None when ``p`` is not one."""
+    from rest_fast.eval.export import read_export_marker
+
+    marker = read_export_marker(p)
+    if marker is None or not (p / "config.json").is_file():
+        return None
+    defaults = marker.get("defaults")
+    return dict(defaults) if isinstance(defaults, dict) else {}
+
+
+def _export_run_name(p: Path) -> str:
+    from rest_fast.eval.export import read_export_marker
+
+    marker = read_export_marker(p) or {}
+    return f"{marker.get('run')} (epoch {marker.get('epoch')})"
+
+
 def resolve_checkpoint(spec: str | os.PathLike) -> ResolvedCheckpoint:
     """Work out what ``spec`` names (see the module docstring); nothing is loaded yet."""
     if spec is None or not str(spec).strip():
@@ -167,6 +187,10 @@ def resolve_checkpoint(spec: str | os.PathLike) -> ResolvedCheckpoint:
             return _from_run(spec, p.parent.parent, p)
         if (p / "model" / "config.json").is_file():
             return ResolvedCheckpoint(spec, "pretrained", str(p / "model"))
+        exported = _export_defaults(p)
+        if exported is not None:
+            return ResolvedCheckpoint(spec, "pretrained", str(p), defaults=exported,
+                                      note=f"exported by rest-fast export from run {_export_run_name(p)}")
         if (p / "config.json").is_file():
             return ResolvedCheckpoint(spec, "pretrained", str(p))
         raise CheckpointError(

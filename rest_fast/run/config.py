@@ -101,6 +101,7 @@ class TrainConfig:
     nccl_timeout: float = _f(3600.0, "seconds a collective may wait under torchrun before the run fails (covers rank-0 round work)", group="run", runtime=True)
     threads: int = _f(0, "CPU intra-op threads per process (0 = torch's default)", group="run", runtime=True)
     log_every: int = _f(10, "steps between loss records in metrics.jsonl", group="run", runtime=True)
+    log_to: list[str] = _f([], "live dashboards fed with the metrics.jsonl records (rank 0): 'tensorboard' (RUN/tensorboard/), 'wandb' (WANDB_MODE=offline works offline); optional extras rest_fast[tensorboard], rest_fast[wandb]", group="run", runtime=True)
     keep_checkpoints: int = _f(2, "epoch checkpoints kept on disk (the newest ones)", group="run", runtime=True)
     report_videos: int = _f(24, "videos shown in report.html", group="run", runtime=True)
     progress: bool = _f(True, "tqdm progress bars", group="run", runtime=True)
@@ -216,6 +217,9 @@ def validate_config(cfg: TrainConfig, *, check_paths: bool = False) -> TrainConf
     if cfg.grad_clip < 0:
         raise bad(f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     cfg.adapter_layers_value()
+    from rest_fast.run.sinks import parse_log_to  # names only: nothing is imported for a sink here
+
+    parse_log_to(cfg.log_to)
     if check_paths:
         if cfg.data is not None and not os.path.exists(cfg.data):
             raise bad(f"data={cfg.data} does not exist")

@@ -18,6 +18,8 @@ Layout::
       metrics.jsonl             one JSON record per line: step, epoch and round records
       bad_files.json            files that could not be decoded
       plots/, report.html       written by :mod:`rest_fast.train.report`
+      tensorboard/, wandb/      live dashboards when ``log_to`` names them (:mod:`rest_fast.run.sinks`);
+      wandb_run.json            the W&B run id, so a resumed run continues the same W&B run
 
 Atomicity: every file is written to a temporary name in the same folder, fsynced, then renamed over
 the final name (rename is atomic on POSIX), and the folder is fsynced. A checkpoint is a folder

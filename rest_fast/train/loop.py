@@ -44,6 +44,7 @@ from rest_fast.run.rundir import (
     restore_rng,
     verify_checkpoint,
 )
+from rest_fast.run.sinks import MetricsLog, check_available
 from rest_fast.train import distributed as dist_utils
 from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
 from rest_fast.train.self_train import derive_seed
@@ -235,7 +236,9 @@ class Trainer:
         barrier(env)
 
     def close(self) -> None:
-        """Release the run folder's lock (rank 0)."""
+        """Close the metric sinks and release the run folder's lock (rank 0)."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -251,8 +254,9 @@ class Trainer:
             else:
                 atomic_write_text(self.run_dir.path(CONFIG_FILE), cfg.to_yaml())  # may carry a larger `epochs`
                 _truncate_run(self.run_dir, int(self.state["epoch"]), int(self.state["round"]))
-            self.run_dir.append_metric({"kind": "start", "resume_epoch": self.state["epoch"] if self.state else None,
-                                        "world_size": env.world_size, "device": str(env.device)})
+            self.metrics = MetricsLog.open(self.run_dir, cfg.log_to, config=cfg.to_dict())  # metrics.jsonl + log_to
+            self.metrics.write({"kind": "start", "resume_epoch": self.state["epoch"] if self.state else None,
+                                "world_size": env.world_size, "device": str(env.device)})
         barrier(env)
 
     def _prepare_demo(self) -> None:
@@ -463,7 +467,8 @@ class Trainer:
                 recs.append(rec)
             atomic_write_jsonl(self.run_dir.captions_path(r), recs)
             record = {"kind": "round", "round": r, "epoch": epoch, "seconds": round(seconds, 3), **stats, **tam}
-            self.run_dir.append_metric(record)
+            self.metrics.write(record)
+            self.metrics.captions(r, recs)  # a table of sample captions on the dashboards
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
@@ -599,8 +604,9 @@ class Trainer:
 
         def on_log(rec: dict) -> None:
             if env.is_main:
-                self.run_dir.append_metric({"kind": "step", "epoch": epoch + 1, "round": rnd,
-                                            "step": base_step + rec["step_in_epoch"], "loss": rec["loss"], "lr": rec["lr"]})
+                self.metrics.write({"kind": "step", "epoch": epoch + 1, "round": rnd,
+                                    "step": base_step + rec["step_in_epoch"],
+                                    **{k: v for k, v in rec.items() if k != "step_in_epoch"}})
 
         stats = self_train_epoch(self.train_module, self.optimizer, self.scheduler, self.inputs.train_batches(epoch),
                                  self.cache, epoch=epoch, seed=cfg.seed, env=env, amp=cfg.amp, grad_clip=cfg.grad_clip,
@@ -609,10 +615,12 @@ class Trainer:
         self.global_step += stats["steps"]
         self._record_bad_files()
         if env.is_main:
-            self.run_dir.append_metric({"kind": "epoch", "epoch": epoch + 1, "round": rnd, "loss": stats["loss"],
-                                        "lr": self.optimizer.param_groups[0]["lr"], "step": self.global_step,
-                                        "seconds": round(time.time() - t0, 3)})
-            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} [{time.time() - t0:.1f} s]", flush=True)
+            self.metrics.write({"kind": "epoch", "epoch": epoch + 1, "round": rnd, "loss": stats["loss"],
+                                "lr": self.optimizer.param_groups[0]["lr"], "step": self.global_step,
+                                "seconds": round(time.time() - t0, 3), "clips_per_second": stats["clips_per_second"],
+                                "data_wait_fraction": stats["data_wait_fraction"]})
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f}, {stats['clips_per_second']:.1f} clips/s "
+                  f"per GPU, data wait {stats['data_wait_fraction']:.0%} [{time.time() - t0:.1f} s]", flush=True)
         return stats
 
     def _restore_round(self, rnd: int) -> None:
@@ -712,6 +720,7 @@ def _discard_failed_start(root: Path) -> None:
 
 def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     """Run (or resume) Algorithm 1 with ``cfg``; returns the run directory. Works under torchrun."""
+    check_available(cfg.log_to)  # a dashboard package that is missing: one line, before anything is written
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
