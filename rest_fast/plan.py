@@ -467,8 +467,8 @@ class PlanOptions:
     distinct_fraction: float = 0.5
     prepared_frames: int = 32
     loader_clips_per_second: float | None = None  # measured loader rate per GPU; None = assume it keeps up
-    rerank_scheme: str = "ring"  # exact cross-shard re-rank: "ring" (caption features travel) or "owner" (queries)
-    comm_chunk_gb: float = 1.0  # GiB per exchanged chunk: the bounded buffer of the ring / owner exchange
+    rerank_scheme: str = "owner"  # exact cross-shard re-rank: "owner" (queries travel; the trainer's) or "ring"
+    exchange_budget_gb: float = 2.0  # GiB: the bounded device buffers of the exchanges (top-k ring, re-rank chunks)
     gpus_per_node: int | None = None  # None: the GPU's usual server (GPU.gpus_per_node)
     intra_node_gb_per_s: float | None = None  # None: the GPU's (NVLink or PCIe), per GPU per direction
     inter_node_gb_per_s: float | None = None  # None: the GPU's usual network, per GPU per direction
@@ -498,14 +498,14 @@ def check_options(opts: PlanOptions) -> None:
     """Every numeric option finite and in range (NaN and inf included): a ``ValueError`` naming the flag."""
     floats = {"--mfu": opts.mfu, "--decode-efficiency": opts.decode_efficiency,
               "--distinct-fraction": opts.distinct_fraction, "--clips-per-second": opts.loader_clips_per_second,
-              "--comm-chunk-gb": opts.comm_chunk_gb, "--intra-node-gb-per-s": opts.intra_node_gb_per_s,
+              "--exchange-budget-gb": opts.exchange_budget_gb, "--intra-node-gb-per-s": opts.intra_node_gb_per_s,
               "--inter-node-gb-per-s": opts.inter_node_gb_per_s}
     for flag, v in floats.items():
         if v is not None and not math.isfinite(v):
             raise ValueError(f"{flag} must be a finite number, got {v}")
     if opts.gpu not in GPUS:
         raise ValueError(f"--gpu must be one of {', '.join(GPUS)}, got {opts.gpu!r}")
-    for flag in ("--clips-per-second", "--comm-chunk-gb", "--intra-node-gb-per-s", "--inter-node-gb-per-s"):
+    for flag in ("--clips-per-second", "--exchange-budget-gb", "--intra-node-gb-per-s", "--inter-node-gb-per-s"):
         if floats[flag] is not None and floats[flag] <= 0:
             raise ValueError(f"{flag} must be > 0, got {floats[flag]}")
     if opts.num_videos < 2:
@@ -650,18 +650,21 @@ def rerank_reads(s: PlanShape, counts: dict[str, int]) -> dict[str, int]:
 
 
 # --- interconnect ---------------------------------------------------------------------------------------------------
-def round_comm_bytes(s: PlanShape, counts: dict[str, int]) -> dict[str, int]:
+def round_comm_bytes(s: PlanShape, counts: dict[str, int], reads: dict[str, int]) -> dict[str, int]:
     """Bytes ONE rank sends per round in the sharded design (it receives as much).
 
-    * ``round0_neighbour_ring``: the streamed ring top-k — every rank's fp16 video features pass once around the
-      ring, each rank keeping a running top-H for its own videos: ``(G-1)·N/G·D·2``.
-    * re-rank, ``ring`` scheme: caption-feature shards travel around the ring in chunks; round 0 carries each
+    * ``round0_neighbour_ring``: the streamed ring top-k (``rest_fast.retrieval.distributed``, strategy ``ring``):
+      every rank's fp16 video features pass once around the ring, each rank keeping a running top-H of its own
+      videos: ``(G-1)·N/G·D·2``.
+    * re-rank, ``owner`` scheme (``rest_fast.retrieval.sharded_rerank``: caption ``c`` lives on rank ``c mod G``,
+      which scores it): for each video, its fp16 feature + an 8-byte position go to every other rank owning one of
+      its ``L`` distinct candidates (``(G-1)(1-(1-1/G)^L)`` of them with ids spread over the ranks), with those
+      candidates' int32 local rows (``4L(G-1)/G`` in all), and each owner answers ``K`` packed int64 keys; a rank
+      answers as many requests as it sends: per rank ``N/G·(owners·(2D + 8 + 8K) + 4L(G-1)/G)``. ``L`` is the
+      round-0 distinct initial candidates, then ``(H+1)(K+1)`` slot and pending ones.
+    * re-rank, ``ring`` scheme (the alternative): caption-feature shards travel around the ring; round 0 carries each
       rank's distinct initial captions (``(G-1)·N/G·d0·D·2``), a later round the K slot + 1 pending features per
       video (each rank keeps copies of its videos' slot features): ``(G-1)·N/G·(K+1)·D·2``.
-    * re-rank, ``owner`` scheme: each video's feature and neighbour ids go to the ranks that own its neighbours,
-      which answer with a partial top-K (int64 id + fp32 score each); with neighbours spread over the shards a
-      video reaches ``(G-1)(1-(1-1/G)^H)`` other owners: per rank ``N/G·(owners·(2D + 12K) + 4H(G-1)/G)`` in every
-      round.
     """
     if s.G == 1:
         return {"round0_neighbour_ring": 0, "round0_rerank": 0, "round0": 0, "per_round": 0}
@@ -671,8 +674,11 @@ def round_comm_bytes(s: PlanShape, counts: dict[str, int]) -> dict[str, int]:
         rerank0 = ring * counts["distinct_per_video"]
         rerank = ring * (s.K + 1)
     else:
-        owners = (G - 1) * (1 - (1 - 1 / G) ** s.H)
-        rerank0 = rerank = round(vpr * (owners * (row + 12 * s.K) + 4 * s.H * (G - 1) / G))
+        def owner(L: int) -> int:
+            owners = (G - 1) * (1 - (1 - 1 / G) ** L)
+            return round(vpr * (owners * (row + 8 + 8 * s.K) + 4 * L * (G - 1) / G))
+
+        rerank0, rerank = owner(reads["round0_per_video"]), owner((s.H + 1) * (s.K + 1))
     return {"round0_neighbour_ring": ring, "round0_rerank": rerank0, "round0": ring + rerank0, "per_round": rerank}
 
 
@@ -767,25 +773,28 @@ def optimizer_state_bytes(s: PlanShape) -> int:
 
 
 def exchange_buffer_bytes(s: PlanShape) -> float:
-    """The bounded buffer of the ring / owner exchange: a chunk in hand, one arriving, one of scoring workspace."""
-    return 0.0 if s.G == 1 else 3 * s.opts.comm_chunk_gb * GIB
+    """The exchanges' bounded device buffers (``--exchange-budget-gb``): the ring top-k's chunk in hand and the
+    one arriving, the re-rank's chunk of requests sent, received and merged; one GPU exchanges nothing."""
+    return 0.0 if s.G == 1 else s.opts.exchange_budget_gb * GIB
 
 
 def gpu_memory(s: PlanShape, counts: dict[str, int], act: dict[str, float]) -> dict[str, float]:
     """GiB per GPU, by figure (``total`` their sum: every phase's peak at once, an upper bound). Sharded: each rank
-    holds only its own videos' caption features (fp16, table grown by ≤ 1.25×, plus copies of its videos' K slot
-    features), neighbour rows, video features, and — while the ring top-k runs — the running top-H scores of its
-    videos; what travels between ranks stays inside the exchange buffers."""
+    holds only its own captions' features (fp16, table grown by ≤ 1.25×; the ring scheme adds copies of its
+    videos' K slot features), its neighbour rows, its video features, and — while the ring top-k runs — the
+    running top-2H packed int64 keys of its videos; what travels between ranks stays inside the exchange
+    buffers."""
     vpr, row = s.videos_per_rank, s.D * 2
     mem = {
         "params_grads_optimizer": optimizer_state_bytes(s) / GIB,
         "activations": _sum_activations(act) / GIB,
-        "caption_features": (CAPTION_TABLE_GROWTH * counts["final_per_rank"] + vpr * s.K) * row / GIB,
+        "caption_features": (CAPTION_TABLE_GROWTH * counts["final_per_rank"]
+                             + (vpr * s.K if s.opts.rerank_scheme == "ring" else 0)) * row / GIB,
         "neighbour_graph": vpr * s.H * 4 / GIB,
         "video_features": vpr * row / GIB,
         "frozen_clip": clip_params(s.clip) * s.half_bytes / GIB,
         "runtime": RUNTIME_GPU_GIB,
-        "neighbour_search_state": (vpr * s.H * 4 if s.G > 1 else 0) / GIB,  # fp32 running top-H scores (ring)
+        "neighbour_search_state": (vpr * 2 * s.H * 8 if s.G > 1 else 0) / GIB,  # ring top-k: 2H int64 keys
         "exchange_buffers": exchange_buffer_bytes(s) / GIB,
     }
     mem["total"] = sum(mem.values())
@@ -902,7 +911,7 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
     tt = training_time(s, hw_flops)
     counts = caption_counts(s)
     reads = rerank_reads(s, counts)
-    comm = round_comm_bytes(s, counts)
+    comm = round_comm_bytes(s, counts, reads)
     comm_s = comm_time(s, comm)
     r0 = round0_time(s, counts, reads, comm_s["round0"])
     rr = round_time(s, reads, comm_s["per_round"])
@@ -948,7 +957,7 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
                          "intra_node_gb_per_s": s.intra_bytes_per_s / 1e9,
                          "inter_node": s.gpu.inter_node if opts.inter_node_gb_per_s is None else "given",
                          "inter_node_gb_per_s": s.inter_bytes_per_s / 1e9, "link_efficiency": LINK_EFFICIENCY,
-                         "chunk_gb": opts.comm_chunk_gb},
+                         "exchange_budget_gb": opts.exchange_budget_gb},
         "caption_count_final": counts["final"],
         "caption_count_per_rank": counts["final_per_rank"],
         "memory_gb_per_gpu": mem,
@@ -973,10 +982,11 @@ MODEL_NOTES = {
                 "SDPA, no n^2 scores): (22d+4m) B per ViT token per layer + 4d per adapter (fp32: the autocast "
                 "share doubles), checkpointing keeps 4d per layer + one layer; 18 B per trainable param (fp32 "
                 "weights, grads, AdamW m/v, autocast copies; 16 B in fp32); SHARDED by video: each rank holds its "
-                "N/G videos' caption features (fp16 x1.25 capacity + K slot copies per video), neighbour rows "
-                "(int32), video features, running top-H scores while the ring top-k runs, and a bounded exchange "
-                "buffer (3 chunks); 1.5 GiB CUDA runtime; comm: ring top-k (video features once around the ring), "
-                "re-rank by ring (caption features travel) or owner (queries travel), at 80% of the per-direction "
+                "N/G videos' caption features (fp16 x1.25 capacity; ring scheme + K slot copies per video), "
+                "neighbour rows (int32), video features, running top-2H int64 keys while the ring top-k runs, and "
+                "the exchange budget; 1.5 GiB CUDA runtime; comm: ring top-k (video features once around the ring), "
+                "re-rank by owner (queries travel to the candidates' owners; default) or ring (caption features "
+                "travel), at 80% of the per-direction "
                 "link figure (ring: the slowest link; all-to-all: intra- then inter-node, no overlap); host: per "
                 "rank its own cache and writes, rank 0 + a 0.25 GiB merge buffer; captions of T x P x N initial "
                 "ones distinct_fraction distinct, +N per round; text padded to max_length + longest other prompt "
@@ -1082,11 +1092,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-frames", type=int, default=32, help="frames per clip in prepared shards (default 32)")
     p.add_argument("--clips-per-second", type=float, metavar="R", help="what the loader delivers per GPU (e.g. from "
                    "bench/): steps and data passes take at least clips/R (default: assume it keeps up)")
-    p.add_argument("--rerank-scheme", default="ring", choices=RERANK_SCHEMES, help="exact re-rank across shards: "
-                   "ring (caption-feature shards travel around the ranks) or owner (queries go to the owners of the "
-                   "neighbours' captions); default ring")
-    p.add_argument("--comm-chunk-gb", type=float, default=1.0, metavar="GIB", help="GiB per exchanged chunk (the "
-                   "bounded exchange buffer holds 3); default 1")
+    p.add_argument("--rerank-scheme", default="owner", choices=RERANK_SCHEMES, help="exact re-rank across shards: "
+                   "owner (each video's feature goes to the ranks owning its candidates, as the trainer does; "
+                   "default) or ring (caption-feature shards travel around the ranks)")
+    p.add_argument("--exchange-budget-gb", type=float, default=2.0, metavar="GIB", help="device memory the "
+                   "exchanges may use (top-k ring chunks, re-rank request chunks); default 2")
     p.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: the GPU's usual server, "
                    "8; 4 for RTX cards)")
     p.add_argument("--intra-node-gb-per-s", type=float, metavar="GB/S", help="link within a node, per GPU per "
@@ -1113,8 +1123,8 @@ def run_plan(args: argparse.Namespace) -> int:
         opts = PlanOptions(num_videos=args.num_videos, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu,
                            decode_efficiency=args.decode_efficiency, distinct_fraction=args.distinct_fraction,
                            prepared_frames=args.prepared_frames, loader_clips_per_second=args.clips_per_second,
-                           rerank_scheme=getattr(args, "rerank_scheme", "ring"),
-                           comm_chunk_gb=getattr(args, "comm_chunk_gb", 1.0),
+                           rerank_scheme=getattr(args, "rerank_scheme", "owner"),
+                           exchange_budget_gb=getattr(args, "exchange_budget_gb", 2.0),
                            gpus_per_node=getattr(args, "gpus_per_node", None),
                            intra_node_gb_per_s=getattr(args, "intra_node_gb_per_s", None),
                            inter_node_gb_per_s=getattr(args, "inter_node_gb_per_s", None))

@@ -299,24 +299,30 @@ def test_round_comm_bytes_and_time(capsys):
     runs at its slowest link (InfiniBand once there are two nodes), an all-to-all splits intra/inter node."""
     N, G, H, K, D, d0 = 1_000_000, 16, 2000, 3, 512, 12
     vpr = N // G
-    ring = _plan(capsys, "--num-videos", str(N), "--gpus", str(G))
-    assert ring["comm_detail_bytes"]["round0_neighbour_ring"] == (G - 1) * vpr * D * 2
+    owner = _plan(capsys, "--num-videos", str(N), "--gpus", str(G))
+    assert owner["interconnect"]["rerank_scheme"] == "owner"  # the trainer's scheme (retrieval/sharded_rerank.py)
+    assert owner["comm_detail_bytes"]["round0_neighbour_ring"] == (G - 1) * vpr * D * 2
+
+    def owner_bytes(L):
+        owners = (G - 1) * (1 - (1 - 1 / G) ** L)
+        return vpr * (owners * (2 * D + 8 + 8 * K) + 4 * L * (G - 1) / G)
+
+    assert owner["comm_detail_bytes"]["round0_rerank"] == pytest.approx(owner_bytes((H + 1) * d0), rel=1e-9)
+    assert owner["round_comm_bytes"] == pytest.approx(owner_bytes((H + 1) * (K + 1)), rel=1e-9)
+    ic = owner["interconnect"]
+    assert (ic["gpus_per_node"], ic["nodes"], ic["intra_node_gb_per_s"], ic["inter_node_gb_per_s"]) == (8, 2, 450, 50)
+    local = 7 / 15  # all-to-all: 7 of the 15 peers share the node
+    b = owner["round_comm_bytes"]
+    assert owner["time_seconds"]["per_round_comm"] == pytest.approx(
+        b * local / (450e9 * 0.8) + b * (1 - local) / (50e9 * 0.8), rel=1e-6)
+    ring = _plan(capsys, "--num-videos", str(N), "--gpus", str(G), "--rerank-scheme", "ring",
+                 "--inter-node-gb-per-s", "10")
     assert ring["comm_detail_bytes"]["round0_rerank"] == (G - 1) * vpr * d0 * D * 2
     assert ring["round_comm_bytes"] == (G - 1) * vpr * (K + 1) * D * 2
-    ic = ring["interconnect"]
-    assert (ic["gpus_per_node"], ic["nodes"], ic["intra_node_gb_per_s"], ic["inter_node_gb_per_s"]) == (8, 2, 450, 50)
-    assert ring["time_seconds"]["per_round_comm"] == pytest.approx(ring["round_comm_bytes"] / (50e9 * 0.8))
+    assert ring["time_seconds"]["per_round_comm"] == pytest.approx(ring["round_comm_bytes"] / (10e9 * 0.8))
     # one node: the ring runs over NVLink
-    nvl = _plan(capsys, "--num-videos", str(N), "--gpus", str(G), "--gpus-per-node", "16")
+    nvl = _plan(capsys, "--num-videos", str(N), "--gpus", str(G), "--rerank-scheme", "ring", "--gpus-per-node", "16")
     assert nvl["time_seconds"]["per_round_comm"] == pytest.approx(ring["round_comm_bytes"] / (450e9 * 0.8))
-    owner = _plan(capsys, "--num-videos", str(N), "--gpus", str(G), "--rerank-scheme", "owner",
-                  "--inter-node-gb-per-s", "10")
-    owners = (G - 1) * (1 - (1 - 1 / G) ** H)
-    expect = vpr * (owners * (2 * D + 12 * K) + 4 * H * (G - 1) / G)
-    assert owner["round_comm_bytes"] == pytest.approx(expect, rel=1e-9)
-    local = 7 / 15
-    assert owner["time_seconds"]["per_round_comm"] == pytest.approx(
-        expect * local / (450e9 * 0.8) + expect * (1 - local) / (10e9 * 0.8), rel=1e-6)
     # the exchange is part of the round time; one GPU exchanges nothing
     assert owner["time_seconds"]["per_round"] - owner["time_seconds"]["per_round_comm"] == pytest.approx(
         ring["time_seconds"]["per_round"] - ring["time_seconds"]["per_round_comm"])
@@ -333,8 +339,9 @@ def test_plan_is_built_from_named_figures(capsys):
     s = plan.resolve_shape(cfg, opts)
     counts = plan.caption_counts(s)
     assert (s.per_rank, s.micro_batch, s.videos_per_rank) == (8, 4, 12_500)
-    assert plan.round_comm_bytes(s, counts)["per_round"] == p["round_comm_bytes"]
-    assert plan.rerank_reads(s, counts)["per_round"] == p["round_rerank_bytes"] == 12_500 * 2001 * 4 * 512 * 2
+    reads = plan.rerank_reads(s, counts)
+    assert plan.round_comm_bytes(s, counts, reads)["per_round"] == p["round_comm_bytes"]
+    assert reads["per_round"] == p["round_rerank_bytes"] == 12_500 * 2001 * 4 * 512 * 2
     act = plan.micro_batch_activations(s, 4, False)
     assert plan.gpu_memory(s, counts, act) == p["memory_gb_per_gpu"]
     assert plan.host_total(plan.host_memory(s, counts), rank0=True) == p["host_memory_gb_per_rank"]
@@ -346,7 +353,7 @@ def test_plan_is_built_from_named_figures(capsys):
 @pytest.mark.parametrize("flag, value", [
     ("--clips-per-second", "nan"), ("--clips-per-second", "inf"), ("--clips-per-second", "-inf"),
     ("--clips-per-second", "-5"), ("--clips-per-second", "0"), ("--mfu", "nan"), ("--decode-efficiency", "inf"),
-    ("--distinct-fraction", "nan"), ("--comm-chunk-gb", "nan"), ("--inter-node-gb-per-s", "inf"),
+    ("--distinct-fraction", "nan"), ("--exchange-budget-gb", "nan"), ("--inter-node-gb-per-s", "inf"),
     ("--intra-node-gb-per-s", "-1"), ("--gpus-per-node", "0"),
 ])
 def test_non_finite_or_negative_flags_are_one_line(capsys, flag, value):
