@@ -35,18 +35,28 @@ adapters; T=8, global batch 64 → 512 frames; captions padded to L=23 tokens, 1
 * One global step: **≈ 56.1 TFLOP**. At 60 % of an H100's 989 TFLOP/s on 8 GPUs: 11.8 ms, 8 clips per GPU →
   ≈ 680 clips/s per GPU to keep up.
 
-Memory (modelled, GiB = 2³⁰ bytes): fp32 master weights + fp32 gradients + AdamW's two fp32 states + the bf16
-weight copies autocast keeps during the step (18 B per trainable parameter; DDP buckets are gradient views);
-activations saved for backward under bf16 autocast with SDPA attention (no n² score matrix), per ViT layer per
-token ``22d + 4m`` bytes (fp32 residual stream into the two LayerNorms, bf16 inputs of the four projections, q/k/v
-and the attention output, the GELU input and output) + ``4d`` for an adapter's fp32 input; with
-``grad_checkpointing`` only each layer's fp32 input (``4d`` per token) plus one layer recomputed. Caption features
-fp16 on device in a table grown by ≤ 1.25×; each rank's neighbour-graph rows int32; video features fp16; the frozen
-CLIP in bf16; a fixed allowance for the CUDA context and library workspaces.
+Memory (modelled, GiB = 2³⁰ bytes): fp32 master weights + fp32 gradients + AdamW's two fp32 states + the bf16/fp16
+weight copies autocast keeps during the step (18 B per trainable parameter, 16 B with ``precision=fp32``; DDP buckets
+are gradient views); activations of ONE micro-batch (the per-GPU batch over ``accum_steps``) saved for backward under
+autocast with SDPA attention (no n² score matrix), per ViT layer per token ``22d + 4m`` bytes (fp32 residual stream
+into the two LayerNorms, half-precision inputs of the four projections, q/k/v and the attention output, the GELU
+input and output; in fp32 the half-precision share doubles) + ``4d`` for an adapter's fp32 input; with
+``grad_checkpointing`` only each layer's fp32 input (``4d`` per token) plus one layer recomputed; the frozen CLIP in
+half precision; a fixed allowance for the CUDA context and library workspaces.
 
-Time (modelled): FLOPs at a stated fraction of the GPU's dense bf16 peak (``--mfu``; beam-search decoding at
-``--decode-efficiency`` plus a fixed overhead per decoding step); re-ranking and neighbour search as bytes read at
-half the HBM bandwidth. Data loading is assumed to keep up: ``clips_per_second_needed`` says at what rate.
+The data-sized state is SHARDED by video, as the trainer does it under torchrun (issue 20): each rank holds its own
+captions' fp16 features (a table grown by ≤ 1.25×), its videos' neighbour rows (int32), its videos' fp16 features,
+the running top-2H packed int64 keys of the streamed ring top-k, and a bounded exchange budget — memory per rank
+O(N/G). Host memory per rank: its own caption cache, initial captions and file parts; rank 0 adds only a bounded
+streaming-merge buffer. Figures that are peaks of different phases are summed (an upper bound).
+
+Time (modelled): FLOPs at a stated fraction of the GPU's dense peak at the run's precision (``--mfu``; beam-search
+decoding at ``--decode-efficiency`` plus a fixed overhead per decoding step); re-ranking and neighbour search as
+bytes read at half the HBM bandwidth; the exchanges between ranks (``round_comm_bytes``: the ring top-k's video
+features once around the ring in round 0, and the exact re-rank's requests — owner computes, the trainer's scheme,
+or a ring of caption-feature shards) at 80 % of the per-direction link figure: NVLink within a node of 8 (H100/H200
+450 GB/s, A100 300 GB/s; PCIe for the others), InfiniBand across nodes (NDR 50 GB/s per GPU on H100/H200, HDR 25 GB/s
+on A100), all overridable. Data loading is assumed to keep up: ``clips_per_second_needed`` says at what rate.
 """
 
 from __future__ import annotations
@@ -133,13 +143,20 @@ GPUS: dict[str, GPU] = {
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
+_PRECISION_SPELLINGS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
 def plan_precision(cfg: TrainConfig) -> str:
-    """The run's precision: the ``precision`` key, with ``amp=false`` (its alias for fp32) turning the default
-    bf16 into fp32."""
-    p = str(getattr(cfg, "precision", "bf16")).strip().lower()
+    """The run's precision as the trainer reads it: the ``precision`` key, ``amp`` its alias (``amp=false`` is
+    fp32; ``amp=false`` with ``precision=fp16`` contradicts itself)."""
+    raw = getattr(cfg, "precision", "bf16")
+    p = _PRECISION_SPELLINGS.get(str(raw).strip().lower(), str(raw).strip().lower())
     if p not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
-    return "fp32" if p == "bf16" and not cfg.amp else p
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {raw!r}")
+    if not cfg.amp and p == "fp16":
+        raise ValueError("amp=false contradicts precision=fp16 (amp is precision's alias: false = fp32); give one "
+                         "of them")
+    return p if cfg.amp else "fp32"
 
 
 def peak_flops(gpu: GPU, precision: str) -> float:
@@ -561,7 +578,7 @@ class PlanShape:
 
     @property
     def micro_batch(self) -> int:
-        return -(-self.per_rank // self.accum)
+        return self.per_rank // self.accum
 
     @property
     def steps_per_epoch(self) -> int:
@@ -587,9 +604,9 @@ def resolve_shape(cfg: TrainConfig, opts: PlanOptions) -> PlanShape:
     accum = int(getattr(cfg, "accum_steps", 1))
     if accum < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum}")
-    if accum > per_rank:
-        raise ValueError(f"accum_steps={accum} is more than the {per_rank} clips each GPU takes per step "
-                         f"(batch_size={cfg.batch_size} over {G} GPUs): a micro-batch needs a clip")
+    if per_rank % accum:  # as the trainer (train/accumulate.py): equal micro-batches
+        raise ValueError(f"batch_size gives {per_rank} clips per GPU over {G} GPUs, which accum_steps={accum} does "
+                         "not divide: pick accum_steps dividing it (the micro-batches must be equal)")
     a = blip_arch(cfg.blip, cfg.image_size)
     c = clip_arch(cfg.clip, cfg.image_size)
     if cfg.image_size % a.patch:
@@ -831,11 +848,10 @@ def host_total(host: dict[str, float], rank0: bool) -> float:
 
 # --- advice ---------------------------------------------------------------------------------------------------------
 def _fit_accumulation(s: PlanShape, rest_gib: float, usable: float, checkpointing: bool) -> tuple[int, float] | None:
-    """The fewest micro-batches per step whose activations fit beside ``rest_gib``: (accum_steps, total GiB)."""
-    for accum in range(1, s.per_rank + 1):
-        micro = -(-s.per_rank // accum)
-        if accum > 1 and micro == -(-s.per_rank // (accum - 1)):
-            continue  # same micro-batch size as one fewer step
+    """The fewest micro-batches per step (a divisor of the per-GPU batch, as the trainer needs) whose activations
+    fit beside ``rest_gib``: (accum_steps, total GiB), or None."""
+    for accum in (a for a in range(1, s.per_rank + 1) if s.per_rank % a == 0):
+        micro = s.per_rank // accum
         total = rest_gib + _sum_activations(micro_batch_activations(s, micro, checkpointing)) / GIB
         if total <= usable:
             return accum, total
@@ -882,7 +898,7 @@ def plan_advice(s: PlanShape, mem: dict[str, float], act: dict[str, float]) -> l
             accum, total = found
             advice.append(f"activations overflow ({act_now:.1f} GiB for micro-batches of {s.micro_batch} clips): "
                           f"accumulate gradients with accum_steps={accum} (micro-batches of "
-                          f"{-(-s.per_rank // accum)} clips; batch_size={cfg.batch_size} and each optimiser step "
+                          f"{s.per_rank // accum} clips; batch_size={cfg.batch_size} and each optimiser step "
                           f"unchanged): {total:.1f} GiB")
         if not cfg.grad_checkpointing:
             ck = _fit_accumulation(s, rest, usable, True)
@@ -891,7 +907,7 @@ def plan_advice(s: PlanShape, mem: dict[str, float], act: dict[str, float]) -> l
                 advice.append(f"or grad_checkpointing=true: {ck_now:.1f} GiB (+1/3 ViT compute)")
             elif ck:
                 advice.append(f"or grad_checkpointing=true with accum_steps={ck[0]} (micro-batches of "
-                              f"{-(-s.per_rank // ck[0])}): {ck[1]:.1f} GiB (+1/3 ViT compute)")
+                              f"{s.per_rank // ck[0]}): {ck[1]:.1f} GiB (+1/3 ViT compute)")
             elif not found:
                 advice.append(f"does not fit in {cap} even one clip at a time with grad_checkpointing=true")
         elif not found:

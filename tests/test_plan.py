@@ -204,6 +204,8 @@ def test_one_gpu_advice_when_it_does_not_fit(capsys):
     (["--num-videos", "100", "--gpus", "0"], "--gpus"),
     (["--num-videos", "100", "--gpus", "2", "accum_steps=0"], "accum_steps"),
     (["--num-videos", "100", "--gpus", "2", "accum_steps=33"], "accum_steps"),
+    (["--num-videos", "100", "--gpus", "2", "accum_steps=3"], "accum_steps=3 does not divide"),
+    (["--num-videos", "100", "--gpus", "2", "amp=false", "precision=fp16"], "contradicts"),
     (["--num-videos", "100", "--gpus", "2", "precision=fp8"], "precision"),
     (["--num-videos", "100", "--gpus", "1", "blip=/no/such/model"], "blip="),
 ])
@@ -432,8 +434,10 @@ def test_24gb_card_advice_is_concrete_and_fits(capsys, gpu):
     for p in (plain, ckpt):
         assert p["memory_gb_per_gpu"]["total"] <= 0.9 * 24
         assert any("fits" in a for a in p["advice"])
-    # one fewer micro-batch would not fit
-    tight = _plan(capsys, *args, f"accum_steps={steps[0] - 1}")
+    # the next fewer micro-batches the trainer allows (a divisor of the per-GPU batch of 64) would not fit
+    assert 64 % steps[0] == 0 and 64 % steps[1] == 0
+    fewer = max(a for a in range(1, steps[0]) if 64 % a == 0)
+    tight = _plan(capsys, *args, f"accum_steps={fewer}")
     assert tight["memory_gb_per_gpu"]["total"] > 0.9 * 24
 
 
