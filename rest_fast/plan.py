@@ -846,6 +846,13 @@ def host_total(host: dict[str, float], rank0: bool) -> float:
             + max(host["weights_at_load"], host["round0_initial_captions"] + writes))
 
 
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+def checkpoint_gb(s: PlanShape) -> float:
+    """GB of one checkpoint (``checkpoints/epoch_XXXX/``): the trained weights in fp32 (``model.safetensors``) and
+    AdamW's two fp32 states (``train_state.pt``); the scheduler, RNG and step counters are negligible."""
+    return (blip_params(s.blip) + adapter_params(s.blip, s.n_adapt)) * (4 + 8) / 1e9
+
+
 # --- advice ---------------------------------------------------------------------------------------------------------
 def _fit_accumulation(s: PlanShape, rest_gib: float, usable: float, checkpointing: bool) -> tuple[int, float] | None:
     """The fewest micro-batches per step (a divisor of the per-GPU batch, as the trainer needs) whose activations
@@ -940,7 +947,8 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
                    "batch_size": cfg.batch_size, "per_gpu_batch": s.per_rank, "num_neighbours": s.H, "k": s.K,
                    "prompts": s.P, "epochs": cfg.epochs, "rounds": rounds, "grad_checkpointing": cfg.grad_checkpointing,
                    "adapters": s.n_adapt, "num_beams": cfg.num_beams, "max_length": cfg.max_length,
-                   "accum_steps": s.accum, "micro_batch": s.micro_batch, "precision": s.precision},
+                   "accum_steps": s.accum, "micro_batch": s.micro_batch, "precision": s.precision,
+                   "keep_checkpoints": cfg.keep_checkpoints},
         "num_videos": s.N, "gpus": s.G, "gpu": s.gpu.name,
         "precision": s.precision, "peak_flops": s.peak,
         "loader_clips_per_second": opts.loader_clips_per_second,
@@ -982,6 +990,8 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
         "host_memory_gb_per_rank": host_total(host, rank0=True),
         "host_memory_gb_other_ranks": host_total(host, rank0=False),
         "host_memory_detail_gb": host,
+        "checkpoint_gb": checkpoint_gb(s),
+        "checkpoint_disk_gb": checkpoint_gb(s) * (cfg.keep_checkpoints + 1),  # the kept ones + one being written
         "shard_disk_gb": s.N * SHARD_MB_PER_32_FRAMES * opts.prepared_frames / 32 * 1e6 / 1e9,
         "advice": plan_advice(s, mem, act),
         "model": MODEL_NOTES,
@@ -1078,6 +1088,9 @@ def format_plan(p: dict[str, Any]) -> str:
         ("  video feats, CLIP, runtime", f"{m['video_features'] + m['frozen_clip'] + m['runtime']:.2f} GiB", ""),
         ("host_memory_gb_per_rank", f"{p['host_memory_gb_per_rank']:.1f} GiB (rank 0; other ranks "
                                     f"{p['host_memory_gb_other_ranks']:.1f})", "modelled"),
+        ("checkpoint_gb", f"{p['checkpoint_gb']:.1f} GB each (fp32 weights + AdamW states); "
+                          f"{p['checkpoint_disk_gb']:.1f} GB with keep_checkpoints={c['keep_checkpoints']} + one "
+                          "being written", "counted"),
         ("shard_disk_gb", f"{p['shard_disk_gb']:,.0f} GB", "measured/clip"),
     ]
     w0 = max(len(r[0]) for r in rows)

@@ -418,6 +418,9 @@ def test_accum_steps_enter_memory_not_flops(capsys):
     assert four["flops_per_step"] == one["flops_per_step"] and four["step_seconds"] == one["step_seconds"]
     assert four["memory_gb_per_gpu"]["activations"] == pytest.approx(one["memory_gb_per_gpu"]["activations"] / 4,
                                                                      rel=0.01)
+    # a checkpoint holds the trained weights and AdamW's two states in fp32, whatever the micro-batch
+    assert four["checkpoint_gb"] == one["checkpoint_gb"] == pytest.approx(one["params"]["trainable"] * 12 / 1e9)
+    assert one["checkpoint_disk_gb"] == pytest.approx(one["checkpoint_gb"] * 3)  # keep_checkpoints=2 + one written
 
 
 @pytest.mark.parametrize("gpu", ["rtx4090", "l4"])
