@@ -865,60 +865,75 @@ def _fit_accumulation(s: PlanShape, rest_gib: float, usable: float, checkpointin
     return None
 
 
+def _overflow_advice(s: PlanShape, mem: dict[str, float], usable: float, smallest_act: float) -> str:
+    """Even one checkpointed clip at a time does not fit: accumulation and checkpointing only shrink activations,
+    so name what overflows — the figures that grow with N/G (and how many GPUs would hold them) or the fixed part."""
+    cap = f"90% of {s.gpu.memory_gib:.0f} GiB"
+    rest = mem["total"] - mem["activations"]
+    data_total = sum(mem[k] for k in DATA_SCALED)
+    parts = {k: v for k, v in mem.items() if k not in ("total", "activations")}
+    named = ", ".join(f"{k} {v:,.1f} GiB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
+                      if v >= 0.05 * rest)
+    if data_total >= 0.5 * rest:
+        # on G' > 1 GPUs each holds N/G' videos' worth of the data-sized figures (the ring top-k keys included)
+        # beside the fixed part and the exchange budget
+        per_video = ((CAPTION_TABLE_GROWTH * (caption_counts(s)["distinct_per_video"] + s.cfg.num_rounds)
+                      + (s.K if s.opts.rerank_scheme == "ring" else 0) + 1) * s.D * 2 + s.H * 4 + 2 * s.H * 8) / GIB
+        fixed = (mem["params_grads_optimizer"] + mem["frozen_clip"] + mem["runtime"] + smallest_act
+                 + s.opts.exchange_budget_gb)
+        room = usable - fixed
+        videos_fit = int(room // per_video) if room > 0 else 0  # videos per GPU that fit
+        more = (f"about {max(2, -(-s.N // videos_fit)):,} GPUs would hold it (these figures shrink as N/G), "
+                f"or lower num_neighbours / the initial captions (prompts x num_frames)" if videos_fit else
+                f"the parts that do not shrink with more GPUs alone exceed {cap}")
+        what = f"what grows with the videos per GPU ({s.videos_per_rank:,}) overflows"
+    else:
+        more, what = "a GPU with more memory", "the model's fixed part overflows"
+    return f"does not fit in {cap}: {what} — {named}; gradient accumulation or checkpointing cannot help: {more}"
+
+
+def _activation_advice(s: PlanShape, mem: dict[str, float], usable: float) -> list[str]:
+    """The activations overflow: the fewest ``accum_steps`` that fit, and the ``grad_checkpointing`` variant."""
+    cfg, cap = s.cfg, f"90% of {s.gpu.memory_gib:.0f} GiB"
+    rest = mem["total"] - mem["activations"]
+    advice = []
+    found = _fit_accumulation(s, rest, usable, cfg.grad_checkpointing)
+    if found:  # the smallest that fits; the current accum_steps does not, so it is larger
+        accum, total = found
+        advice.append(f"activations overflow ({mem['activations']:.1f} GiB for micro-batches of {s.micro_batch} "
+                      f"clips): accumulate gradients with accum_steps={accum} (micro-batches of "
+                      f"{s.per_rank // accum} clips; batch_size={cfg.batch_size} and each optimiser step "
+                      f"unchanged): {total:.1f} GiB")
+    if not cfg.grad_checkpointing:
+        ck = _fit_accumulation(s, rest, usable, True)
+        if ck and ck[0] <= s.accum:
+            ck_now = rest + _sum_activations(micro_batch_activations(s, s.micro_batch, True)) / GIB
+            advice.append(f"or grad_checkpointing=true: {ck_now:.1f} GiB (+1/3 ViT compute)")
+        elif ck:
+            advice.append(f"or grad_checkpointing=true with accum_steps={ck[0]} (micro-batches of "
+                          f"{s.per_rank // ck[0]}): {ck[1]:.1f} GiB (+1/3 ViT compute)")
+    if not advice:
+        advice.append(f"does not fit in {cap} even one clip at a time (accum_steps={s.per_rank})")
+    return advice
+
+
 def plan_advice(s: PlanShape, mem: dict[str, float], act: dict[str, float]) -> list[str]:
     """What to change when it does not fit, naming what overflows: the data-scaled figures (more GPUs; nothing
     per micro-batch helps) or the activations (concrete ``accum_steps`` / ``grad_checkpointing``)."""
     cfg = s.cfg
     usable = USABLE_FRACTION * s.gpu.memory_gib
-    cap = f"90% of {s.gpu.memory_gib:.0f} GiB"
     advice = []
     if cfg.batch_size < s.G:
         advice.append(f"batch_size={cfg.batch_size} is smaller than {s.G} GPUs: the trainer runs 1 clip per GPU, "
                       f"a global batch of {s.global_batch} (not the recipe's {cfg.batch_size}); set "
                       f"batch_size={s.global_batch} to say so")
-    data = {k: mem[k] for k in DATA_SCALED}
-    data_total = sum(data.values())
-    rest = mem["total"] - mem["activations"]
     smallest_act = _sum_activations(micro_batch_activations(s, 1, True)) / GIB
     if mem["total"] <= usable:
-        advice.append(f"fits in {cap} without changes")
-    elif rest + smallest_act > usable:
-        # even one checkpointed clip at a time does not fit: accumulation and checkpointing only shrink
-        # activations, so name what overflows instead
-        parts = {k: v for k, v in mem.items() if k not in ("total", "activations")}
-        named = ", ".join(f"{k} {v:,.1f} GiB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
-                          if v >= 0.05 * rest)
-        room = usable - (rest - data_total) - smallest_act
-        if data_total >= 0.5 * rest:
-            more = (f"about {math.ceil(data_total * s.G / room):,} GPUs would hold it (these figures shrink as N/G), "
-                    f"or lower num_neighbours / the initial captions (prompts x num_frames)" if room > 0 else
-                    f"the parts that do not shrink with more GPUs alone exceed {cap}")
-            what = f"what grows with the videos per GPU ({s.videos_per_rank:,}) overflows"
-        else:
-            more, what = "a GPU with more memory", "the model's fixed part overflows"
-        advice.append(f"does not fit in {cap}: {what} — {named}; gradient accumulation or checkpointing cannot "
-                      f"help: {more}")
+        advice.append(f"fits in 90% of {s.gpu.memory_gib:.0f} GiB without changes")
+    elif mem["total"] - mem["activations"] + smallest_act > usable:
+        advice.append(_overflow_advice(s, mem, usable, smallest_act))
     else:
-        act_now = mem["activations"]
-        found = _fit_accumulation(s, rest, usable, cfg.grad_checkpointing)
-        if found and found[0] > s.accum:
-            accum, total = found
-            advice.append(f"activations overflow ({act_now:.1f} GiB for micro-batches of {s.micro_batch} clips): "
-                          f"accumulate gradients with accum_steps={accum} (micro-batches of "
-                          f"{s.per_rank // accum} clips; batch_size={cfg.batch_size} and each optimiser step "
-                          f"unchanged): {total:.1f} GiB")
-        if not cfg.grad_checkpointing:
-            ck = _fit_accumulation(s, rest, usable, True)
-            ck_now = rest + _sum_activations(micro_batch_activations(s, s.micro_batch, True)) / GIB
-            if ck and ck[0] <= s.accum:
-                advice.append(f"or grad_checkpointing=true: {ck_now:.1f} GiB (+1/3 ViT compute)")
-            elif ck:
-                advice.append(f"or grad_checkpointing=true with accum_steps={ck[0]} (micro-batches of "
-                              f"{s.per_rank // ck[0]}): {ck[1]:.1f} GiB (+1/3 ViT compute)")
-            elif not found:
-                advice.append(f"does not fit in {cap} even one clip at a time with grad_checkpointing=true")
-        elif not found:
-            advice.append(f"does not fit in {cap} even one clip at a time (accum_steps={s.per_rank})")
+        advice += _activation_advice(s, mem, usable)
     eager = act["eager_attention_extra"] / GIB
     advice.append(f"with eager ViT attention instead of SDPA (n x n scores kept for backward) activations grow by "
                   f"{eager:.1f} GiB: {mem['total'] + eager:.1f} GiB in all")

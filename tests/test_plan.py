@@ -375,6 +375,11 @@ def test_huge_data_set_advice_names_what_overflows(capsys):
     assert "caption_features" in advice and "neighbour_graph" in advice and "GPUs" in advice
     assert "accum_steps=" not in advice and "accumulate gradients" not in advice and "grad_checkpointing=" not in advice
     assert p["memory_gb_per_gpu"]["total"] > 80
+    # the GPU count it names does hold it (one checkpointed clip per GPU)
+    gpus = int(re.search(r"about ([\d,]+) GPUs", advice).group(1).replace(",", ""))
+    more = _plan(capsys, "--num-videos", str(10**12), "--gpus", str(gpus), "grad_checkpointing=true")
+    assert more["memory_gb_per_gpu"]["total"] <= 0.9 * 80
+    assert any("fits" in a for a in more["advice"])
 
 
 # --- GPUs, precision, accumulation (issue 21 items 1-2) ---------------------------------------------------------------
