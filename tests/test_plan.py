@@ -328,6 +328,8 @@ def test_round_comm_bytes_and_time(capsys):
     # the exchange is part of the round time; one GPU exchanges nothing
     assert owner["time_seconds"]["per_round"] - owner["time_seconds"]["per_round_comm"] == pytest.approx(
         ring["time_seconds"]["per_round"] - ring["time_seconds"]["per_round_comm"])
+    rc, out, _ = _run(capsys, "--num-videos", str(N), "--gpus", str(G))  # the table shows them too
+    assert rc == 0 and "round_comm_bytes" in out and "owner re-rank, 2 node(s) of 8" in out
     single = _plan(capsys, "--num-videos", str(N), "--gpus", "1")
     assert single["round_comm_bytes"] == single["round0_comm_bytes"] == 0
     assert single["memory_gb_per_gpu"]["exchange_buffers"] == 0
