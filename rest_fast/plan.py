@@ -826,6 +826,7 @@ def host_memory(s: PlanShape, counts: dict[str, int]) -> dict[str, float]:
     cfg, vpr = s.cfg, s.videos_per_rank
     clip_bytes = max(s.micro_batch, cfg.eval_batch_size) * s.T * 3 * s.S * s.S * 4
     own_writes = (vpr * s.H * 4 + counts["final_per_rank"] * s.D * 2 + vpr * 1024) / GIB  # graph, features, jsonl
+    merge = RANK0_MERGE_GIB if s.G > 1 else 0.0  # one process has no parts to merge
     return {
         "runtime": RUNTIME_HOST_GIB,
         "loader_buffers": (max(cfg.num_workers, 1) * 2 + 2) * clip_bytes / GIB,  # 2 batches per worker + pinned
@@ -833,8 +834,8 @@ def host_memory(s: PlanShape, counts: dict[str, int]) -> dict[str, float]:
         "caption_cache": (counts["final_per_rank"] * 96 + vpr * s.K * 8) / GIB,
         "round0_initial_captions": vpr * s.T * s.P * 100 / GIB,  # this rank's initial captions as strings
         "rank_writes": own_writes,
-        "rank0_merge": RANK0_MERGE_GIB,
-        "rank0_writes": own_writes + RANK0_MERGE_GIB,  # what rank 0 holds while writing: its part + the merge buffer
+        "rank0_merge": merge,
+        "rank0_writes": own_writes + merge,  # what rank 0 holds while writing: its part + the merge buffer
         "weights_at_load": (blip_params(s.blip) + adapter_params(s.blip, s.n_adapt) + clip_params(s.clip)) * 4 / GIB,
     }
 
