@@ -35,18 +35,28 @@ adapters; T=8, global batch 64 → 512 frames; captions padded to L=23 tokens, 1
 * One global step: **≈ 56.1 TFLOP**. At 60 % of an H100's 989 TFLOP/s on 8 GPUs: 11.8 ms, 8 clips per GPU →
   ≈ 680 clips/s per GPU to keep up.
 
-Memory (modelled, GiB = 2³⁰ bytes): fp32 master weights + fp32 gradients + AdamW's two fp32 states + the bf16
-weight copies autocast keeps during the step (18 B per trainable parameter; DDP buckets are gradient views);
-activations saved for backward under bf16 autocast with SDPA attention (no n² score matrix), per ViT layer per
-token ``22d + 4m`` bytes (fp32 residual stream into the two LayerNorms, bf16 inputs of the four projections, q/k/v
-and the attention output, the GELU input and output) + ``4d`` for an adapter's fp32 input; with
-``grad_checkpointing`` only each layer's fp32 input (``4d`` per token) plus one layer recomputed. Caption features
-fp16 on device in a table grown by ≤ 1.25×; each rank's neighbour-graph rows int32; video features fp16; the frozen
-CLIP in bf16; a fixed allowance for the CUDA context and library workspaces.
+Memory (modelled, GiB = 2³⁰ bytes): fp32 master weights + fp32 gradients + AdamW's two fp32 states + the bf16/fp16
+weight copies autocast keeps during the step (18 B per trainable parameter, 16 B with ``precision=fp32``; DDP buckets
+are gradient views); activations of ONE micro-batch (the per-GPU batch over ``accum_steps``) saved for backward under
+autocast with SDPA attention (no n² score matrix), per ViT layer per token ``22d + 4m`` bytes (fp32 residual stream
+into the two LayerNorms, half-precision inputs of the four projections, q/k/v and the attention output, the GELU
+input and output; in fp32 the half-precision share doubles) + ``4d`` for an adapter's fp32 input; with
+``grad_checkpointing`` only each layer's fp32 input (``4d`` per token) plus one layer recomputed; the frozen CLIP in
+half precision; a fixed allowance for the CUDA context and library workspaces.
 
-Time (modelled): FLOPs at a stated fraction of the GPU's dense bf16 peak (``--mfu``; beam-search decoding at
-``--decode-efficiency`` plus a fixed overhead per decoding step); re-ranking and neighbour search as bytes read at
-half the HBM bandwidth. Data loading is assumed to keep up: ``clips_per_second_needed`` says at what rate.
+The data-sized state is SHARDED by video, as the trainer does it under torchrun (issue 20): each rank holds its own
+captions' fp16 features (a table grown by ≤ 1.25×), its videos' neighbour rows (int32), its videos' fp16 features,
+the running top-2H packed int64 keys of the streamed ring top-k, and a bounded exchange budget — memory per rank
+O(N/G). Host memory per rank: its own caption cache, initial captions and file parts; rank 0 adds only a bounded
+streaming-merge buffer. Figures that are peaks of different phases are summed (an upper bound).
+
+Time (modelled): FLOPs at a stated fraction of the GPU's dense peak at the run's precision (``--mfu``; beam-search
+decoding at ``--decode-efficiency`` plus a fixed overhead per decoding step); re-ranking and neighbour search as
+bytes read at half the HBM bandwidth; the exchanges between ranks (``round_comm_bytes``: the ring top-k's video
+features once around the ring in round 0, and the exact re-rank's requests — owner computes, the trainer's scheme,
+or a ring of caption-feature shards) at 80 % of the per-direction link figure: NVLink within a node of 8 (H100/H200
+450 GB/s, A100 300 GB/s; PCIe for the others), InfiniBand across nodes (NDR 50 GB/s per GPU on H100/H200, HDR 25 GB/s
+on A100), all overridable. Data loading is assumed to keep up: ``clips_per_second_needed`` says at what rate.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,20 +80,93 @@ GIB = float(1 << 30)
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GPU:
-    """Vendor datasheet figures (dense, no sparsity)."""
+    """Vendor datasheet figures, dense (no structured sparsity), and the interconnect of the usual server.
+
+    ``fp32_flops`` is the CUDA-core FP32 peak: PyTorch runs fp32 matmuls without TF32 unless asked
+    (``torch.backends.cuda.matmul.allow_tf32`` is False by default) and the trainer does not ask; ``tf32_flops`` is
+    listed for reference. Link figures are per GPU and per direction.
+    """
 
     name: str
-    bf16_flops: float  # dense bf16 tensor-core peak, FLOP/s
+    bf16_flops: float | None  # dense bf16 tensor-core peak, FLOP/s; None: the card has no bf16 tensor cores
     memory_gib: float  # device memory
     hbm_bytes_per_s: float  # memory bandwidth
+    fp16_flops: float = 0.0  # dense fp16 tensor-core peak (fp32 accumulate, as autocast's matmuls run)
+    fp32_flops: float = 0.0  # CUDA-core fp32 peak
+    tf32_flops: float | None = None  # dense tf32 tensor-core peak (not used: the trainer keeps TF32 off)
+    intra_node: str = "PCIe 4.0 x16"
+    intra_node_gb_per_s: float = 32.0  # GB/s per GPU per direction within a node
+    inter_node: str = "one HDR 200 Gb/s InfiniBand NIC per node of 8 GPUs"
+    inter_node_gb_per_s: float = 25.0 / 8  # GB/s per GPU per direction across nodes
+    gpus_per_node: int = 8
 
 
+TFLOP = 1e12  # FLOP/s per TFLOP/s
+# Sources (dense = half the "with sparsity" figure where a datasheet gives only that):
+#  H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet — BF16/FP16 1,979 TFLOPS sparse (989.4 dense), TF32 494.7 dense,
+#    FP32 67; 80 GB HBM3 3.35 TB/s; NVLink 900 GB/s (450 per direction); DGX H100: 8 GPUs, one ConnectX-7
+#    NDR 400 Gb/s (50 GB/s) per GPU.
+#  H200 SXM: NVIDIA H200 datasheet — same tensor peaks as H100 SXM; 141 GB HBM3e 4.8 TB/s; NVLink 900 GB/s.
+#  A100 SXM 40/80 GB: NVIDIA A100 datasheet — BF16/FP16 312, TF32 156, FP32 19.5; 1,555 / 2,039 GB/s;
+#    NVLink 600 GB/s (300 per direction); DGX A100: one HDR 200 Gb/s (25 GB/s) NIC per GPU.
+#  L40S: NVIDIA L40S datasheet — BF16/FP16 733 sparse (362.05 dense), TF32 366 sparse (183 dense), FP32 91.6;
+#    48 GB GDDR6 864 GB/s; PCIe 4.0 x16 (64 GB/s both directions).
+#  A10: NVIDIA A10 datasheet — BF16/FP16 125 dense (250 sparse), TF32 62.5, FP32 31.2; 24 GB GDDR6 600 GB/s; PCIe 4.0.
+#  L4: NVIDIA L4 datasheet — BF16/FP16 242 sparse (121 dense), TF32 120 sparse (60 dense), FP32 30.3;
+#    24 GB GDDR6 300 GB/s; PCIe 4.0 x16.
+#  T4: NVIDIA T4 datasheet — mixed-precision FP16/FP32 65 TFLOPS (Turing: no bf16, no TF32), FP32 8.1;
+#    16 GB GDDR6 320 GB/s; PCIe 3.0 x16 (32 GB/s both directions).
+#  RTX 4090: NVIDIA Ada Lovelace architecture whitepaper (Appendix A) — FP16/BF16 tensor with FP32 accumulate
+#    165.2 dense (GeForce: half the FP16-accumulate rate), TF32 82.6, FP32 82.6; 24 GB GDDR6X 1,008 GB/s; PCIe 4.0.
+#  RTX 3090: NVIDIA Ampere GA102 whitepaper — FP16/BF16 tensor with FP32 accumulate 71 dense, TF32 35.6,
+#    FP32 35.6; 24 GB GDDR6X 936 GB/s; PCIe 4.0 (no NVLink assumed; workstations: 4 GPUs per node).
+_NVL4 = dict(intra_node="NVLink 4 (900 GB/s both directions)", intra_node_gb_per_s=450.0,
+             inter_node="InfiniBand NDR 400 Gb/s per GPU", inter_node_gb_per_s=50.0)
+_NVL3 = dict(intra_node="NVLink 3 (600 GB/s both directions)", intra_node_gb_per_s=300.0,
+             inter_node="InfiniBand HDR 200 Gb/s per GPU", inter_node_gb_per_s=25.0)
+_WORKSTATION = dict(gpus_per_node=4, inter_node="one 100 Gb/s Ethernet NIC per node of 4 GPUs",
+                    inter_node_gb_per_s=12.5 / 4)
 GPUS: dict[str, GPU] = {
-    "h100": GPU("H100 SXM 80GB", 989.4e12, 80.0, 3.35e12),
-    "h200": GPU("H200 SXM 141GB", 989.4e12, 141.0, 4.8e12),
-    "a100": GPU("A100 SXM 80GB", 312.0e12, 80.0, 2.039e12),
-    "l40s": GPU("L40S 48GB", 362.05e12, 48.0, 0.864e12),
+    "h100": GPU("H100 SXM 80GB", 989.4 * TFLOP, 80.0, 3.35e12, 989.4 * TFLOP, 67 * TFLOP, 494.7 * TFLOP, **_NVL4),
+    "h200": GPU("H200 SXM 141GB", 989.4 * TFLOP, 141.0, 4.8e12, 989.4 * TFLOP, 67 * TFLOP, 494.7 * TFLOP, **_NVL4),
+    "a100": GPU("A100 SXM 80GB", 312 * TFLOP, 80.0, 2.039e12, 312 * TFLOP, 19.5 * TFLOP, 156 * TFLOP, **_NVL3),
+    "a100-80": GPU("A100 SXM 80GB", 312 * TFLOP, 80.0, 2.039e12, 312 * TFLOP, 19.5 * TFLOP, 156 * TFLOP, **_NVL3),
+    "a100-40": GPU("A100 SXM 40GB", 312 * TFLOP, 40.0, 1.555e12, 312 * TFLOP, 19.5 * TFLOP, 156 * TFLOP, **_NVL3),
+    "l40s": GPU("L40S 48GB", 362.05 * TFLOP, 48.0, 0.864e12, 362.05 * TFLOP, 91.6 * TFLOP, 183 * TFLOP),
+    "a10": GPU("A10 24GB", 125 * TFLOP, 24.0, 0.6e12, 125 * TFLOP, 31.2 * TFLOP, 62.5 * TFLOP),
+    "l4": GPU("L4 24GB", 121 * TFLOP, 24.0, 0.3e12, 121 * TFLOP, 30.3 * TFLOP, 60 * TFLOP),
+    "t4": GPU("T4 16GB", None, 16.0, 0.32e12, 65 * TFLOP, 8.1 * TFLOP, None, intra_node="PCIe 3.0 x16",
+              intra_node_gb_per_s=16.0),
+    "rtx4090": GPU("RTX 4090 24GB", 165.2 * TFLOP, 24.0, 1.008e12, 165.2 * TFLOP, 82.6 * TFLOP, 82.6 * TFLOP, **_WORKSTATION),
+    "rtx3090": GPU("RTX 3090 24GB", 71 * TFLOP, 24.0, 0.936e12, 71 * TFLOP, 35.6 * TFLOP, 35.6 * TFLOP, **_WORKSTATION),
 }
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+_PRECISION_SPELLINGS = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def plan_precision(cfg: TrainConfig) -> str:
+    """The run's precision as the trainer reads it: the ``precision`` key, ``amp`` its alias (``amp=false`` is
+    fp32; ``amp=false`` with ``precision=fp16`` contradicts itself)."""
+    raw = getattr(cfg, "precision", "bf16")
+    p = _PRECISION_SPELLINGS.get(str(raw).strip().lower(), str(raw).strip().lower())
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {raw!r}")
+    if not cfg.amp and p == "fp16":
+        raise ValueError("amp=false contradicts precision=fp16 (amp is precision's alias: false = fp32); give one "
+                         "of them")
+    return p if cfg.amp else "fp32"
+
+
+def peak_flops(gpu: GPU, precision: str) -> float:
+    """Dense peak FLOP/s of ``gpu`` at ``precision``; bf16 on a card without it is an error naming fp16."""
+    if precision == "bf16":
+        if gpu.bf16_flops is None:
+            raise ValueError(f"precision=bf16: the {gpu.name} has no bf16 tensor cores; use precision=fp16 "
+                             f"({gpu.fp16_flops / TFLOP:.0f} TFLOP/s dense, with a gradient scaler) or precision=fp32")
+        return gpu.bf16_flops
+    return gpu.fp16_flops if precision == "fp16" else gpu.fp32_flops
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -335,41 +419,59 @@ def clip_text_flops(c: ClipArch) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # activation memory (modelled; see the module docstring)
 # ------------------------------------------------------------------------------------------------------------------
-def vit_layer_bytes_per_token(d: int, m: int, adapter: bool) -> int:
-    """Bytes saved for backward per token per ViT layer under bf16 autocast with SDPA attention."""
-    return 22 * d + 4 * m + (4 * d if adapter else 0)
+def vit_layer_bytes_per_token(d: int, m: int, adapter: bool, half_bytes: int = 2) -> int:
+    """Bytes saved for backward per token per ViT layer under autocast with SDPA attention: ``8d`` of fp32
+    residual stream (the two LayerNorm inputs) + ``14d + 4m`` of autocast (``half_bytes`` = 2: bf16/fp16) tensors
+    (projection inputs, q/k/v, attention output, GELU input/output) + ``4d`` for an adapter's fp32 input.
+    ``half_bytes=4`` is the fp32 run (no autocast): the autocast share doubles."""
+    return 8 * d + (14 * d + 4 * m) * half_bytes // 2 + (4 * d if adapter else 0)
 
 
 def activation_bytes(a: BlipArch, *, clips: int, frames: int, image_size: int, n_adapters: int, tokens: int,
-                     scored_per_caption: int, checkpointing: bool) -> dict[str, float]:
-    """Activation memory of one micro-batch on one GPU, by component (bytes)."""
+                     scored_per_caption: int, checkpointing: bool, half_bytes: int = 2) -> dict[str, float]:
+    """Activation memory of one micro-batch of ``clips`` clips on one GPU, by component (bytes).
+    ``half_bytes``: 2 under bf16/fp16 autocast, 4 in fp32 (the text decoder and LM head then count twice)."""
     n = (image_size // a.patch) ** 2 + 1
     nf = clips * frames
     d = a.v_hidden
-    full = vit_layer_bytes_per_token(d, a.v_mlp, True)
-    per_layer = [vit_layer_bytes_per_token(d, a.v_mlp, i < n_adapters) for i in range(a.v_layers)]
+    scale = half_bytes / 2
+    full = vit_layer_bytes_per_token(d, a.v_mlp, True, half_bytes)
+    per_layer = [vit_layer_bytes_per_token(d, a.v_mlp, i < n_adapters, half_bytes) for i in range(a.v_layers)]
     if checkpointing:
         vit = nf * n * (4 * d * a.v_layers + full)  # checkpointed layer inputs + one layer recomputed
     else:
         vit = nf * n * sum(per_layer)
     backward_working = nf * n * full  # gradients of one layer's activations in flight
-    pixels = nf * 3 * image_size * image_size * (4 + 2) + nf * n * d * 4 * 2  # input + conv's bf16 copy; embeddings
+    # input (fp32) + the patch conv's autocast copy (none in fp32); embeddings
+    pixels = nf * 3 * image_size * image_size * (4 + (2 if half_bytes == 2 else 0)) + nf * n * d * 4 * 2
     td, tm, heads = a.t_hidden, a.t_mlp, a.t_heads
-    text = clips * a.t_layers * (tokens * (42 * td + 4 * tm + 6 * heads * (tokens + n)) + n * 8 * td)
-    head = clips * scored_per_caption * (10 * a.vocab + 12 * td)
+    text = clips * a.t_layers * (tokens * (42 * td + 4 * tm + 6 * heads * (tokens + n)) + n * 8 * td) * scale
+    head = clips * scored_per_caption * (10 * a.vocab + 12 * td) * scale
     return {"vit": vit, "vit_backward_working": backward_working, "inputs_embeddings": pixels, "text_decoder": text,
             "lm_head": head,
-            "eager_attention_extra": nf * (a.v_layers if not checkpointing else 1) * 6 * a.v_heads * n * n}
+            "eager_attention_extra": nf * (a.v_layers if not checkpointing else 1) * 6 * a.v_heads * n * n * scale}
+
+
+def _sum_activations(act: dict[str, float]) -> float:
+    """Bytes of an :func:`activation_bytes` result, SDPA attention (the eager extra left out)."""
+    return sum(v for k, v in act.items() if k != "eager_attention_extra")
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# the plan
+# the plan: the resolved shape, then one small function per modelled figure
 # ------------------------------------------------------------------------------------------------------------------
 RUNTIME_GPU_GIB = 1.5  # CUDA context, cuBLAS/NCCL workspaces, allocator slack (modelled)
 RUNTIME_HOST_GIB = 3.0  # Python + torch + CUDA libraries resident per process (modelled)
 SHARD_MB_PER_32_FRAMES = 0.6278  # measured: bench/shards.py, 32 frames at short side 256, JPEG q90 (README)
 DECODE_STEP_OVERHEAD_S = 2e-3  # per beam-search step of one batch: kernel launches, beam bookkeeping (modelled)
 BANDWIDTH_EFFICIENCY = 0.5  # fraction of HBM bandwidth reached by gathers / blocked GEMM reads (modelled)
+LINK_EFFICIENCY = 0.8  # fraction of a link's per-direction figure that large point-to-point transfers reach (modelled)
+CAPTION_TABLE_GROWTH = 1.25  # the caption-feature table grows by at most this factor ahead of its rows (modelled)
+RANK0_MERGE_GIB = 0.25  # rank 0's only extra: the streaming merge buffer of the per-rank round files (modelled)
+USABLE_FRACTION = 0.9  # of the device memory a plan may fill (allocator fragmentation, other processes)
+RERANK_SCHEMES = ("ring", "owner")
+# memory figures that grow with the videos a rank owns (N/G); what accumulation or checkpointing cannot shrink
+DATA_SCALED = ("caption_features", "neighbour_graph", "neighbour_search_state", "video_features")
 
 
 @dataclass(frozen=True)
@@ -382,6 +484,11 @@ class PlanOptions:
     distinct_fraction: float = 0.5
     prepared_frames: int = 32
     loader_clips_per_second: float | None = None  # measured loader rate per GPU; None = assume it keeps up
+    rerank_scheme: str = "owner"  # exact cross-shard re-rank: "owner" (queries travel; the trainer's) or "ring"
+    exchange_budget_gb: float = 2.0  # GiB: the bounded device buffers of the exchanges (top-k ring, re-rank chunks)
+    gpus_per_node: int | None = None  # None: the GPU's usual server (GPU.gpus_per_node)
+    intra_node_gb_per_s: float | None = None  # None: the GPU's (NVLink or PCIe), per GPU per direction
+    inter_node_gb_per_s: float | None = None  # None: the GPU's usual network, per GPU per direction
 
 
 def caption_lengths(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -404,192 +511,528 @@ def _n_adapters(cfg: TrainConfig, layers: int) -> int:
     return layers if v == "all" else len([i for i in v if 0 <= i < layers])
 
 
-def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
-    """Every figure of the plan as a JSON-able dict (see the module docstring for what is counted/modelled)."""
+def check_options(opts: PlanOptions) -> None:
+    """Every numeric option finite and in range (NaN and inf included): a ``ValueError`` naming the flag."""
+    floats = {"--mfu": opts.mfu, "--decode-efficiency": opts.decode_efficiency,
+              "--distinct-fraction": opts.distinct_fraction, "--clips-per-second": opts.loader_clips_per_second,
+              "--exchange-budget-gb": opts.exchange_budget_gb, "--intra-node-gb-per-s": opts.intra_node_gb_per_s,
+              "--inter-node-gb-per-s": opts.inter_node_gb_per_s}
+    for flag, v in floats.items():
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"{flag} must be a finite number, got {v}")
     if opts.gpu not in GPUS:
         raise ValueError(f"--gpu must be one of {', '.join(GPUS)}, got {opts.gpu!r}")
-    if opts.loader_clips_per_second is not None and opts.loader_clips_per_second <= 0:
-        raise ValueError(f"--clips-per-second must be > 0, got {opts.loader_clips_per_second}")
+    for flag in ("--clips-per-second", "--exchange-budget-gb", "--intra-node-gb-per-s", "--inter-node-gb-per-s"):
+        if floats[flag] is not None and floats[flag] <= 0:
+            raise ValueError(f"{flag} must be > 0, got {floats[flag]}")
     if opts.num_videos < 2:
         raise ValueError(f"--num-videos must be >= 2, got {opts.num_videos}")
     if opts.gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {opts.gpus}")
+    if opts.gpus_per_node is not None and opts.gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {opts.gpus_per_node}")
+    if opts.prepared_frames < 1:
+        raise ValueError(f"--prepared-frames must be >= 1, got {opts.prepared_frames}")
     if not 0 < opts.mfu <= 1 or not 0 < opts.decode_efficiency <= 1:
         raise ValueError("--mfu and --decode-efficiency must be in (0, 1]")
     if not 0 < opts.distinct_fraction <= 1:
         raise ValueError(f"--distinct-fraction must be in (0, 1], got {opts.distinct_fraction}")
-    if cfg.batch_size < opts.gpus:
-        raise ValueError(f"batch_size={cfg.batch_size} is smaller than --gpus {opts.gpus}: each GPU needs a clip")
+    if opts.rerank_scheme not in RERANK_SCHEMES:
+        raise ValueError(f"--rerank-scheme must be one of {', '.join(RERANK_SCHEMES)}, got {opts.rerank_scheme!r}")
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """What every figure is computed from: the config, the options, the hardware and the sizes derived from them."""
+
+    cfg: TrainConfig
+    opts: PlanOptions
+    gpu: GPU
+    blip: BlipArch
+    clip: ClipArch
+    precision: str
+    peak: float  # dense FLOP/s at the run's precision
+    N: int  # videos
+    G: int  # ranks (GPUs)
+    T: int  # frames per clip
+    P: int  # prompts
+    H: int  # neighbours (capped at N - 1)
+    K: int  # pseudo-captions per video
+    S: int  # frame size
+    D: int  # CLIP embedding width
+    n_adapt: int
+    tokens: int  # padded training caption tokens
+    scored: int  # scored tokens per caption
+    prompt_tokens: int
+    image_tokens: int
+    per_rank: int  # clips per GPU per optimiser step
+    accum: int  # micro-batches per optimiser step
+    videos_per_rank: int  # the largest shard: ceil(N / G)
+    gpus_per_node: int
+    intra_bytes_per_s: float
+    inter_bytes_per_s: float
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.G
+
+    @property
+    def micro_batch(self) -> int:
+        return self.per_rank // self.accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.videos_per_rank // self.per_rank)
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.G // self.gpus_per_node)
+
+    @property
+    def half_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+
+def resolve_shape(cfg: TrainConfig, opts: PlanOptions) -> PlanShape:
+    """Check the options and config, build the architectures, and derive the sizes every figure shares."""
+    check_options(opts)
     gpu = GPUS[opts.gpu]
+    precision = plan_precision(cfg)
+    peak = peak_flops(gpu, precision)
     N, G = opts.num_videos, opts.gpus
+    per_rank = max(1, cfg.batch_size // G)  # as the trainer splits it (inputs.per_rank_batch)
+    accum = int(getattr(cfg, "accum_steps", 1))
+    if accum < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum}")
+    if per_rank % accum:  # as the trainer (train/accumulate.py): equal micro-batches
+        raise ValueError(f"batch_size gives {per_rank} clips per GPU over {G} GPUs, which accum_steps={accum} does "
+                         "not divide: pick accum_steps dividing it (the micro-batches must be equal)")
     a = blip_arch(cfg.blip, cfg.image_size)
     c = clip_arch(cfg.clip, cfg.image_size)
     if cfg.image_size % a.patch:
         raise ValueError(f"image_size={cfg.image_size} is not a multiple of the ViT patch size {a.patch}")
-    T, P, H, K, S = cfg.num_frames, len(cfg.prompts), min(cfg.num_neighbours, N - 1), cfg.k, cfg.image_size
-    n_adapt = _n_adapters(cfg, a.v_layers)
     tokens, scored, prompt_tokens = caption_lengths(cfg)
-    image_tokens = (S // a.patch) ** 2 + 1
-    per_rank = cfg.batch_size // G  # as the trainer splits it (inputs.per_rank_batch)
-    global_batch = per_rank * G
-    videos_per_rank = -(-N // G)
-    steps_per_epoch = -(-videos_per_rank // per_rank)
+    gpn = opts.gpus_per_node or gpu.gpus_per_node
+    intra = opts.intra_node_gb_per_s or gpu.intra_node_gb_per_s
+    inter = opts.inter_node_gb_per_s or gpu.inter_node_gb_per_s
+    return PlanShape(
+        cfg=cfg, opts=opts, gpu=gpu, blip=a, clip=c, precision=precision, peak=peak, N=N, G=G, T=cfg.num_frames,
+        P=len(cfg.prompts), H=min(cfg.num_neighbours, N - 1), K=cfg.k, S=cfg.image_size, D=c.embed_dim,
+        n_adapt=_n_adapters(cfg, a.v_layers), tokens=tokens, scored=scored, prompt_tokens=prompt_tokens,
+        image_tokens=(cfg.image_size // a.patch) ** 2 + 1, per_rank=per_rank, accum=accum,
+        videos_per_rank=-(-N // G), gpus_per_node=gpn, intra_bytes_per_s=intra * 1e9, inter_bytes_per_s=inter * 1e9)
 
-    # --- FLOPs and time of training ----------------------------------------------------------------------------
-    fl = train_step_flops(a, clips=global_batch, frames=T, image_size=S, n_adapters=n_adapt, tokens=tokens,
-                          scored_per_caption=scored)
-    recompute = fl["vit_layers_forward"] if cfg.grad_checkpointing else 0
-    hw_flops = fl["total"] + recompute
-    rate = gpu.bf16_flops * opts.mfu
-    compute_step_s = hw_flops / (G * rate)
-    cps = opts.loader_clips_per_second
-    step_s = max(compute_step_s, per_rank / cps) if cps else compute_step_s
-    epoch_s = steps_per_epoch * step_s
-    train_s = cfg.epochs * epoch_s
 
-    # --- caption rounds ----------------------------------------------------------------------------------------
-    vf = vit_frame_flops(a.v_hidden, a.v_mlp, a.v_layers, a.patch, S, n_adapt)
-    vit_frame = vf["patch_embed"] + vf["layers"] + vf["adapters"]
-    dec_rate = gpu.bf16_flops * opts.decode_efficiency
-    bw = gpu.hbm_bytes_per_s * BANDWIDTH_EFFICIENCY
-    dec_steps = max(1, cfg.max_length - prompt_tokens)
-    per_rank_eval_batches = -(-videos_per_rank // cfg.eval_batch_size)
-    D = c.embed_dim
-    f_clip_img, f_clip_txt = clip_image_flops(c), clip_text_flops(c)
-    # round 0: T×P initial captions per video (each frame its own 1-frame clip), CLIP video features, neighbours
-    init_captions = N * T * P
-    distinct0 = max(1, round(init_captions * opts.distinct_fraction))
-    init_dec = sum(decode_flops(a, prompt_tokens=1 + len(p.split()), beams=cfg.num_beams, max_length=cfg.max_length,
-                                image_tokens=image_tokens) for p in cfg.prompts)
-    init_s = (N * T * vit_frame / rate + N * T * init_dec / dec_rate
-              + per_rank_eval_batches * P * dec_steps * DECODE_STEP_OVERHEAD_S * G) / G
-    clip_video_s = N * T * f_clip_img / rate / G
+# --- training -------------------------------------------------------------------------------------------------------
+def training_flops(s: PlanShape) -> dict[str, int]:
+    """Counted FLOPs of one global optimiser step (all its micro-batches; accumulation does not change them)."""
+    return train_step_flops(s.blip, clips=s.global_batch, frames=s.T, image_size=s.S, n_adapters=s.n_adapt,
+                            tokens=s.tokens, scored_per_caption=s.scored)
+
+
+def hardware_flops(s: PlanShape, fl: dict[str, int]) -> int:
+    """FLOPs the GPUs execute per step: the counted ones + the ViT forward again under activation checkpointing."""
+    return fl["total"] + (fl["vit_layers_forward"] if s.cfg.grad_checkpointing else 0)
+
+
+def training_time(s: PlanShape, hw_flops: int) -> dict[str, float]:
+    """Seconds of one step (compute-bound, and as the loader bounds it), of an epoch and of all epochs."""
+    compute_step_s = hw_flops / (s.G * s.peak * s.opts.mfu)
+    cps = s.opts.loader_clips_per_second
+    step_s = max(compute_step_s, s.per_rank / cps) if cps else compute_step_s
+    epoch_s = s.steps_per_epoch * step_s
+    return {"compute_step": compute_step_s, "step": step_s, "epoch": epoch_s, "training": s.cfg.epochs * epoch_s}
+
+
+# --- captions -------------------------------------------------------------------------------------------------------
+def caption_counts(s: PlanShape) -> dict[str, int]:
+    """Initial captions (T×P per video), the distinct ones, captions at the end (+N per round), and per rank."""
+    initial = s.N * s.T * s.P
+    distinct_per_video = max(1, round(s.T * s.P * s.opts.distinct_fraction))
+    distinct = max(1, round(initial * s.opts.distinct_fraction))
+    final = distinct + s.cfg.num_rounds * s.N
+    return {"initial": initial, "distinct_initial": distinct, "distinct_per_video": distinct_per_video,
+            "final": final, "final_per_rank": s.videos_per_rank * (distinct_per_video + s.cfg.num_rounds)}
+
+
+def rerank_reads(s: PlanShape, counts: dict[str, int]) -> dict[str, int]:
+    """Bytes of caption features one rank gathers to re-rank its videos: round 0 (each video's and its H
+    neighbours' distinct initial captions; the undeduplicated upper bound) and a later round (the K slot and one
+    pending caption of the video and of each neighbour)."""
+    row = s.D * 2  # fp16 feature row
+    upper = (s.H + 1) * s.T * s.P
+    per_video = min(upper, (s.H + 1) * counts["distinct_per_video"])
+    return {"round0": s.videos_per_rank * per_video * row, "round0_upper": s.videos_per_rank * upper * row,
+            "round0_per_video": per_video, "per_round": s.videos_per_rank * (s.H + 1) * (s.K + 1) * row}
+
+
+# --- interconnect ---------------------------------------------------------------------------------------------------
+def round_comm_bytes(s: PlanShape, counts: dict[str, int], reads: dict[str, int]) -> dict[str, int]:
+    """Bytes ONE rank sends per round in the sharded design (it receives as much).
+
+    * ``round0_neighbour_ring``: the streamed ring top-k (``rest_fast.retrieval.distributed``, strategy ``ring``):
+      every rank's fp16 video features pass once around the ring, each rank keeping a running top-H of its own
+      videos: ``(G-1)·N/G·D·2``.
+    * re-rank, ``owner`` scheme (``rest_fast.retrieval.sharded_rerank``: caption ``c`` lives on rank ``c mod G``,
+      which scores it): for each video, its fp16 feature + an 8-byte position go to every other rank owning one of
+      its ``L`` distinct candidates (``(G-1)(1-(1-1/G)^L)`` of them with ids spread over the ranks), with those
+      candidates' int32 local rows (``4L(G-1)/G`` in all), and each owner answers ``K`` packed int64 keys; a rank
+      answers as many requests as it sends: per rank ``N/G·(owners·(2D + 8 + 8K) + 4L(G-1)/G)``. ``L`` is the
+      round-0 distinct initial candidates, then ``(H+1)(K+1)`` slot and pending ones.
+    * re-rank, ``ring`` scheme (the alternative): caption-feature shards travel around the ring; round 0 carries each
+      rank's distinct initial captions (``(G-1)·N/G·d0·D·2``), a later round the K slot + 1 pending features per
+      video (each rank keeps copies of its videos' slot features): ``(G-1)·N/G·(K+1)·D·2``.
+    """
+    if s.G == 1:
+        return {"round0_neighbour_ring": 0, "round0_rerank": 0, "round0": 0, "per_round": 0}
+    vpr, row, G = s.videos_per_rank, s.D * 2, s.G
+    ring = (G - 1) * vpr * row
+    if s.opts.rerank_scheme == "ring":
+        rerank0 = ring * counts["distinct_per_video"]
+        rerank = ring * (s.K + 1)
+    else:
+        def owner(L: int) -> int:
+            owners = (G - 1) * (1 - (1 - 1 / G) ** L)
+            return round(vpr * (owners * (row + 8 + 8 * s.K) + 4 * L * (G - 1) / G))
+
+        rerank0, rerank = owner(reads["round0_per_video"]), owner((s.H + 1) * (s.K + 1))
+    return {"round0_neighbour_ring": ring, "round0_rerank": rerank0, "round0": ring + rerank0, "per_round": rerank}
+
+
+def comm_seconds(s: PlanShape, nbytes: float, pattern: str) -> float:
+    """Seconds to send ``nbytes`` per rank: a ring moves in lock-step at its slowest link (the inter-node one
+    once there are two nodes); an all-to-all sends ``(gpus_per_node-1)/(G-1)`` of it within the node and the rest
+    across nodes, one after the other (no overlap assumed)."""
+    if s.G == 1 or nbytes == 0:
+        return 0.0
+    intra, inter = s.intra_bytes_per_s * LINK_EFFICIENCY, s.inter_bytes_per_s * LINK_EFFICIENCY
+    if pattern == "ring":
+        return nbytes / (inter if s.nodes > 1 else intra)
+    local = (min(s.gpus_per_node, s.G) - 1) / (s.G - 1)
+    return nbytes * local / intra + nbytes * (1 - local) / inter
+
+
+def comm_time(s: PlanShape, comm: dict[str, int]) -> dict[str, float]:
+    pattern = "ring" if s.opts.rerank_scheme == "ring" else "all_to_all"
+    return {"round0": comm_seconds(s, comm["round0_neighbour_ring"], "ring")
+            + comm_seconds(s, comm["round0_rerank"], pattern),
+            "per_round": comm_seconds(s, comm["per_round"], pattern)}
+
+
+# --- caption rounds -------------------------------------------------------------------------------------------------
+def _vit_clip_frame_flops(s: PlanShape) -> int:
+    vf = vit_frame_flops(s.blip.v_hidden, s.blip.v_mlp, s.blip.v_layers, s.blip.patch, s.S, s.n_adapt)
+    return vf["patch_embed"] + vf["layers"] + vf["adapters"]
+
+
+def _eval_batches_per_rank(s: PlanShape) -> int:
+    return -(-s.videos_per_rank // s.cfg.eval_batch_size)
+
+
+def _decode_steps(s: PlanShape) -> int:
+    return max(1, s.cfg.max_length - s.prompt_tokens)
+
+
+def round0_time(s: PlanShape, counts: dict[str, int], reads: dict[str, int], comm_s: float) -> dict[str, float]:
+    """Round 0: T×P initial captions per video (each frame its own 1-frame clip), CLIP video features, the
+    streamed neighbour search, text features of the distinct initial captions, the re-rank, and its exchanges."""
+    rate, dec_rate = s.peak * s.opts.mfu, s.peak * s.opts.decode_efficiency
+    bw = s.gpu.hbm_bytes_per_s * BANDWIDTH_EFFICIENCY
+    cfg, N, G, T = s.cfg, s.N, s.G, s.T
+    init_dec = sum(decode_flops(s.blip, prompt_tokens=1 + len(p.split()), beams=cfg.num_beams,
+                                max_length=cfg.max_length, image_tokens=s.image_tokens) for p in cfg.prompts)
+    init_s = (N * T * _vit_clip_frame_flops(s) / rate + N * T * init_dec / dec_rate
+              + _eval_batches_per_rank(s) * s.P * _decode_steps(s) * DECODE_STEP_OVERHEAD_S * G) / G
+    clip_video_s = N * T * clip_image_flops(s.clip) / rate / G
+    cps = s.opts.loader_clips_per_second
     if cps:  # each pass over the videos reads every clip once
-        init_s, clip_video_s = max(init_s, videos_per_rank / cps), max(clip_video_s, videos_per_rank / cps)
-    topk_flops = 2 * N * N * D
-    topk_s = (topk_flops / rate + (videos_per_rank / 1024) * N * D * 2 / bw * G) / G  # GEMM + reading keys per block
-    text0_s = distinct0 * f_clip_txt / rate / G
-    per_video_candidates_upper = (H + 1) * T * P
-    per_video_candidates = min(per_video_candidates_upper, (H + 1) * max(1, round(T * P * opts.distinct_fraction)))
-    rerank0_bytes = videos_per_rank * per_video_candidates * D * 2
-    rerank0_upper = videos_per_rank * per_video_candidates_upper * D * 2
-    round0_s = init_s + clip_video_s + topk_s + text0_s + rerank0_bytes / bw
-    # round r: one beam-search caption per video (T-frame clip through the adapted ViT), embed, re-rank
-    gen_dec = decode_flops(a, prompt_tokens=prompt_tokens, beams=cfg.num_beams, max_length=cfg.max_length,
-                           image_tokens=image_tokens)
-    gen_s = (N * T * vit_frame / rate + N * gen_dec / dec_rate) / G + per_rank_eval_batches * dec_steps * DECODE_STEP_OVERHEAD_S
-    if cps:
-        gen_s = max(gen_s, videos_per_rank / cps)
-    rerank_r_bytes = videos_per_rank * (H + K + 1) * D * 2
-    round_s = gen_s + N * f_clip_txt / rate / G + rerank_r_bytes / bw
-    rounds = cfg.num_rounds
-    run_s = train_s + round0_s + rounds * round_s
+        init_s, clip_video_s = max(init_s, s.videos_per_rank / cps), max(clip_video_s, s.videos_per_rank / cps)
+    # GEMM of the rank's queries against all keys + reading the keys once per block of 1024 queries
+    topk_s = (2 * N * N * s.D / rate + (s.videos_per_rank / 1024) * N * s.D * 2 / bw * G) / G
+    text0_s = counts["distinct_initial"] * clip_text_flops(s.clip) / rate / G
+    rerank_s = reads["round0"] / bw
+    return {"initial_captions": init_s, "clip_features": clip_video_s, "neighbours": topk_s, "text_features": text0_s,
+            "rerank": rerank_s, "comm": comm_s,
+            "total": init_s + clip_video_s + topk_s + text0_s + rerank_s + comm_s}
 
-    # --- device memory (per GPU) -------------------------------------------------------------------------------
-    p_train = blip_params(a) + adapter_params(a, n_adapt)
-    p_clip = clip_params(c)
-    captions_final = distinct0 + rounds * N
-    act = activation_bytes(a, clips=per_rank, frames=T, image_size=S, n_adapters=n_adapt, tokens=tokens,
-                           scored_per_caption=scored, checkpointing=cfg.grad_checkpointing)
-    act_total = sum(v for k, v in act.items() if k != "eager_attention_extra")
+
+def round_time(s: PlanShape, reads: dict[str, int], comm_s: float) -> dict[str, float]:
+    """A later round: one beam-search caption per video (T-frame clip through the adapted ViT), its text feature,
+    the re-rank and its exchange."""
+    rate, dec_rate = s.peak * s.opts.mfu, s.peak * s.opts.decode_efficiency
+    bw = s.gpu.hbm_bytes_per_s * BANDWIDTH_EFFICIENCY
+    cfg = s.cfg
+    gen_dec = decode_flops(s.blip, prompt_tokens=s.prompt_tokens, beams=cfg.num_beams, max_length=cfg.max_length,
+                           image_tokens=s.image_tokens)
+    gen_s = ((s.N * s.T * _vit_clip_frame_flops(s) / rate + s.N * gen_dec / dec_rate) / s.G
+             + _eval_batches_per_rank(s) * _decode_steps(s) * DECODE_STEP_OVERHEAD_S)
+    cps = s.opts.loader_clips_per_second
+    if cps:
+        gen_s = max(gen_s, s.videos_per_rank / cps)
+    embed_s = s.N * clip_text_flops(s.clip) / rate / s.G
+    rerank_s = reads["per_round"] / bw
+    return {"generate": gen_s, "embed": embed_s, "rerank": rerank_s, "comm": comm_s,
+            "total": gen_s + embed_s + rerank_s + comm_s}
+
+
+# --- device memory --------------------------------------------------------------------------------------------------
+def micro_batch_activations(s: PlanShape, clips: int, checkpointing: bool) -> dict[str, float]:
+    """Activation bytes of one micro-batch of ``clips`` clips (accumulation keeps one micro-batch's at a time)."""
+    return activation_bytes(s.blip, clips=clips, frames=s.T, image_size=s.S, n_adapters=s.n_adapt, tokens=s.tokens,
+                            scored_per_caption=s.scored, checkpointing=checkpointing, half_bytes=s.half_bytes)
+
+
+def optimizer_state_bytes(s: PlanShape) -> int:
+    """fp32 weights, gradients and AdamW's m and v (16 B per trained parameter), + the half-precision weight copies
+    autocast keeps during a bf16/fp16 step (2 B)."""
+    per_param = 16 + (2 if s.half_bytes == 2 else 0)
+    return (blip_params(s.blip) + adapter_params(s.blip, s.n_adapt)) * per_param
+
+
+def exchange_buffer_bytes(s: PlanShape) -> float:
+    """The exchanges' bounded device buffers (``--exchange-budget-gb``): the ring top-k's chunk in hand and the
+    one arriving, the re-rank's chunk of requests sent, received and merged; one GPU exchanges nothing."""
+    return 0.0 if s.G == 1 else s.opts.exchange_budget_gb * GIB
+
+
+def gpu_memory(s: PlanShape, counts: dict[str, int], act: dict[str, float]) -> dict[str, float]:
+    """GiB per GPU, by figure (``total`` their sum: every phase's peak at once, an upper bound). Sharded: each rank
+    holds only its own captions' features (fp16, table grown by ≤ 1.25×; the ring scheme adds copies of its
+    videos' K slot features), its neighbour rows, its video features, and — while the ring top-k runs — the
+    running top-2H packed int64 keys of its videos; what travels between ranks stays inside the exchange
+    buffers."""
+    vpr, row = s.videos_per_rank, s.D * 2
     mem = {
-        "params_grads_optimizer": p_train * 18 / GIB,
-        "activations": act_total / GIB,
-        "caption_features": 1.25 * captions_final * D * 2 / GIB,
-        "neighbour_graph": videos_per_rank * H * 4 / GIB,
-        "video_features": N * D * 2 / GIB,
-        "frozen_clip": p_clip * 2 / GIB,
+        "params_grads_optimizer": optimizer_state_bytes(s) / GIB,
+        "activations": _sum_activations(act) / GIB,
+        "caption_features": (CAPTION_TABLE_GROWTH * counts["final_per_rank"]
+                             + (vpr * s.K if s.opts.rerank_scheme == "ring" else 0)) * row / GIB,
+        "neighbour_graph": vpr * s.H * 4 / GIB,
+        "video_features": vpr * row / GIB,
+        "frozen_clip": clip_params(s.clip) * s.half_bytes / GIB,
         "runtime": RUNTIME_GPU_GIB,
+        "neighbour_search_state": (vpr * 2 * s.H * 8 if s.G > 1 else 0) / GIB,  # ring top-k: 2H int64 keys
+        "exchange_buffers": exchange_buffer_bytes(s) / GIB,
     }
     mem["total"] = sum(mem.values())
+    return mem
 
-    # --- host memory (rank 0, the largest) ---------------------------------------------------------------------
-    clip_bytes = max(per_rank, cfg.eval_batch_size) * T * 3 * S * S * 4
-    host = {
+
+# --- host memory ----------------------------------------------------------------------------------------------------
+def host_memory(s: PlanShape, counts: dict[str, int]) -> dict[str, float]:
+    """GiB of host memory per rank, by figure. Sharded: each rank's caption cache holds its own videos' slots,
+    pending captions and strings; each rank writes its own part of the graph, feature table and round file;
+    rank 0 adds only a bounded streaming-merge buffer (``rank0_merge``)."""
+    cfg, vpr = s.cfg, s.videos_per_rank
+    clip_bytes = max(s.micro_batch, cfg.eval_batch_size) * s.T * 3 * s.S * s.S * 4
+    own_writes = (vpr * s.H * 4 + counts["final_per_rank"] * s.D * 2 + vpr * 1024) / GIB  # graph, features, jsonl
+    merge = RANK0_MERGE_GIB if s.G > 1 else 0.0  # one process has no parts to merge
+    return {
         "runtime": RUNTIME_HOST_GIB,
         "loader_buffers": (max(cfg.num_workers, 1) * 2 + 2) * clip_bytes / GIB,  # 2 batches per worker + pinned
-        "caption_cache": (captions_final * 96 + N * K * 8) / GIB,  # texts (~40 B) + index/hash (~56 B) + slots
-        "round0_initial_captions": init_captions * 100 / GIB,  # gathered Python strings on every rank
-        "rank0_writes": (N * H * 4 + captions_final * D * 2 + N * 1024) / GIB,  # graph, feature table, round jsonl
-        "weights_at_load": (p_train + p_clip) * 4 / GIB,  # fp32 on the host before moving to the GPU
+        # texts (~40 B) + index/hash (~56 B) per caption, K slots of 8 B per video
+        "caption_cache": (counts["final_per_rank"] * 96 + vpr * s.K * 8) / GIB,
+        "round0_initial_captions": vpr * s.T * s.P * 100 / GIB,  # this rank's initial captions as strings
+        "rank_writes": own_writes,
+        "rank0_merge": merge,
+        "rank0_writes": own_writes + merge,  # what rank 0 holds while writing: its part + the merge buffer
+        "weights_at_load": (blip_params(s.blip) + adapter_params(s.blip, s.n_adapt) + clip_params(s.clip)) * 4 / GIB,
     }
-    host_total = (host["runtime"] + host["loader_buffers"] + host["caption_cache"]
-                  + max(host["weights_at_load"], host["round0_initial_captions"] + host["rank0_writes"]))
 
-    # --- advice ------------------------------------------------------------------------------------------------
-    usable = 0.9 * gpu.memory_gib
-    advice = []
-    if mem["total"] > usable:
-        rest = mem["total"] - mem["activations"]
-        if not cfg.grad_checkpointing:
-            ck = activation_bytes(a, clips=per_rank, frames=T, image_size=S, n_adapters=n_adapt, tokens=tokens,
-                                  scored_per_caption=scored, checkpointing=True)
-            ck_total = rest + sum(v for k, v in ck.items() if k != "eager_attention_extra") / GIB
-            advice.append(f"does not fit in 90% of {gpu.memory_gib:.0f} GiB: grad_checkpointing=true brings it to "
-                          f"{ck_total:.1f} GiB (+1/3 ViT compute)")
-        per_clip = act_total / per_rank / GIB
-        fit = max(0, int((usable - rest) // per_clip)) if per_clip > 0 else per_rank
-        if fit < per_rank:
-            accum = -(-per_rank // max(fit, 1))
-            advice.append(f"activations fit for {fit} clips per GPU at once: accumulate gradients over {accum} "
-                          f"micro-batches of {-(-per_rank // accum)} to keep batch_size={cfg.batch_size} (the trainer "
-                          "has no accumulation key yet: otherwise lower batch_size)")
+
+def host_total(host: dict[str, float], rank0: bool) -> float:
+    """Peak host GiB of one rank: resident parts + the larger of weight loading and round-0 writing."""
+    writes = host["rank0_writes"] if rank0 else host["rank_writes"]
+    return (host["runtime"] + host["loader_buffers"] + host["caption_cache"]
+            + max(host["weights_at_load"], host["round0_initial_captions"] + writes))
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+def checkpoint_gb(s: PlanShape) -> float:
+    """GB of one checkpoint (``checkpoints/epoch_XXXX/``): the trained weights in fp32 (``model.safetensors``) and
+    AdamW's two fp32 states (``train_state.pt``); the scheduler, RNG and step counters are negligible."""
+    return (blip_params(s.blip) + adapter_params(s.blip, s.n_adapt)) * (4 + 8) / 1e9
+
+
+# --- advice ---------------------------------------------------------------------------------------------------------
+def _fit_accumulation(s: PlanShape, rest_gib: float, usable: float, checkpointing: bool) -> tuple[int, float] | None:
+    """The fewest micro-batches per step (a divisor of the per-GPU batch, as the trainer needs) whose activations
+    fit beside ``rest_gib``: (accum_steps, total GiB), or None."""
+    for accum in (a for a in range(1, s.per_rank + 1) if s.per_rank % a == 0):
+        micro = s.per_rank // accum
+        total = rest_gib + _sum_activations(micro_batch_activations(s, micro, checkpointing)) / GIB
+        if total <= usable:
+            return accum, total
+    return None
+
+
+def _overflow_advice(s: PlanShape, mem: dict[str, float], usable: float, smallest_act: float) -> str:
+    """Even one checkpointed clip at a time does not fit: accumulation and checkpointing only shrink activations,
+    so name what overflows — the figures that grow with N/G (and how many GPUs would hold them) or the fixed part."""
+    cap = f"90% of {s.gpu.memory_gib:.0f} GiB"
+    rest = mem["total"] - mem["activations"]
+    data_total = sum(mem[k] for k in DATA_SCALED)
+    parts = {k: v for k, v in mem.items() if k not in ("total", "activations")}
+    named = ", ".join(f"{k} {v:,.1f} GiB" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
+                      if v >= 0.05 * rest)
+    if data_total >= 0.5 * rest:
+        # on G' > 1 GPUs each holds N/G' videos' worth of the data-sized figures (the ring top-k keys included)
+        # beside the fixed part and the exchange budget
+        per_video = ((CAPTION_TABLE_GROWTH * (caption_counts(s)["distinct_per_video"] + s.cfg.num_rounds)
+                      + (s.K if s.opts.rerank_scheme == "ring" else 0) + 1) * s.D * 2 + s.H * 4 + 2 * s.H * 8) / GIB
+        fixed = (mem["params_grads_optimizer"] + mem["frozen_clip"] + mem["runtime"] + smallest_act
+                 + s.opts.exchange_budget_gb)
+        room = usable - fixed
+        videos_fit = int(room // per_video) if room > 0 else 0  # videos per GPU that fit
+        more = (f"about {max(2, -(-s.N // videos_fit)):,} GPUs would hold it (these figures shrink as N/G), "
+                f"or lower num_neighbours / the initial captions (prompts x num_frames)" if videos_fit else
+                f"the parts that do not shrink with more GPUs alone exceed {cap}")
+        what = f"what grows with the videos per GPU ({s.videos_per_rank:,}) overflows"
     else:
-        advice.append(f"fits in 90% of {gpu.memory_gib:.0f} GiB without changes")
+        more, what = "a GPU with more memory", "the model's fixed part overflows"
+    return f"does not fit in {cap}: {what} — {named}; gradient accumulation or checkpointing cannot help: {more}"
+
+
+def _activation_advice(s: PlanShape, mem: dict[str, float], usable: float) -> list[str]:
+    """The activations overflow: the fewest ``accum_steps`` that fit, and the ``grad_checkpointing`` variant."""
+    cfg, cap = s.cfg, f"90% of {s.gpu.memory_gib:.0f} GiB"
+    rest = mem["total"] - mem["activations"]
+    advice = []
+    found = _fit_accumulation(s, rest, usable, cfg.grad_checkpointing)
+    if found:  # the smallest that fits; the current accum_steps does not, so it is larger
+        accum, total = found
+        advice.append(f"activations overflow ({mem['activations']:.1f} GiB for micro-batches of {s.micro_batch} "
+                      f"clips): accumulate gradients with accum_steps={accum} (micro-batches of "
+                      f"{s.per_rank // accum} clips; batch_size={cfg.batch_size} and each optimiser step "
+                      f"unchanged): {total:.1f} GiB")
+    if not cfg.grad_checkpointing:
+        ck = _fit_accumulation(s, rest, usable, True)
+        if ck and ck[0] <= s.accum:
+            ck_now = rest + _sum_activations(micro_batch_activations(s, s.micro_batch, True)) / GIB
+            advice.append(f"or grad_checkpointing=true: {ck_now:.1f} GiB (+1/3 ViT compute)")
+        elif ck:
+            advice.append(f"or grad_checkpointing=true with accum_steps={ck[0]} (micro-batches of "
+                          f"{s.per_rank // ck[0]}): {ck[1]:.1f} GiB (+1/3 ViT compute)")
+    if not advice:
+        advice.append(f"does not fit in {cap} even one clip at a time (accum_steps={s.per_rank})")
+    return advice
+
+
+def plan_advice(s: PlanShape, mem: dict[str, float], act: dict[str, float]) -> list[str]:
+    """What to change when it does not fit, naming what overflows: the data-scaled figures (more GPUs; nothing
+    per micro-batch helps) or the activations (concrete ``accum_steps`` / ``grad_checkpointing``)."""
+    cfg = s.cfg
+    usable = USABLE_FRACTION * s.gpu.memory_gib
+    advice = []
+    if cfg.batch_size < s.G:
+        advice.append(f"batch_size={cfg.batch_size} is smaller than {s.G} GPUs: the trainer runs 1 clip per GPU, "
+                      f"a global batch of {s.global_batch} (not the recipe's {cfg.batch_size}); set "
+                      f"batch_size={s.global_batch} to say so")
+    smallest_act = _sum_activations(micro_batch_activations(s, 1, True)) / GIB
+    if mem["total"] <= usable:
+        advice.append(f"fits in 90% of {s.gpu.memory_gib:.0f} GiB without changes")
+    elif mem["total"] - mem["activations"] + smallest_act > usable:
+        advice.append(_overflow_advice(s, mem, usable, smallest_act))
+    else:
+        advice += _activation_advice(s, mem, usable)
     eager = act["eager_attention_extra"] / GIB
     advice.append(f"with eager ViT attention instead of SDPA (n x n scores kept for backward) activations grow by "
                   f"{eager:.1f} GiB: {mem['total'] + eager:.1f} GiB in all")
+    return advice
 
-    out = {
-        "config": {"blip": cfg.blip, "clip": cfg.clip, "num_frames": T, "image_size": S, "batch_size": cfg.batch_size,
-                   "per_gpu_batch": per_rank, "num_neighbours": H, "k": K, "prompts": P, "epochs": cfg.epochs,
-                   "rounds": rounds, "grad_checkpointing": cfg.grad_checkpointing, "adapters": n_adapt,
-                   "num_beams": cfg.num_beams, "max_length": cfg.max_length},
-        "num_videos": N, "gpus": G, "gpu": gpu.name,
-        "loader_clips_per_second": cps,
+
+# --- assembly -------------------------------------------------------------------------------------------------------
+def make_plan(cfg: TrainConfig, opts: PlanOptions) -> dict[str, Any]:
+    """Every figure of the plan as a JSON-able dict (see the module docstring for what is counted/modelled)."""
+    s = resolve_shape(cfg, opts)
+    fl = training_flops(s)
+    hw_flops = hardware_flops(s, fl)
+    tt = training_time(s, hw_flops)
+    counts = caption_counts(s)
+    reads = rerank_reads(s, counts)
+    comm = round_comm_bytes(s, counts, reads)
+    comm_s = comm_time(s, comm)
+    r0 = round0_time(s, counts, reads, comm_s["round0"])
+    rr = round_time(s, reads, comm_s["per_round"])
+    rounds = cfg.num_rounds
+    act = micro_batch_activations(s, s.micro_batch, cfg.grad_checkpointing)
+    mem = gpu_memory(s, counts, act)
+    host = host_memory(s, counts)
+    return {
+        "config": {"blip": cfg.blip, "clip": cfg.clip, "num_frames": s.T, "image_size": s.S,
+                   "batch_size": cfg.batch_size, "per_gpu_batch": s.per_rank, "num_neighbours": s.H, "k": s.K,
+                   "prompts": s.P, "epochs": cfg.epochs, "rounds": rounds, "grad_checkpointing": cfg.grad_checkpointing,
+                   "adapters": s.n_adapt, "num_beams": cfg.num_beams, "max_length": cfg.max_length,
+                   "accum_steps": s.accum, "micro_batch": s.micro_batch, "precision": s.precision,
+                   "keep_checkpoints": cfg.keep_checkpoints},
+        "num_videos": s.N, "gpus": s.G, "gpu": s.gpu.name,
+        "precision": s.precision, "peak_flops": s.peak,
+        "loader_clips_per_second": opts.loader_clips_per_second,
         "mfu": opts.mfu, "decode_efficiency": opts.decode_efficiency, "distinct_fraction": opts.distinct_fraction,
-        "params": {"trainable": p_train, "frozen_clip": p_clip},
+        "params": {"trainable": blip_params(s.blip) + adapter_params(s.blip, s.n_adapt),
+                   "frozen_clip": clip_params(s.clip)},
         "flops_per_step": fl["total"],
         "hardware_flops_per_step": hw_flops,
         "flops_breakdown": {k: v for k, v in fl.items() if k not in ("total", "vit_layers_forward")},
-        "steps_per_epoch": steps_per_epoch,
-        "step_seconds": step_s,
-        "clips_per_second_needed": per_rank / compute_step_s,
-        "input_bound": bool(cps) and step_s > compute_step_s,
-        "epoch_seconds": epoch_s,
-        "run_hours": run_s / 3600,
-        "time_seconds": {"training": train_s, "round0": round0_s, "round0_initial_captions": init_s,
-                         "round0_clip_features": clip_video_s, "round0_neighbours": topk_s,
-                         "round0_text_features": text0_s, "round0_rerank": rerank0_bytes / bw,
-                         "per_round": round_s, "rounds": rounds},
-        "round0_rerank_bytes": rerank0_bytes,
-        "round0_rerank_bytes_upper": rerank0_upper,
-        "round0_candidates_per_video": per_video_candidates,
-        "caption_count_final": captions_final,
+        "steps_per_epoch": s.steps_per_epoch,
+        "step_seconds": tt["step"],
+        "clips_per_second_needed": s.per_rank / tt["compute_step"],
+        "input_bound": bool(opts.loader_clips_per_second) and tt["step"] > tt["compute_step"],
+        "epoch_seconds": tt["epoch"],
+        "run_hours": (tt["training"] + r0["total"] + rounds * rr["total"]) / 3600,
+        "time_seconds": {"training": tt["training"], "round0": r0["total"],
+                         "round0_initial_captions": r0["initial_captions"], "round0_clip_features": r0["clip_features"],
+                         "round0_neighbours": r0["neighbours"], "round0_text_features": r0["text_features"],
+                         "round0_rerank": r0["rerank"], "round0_comm": r0["comm"], "per_round": rr["total"],
+                         "per_round_comm": rr["comm"], "rounds": rounds},
+        "round0_rerank_bytes": reads["round0"],
+        "round0_rerank_bytes_upper": reads["round0_upper"],
+        "round0_candidates_per_video": reads["round0_per_video"],
+        "round_rerank_bytes": reads["per_round"],
+        "round_comm_bytes": comm["per_round"],
+        "round0_comm_bytes": comm["round0"],
+        "comm_detail_bytes": comm,
+        "interconnect": {"rerank_scheme": opts.rerank_scheme, "gpus_per_node": s.gpus_per_node, "nodes": s.nodes,
+                         "intra_node": s.gpu.intra_node if opts.intra_node_gb_per_s is None else "given",
+                         "intra_node_gb_per_s": s.intra_bytes_per_s / 1e9,
+                         "inter_node": s.gpu.inter_node if opts.inter_node_gb_per_s is None else "given",
+                         "inter_node_gb_per_s": s.inter_bytes_per_s / 1e9, "link_efficiency": LINK_EFFICIENCY,
+                         "exchange_budget_gb": opts.exchange_budget_gb},
+        "caption_count_final": counts["final"],
+        "caption_count_per_rank": counts["final_per_rank"],
         "memory_gb_per_gpu": mem,
         "activation_detail_gb": {k: v / GIB for k, v in act.items()},
-        "gpu_memory_gb": gpu.memory_gib,
-        "host_memory_gb_per_rank": host_total,
+        "gpu_memory_gb": s.gpu.memory_gib,
+        "host_memory_gb_per_rank": host_total(host, rank0=True),
+        "host_memory_gb_other_ranks": host_total(host, rank0=False),
         "host_memory_detail_gb": host,
-        "shard_disk_gb": N * SHARD_MB_PER_32_FRAMES * opts.prepared_frames / 32 * 1e6 / 1e9,
-        "advice": advice,
+        "checkpoint_gb": checkpoint_gb(s),
+        "checkpoint_disk_gb": checkpoint_gb(s) * (cfg.keep_checkpoints + 1),  # the kept ones + one being written
+        "shard_disk_gb": s.N * SHARD_MB_PER_32_FRAMES * opts.prepared_frames / 32 * 1e6 / 1e9,
+        "advice": plan_advice(s, mem, act),
         "model": MODEL_NOTES,
     }
-    return out
 
 
 MODEL_NOTES = {
     "counted": "flops_per_step: matmul/conv/attention FLOPs of one global step (fwd + 2x bwd; patch embedding bwd "
                "1x), per ViT layer 2n(4d^2+2dm)+4n^2d per frame, per decoder layer 2L(6d^2+2dm)+4ed*n+4L^2d+4Lnd, "
                "LM head 2s(d^2+dV) on scored tokens, adapters 54*d per patch (depth-wise 3x3x3); params from configs",
-    "modelled": "time at mfu x dense bf16 peak (+1/3 ViT recompute with grad_checkpointing), decoding at "
-                "decode_efficiency + 2 ms per beam step per batch, re-rank/top-k reads at 50% HBM bandwidth; "
-                "activations (bf16 autocast, SDPA, no n^2 scores): (22d+4m) B per ViT token per layer + 4d per "
-                "adapter, checkpointing keeps 4d per layer + one layer; 18 B per trainable param (fp32 weights, "
-                "grads, AdamW m/v, bf16 autocast copies); caption features fp16 x1.25 capacity; neighbour rows int32 "
-                "per rank; 1.5 GiB CUDA runtime; captions of T x P x N initial ones distinct_fraction distinct, "
-                "+N per round; text padded to max_length + longest other prompt (1 word = 1 token); shards "
-                "0.63 MB per 32-frame clip (measured)",
+    "modelled": "time at mfu x the GPU's dense peak at the run's precision (+1/3 ViT recompute with "
+                "grad_checkpointing), decoding at decode_efficiency + 2 ms per beam step per batch, re-rank/top-k "
+                "reads at 50% HBM bandwidth; activations of one micro-batch (batch per GPU / accum_steps; autocast, "
+                "SDPA, no n^2 scores): (22d+4m) B per ViT token per layer + 4d per adapter (fp32: the autocast "
+                "share doubles), checkpointing keeps 4d per layer + one layer; 18 B per trainable param (fp32 "
+                "weights, grads, AdamW m/v, autocast copies; 16 B in fp32); SHARDED by video: each rank holds its "
+                "N/G videos' caption features (fp16 x1.25 capacity; ring scheme + K slot copies per video), "
+                "neighbour rows (int32), video features, running top-2H int64 keys while the ring top-k runs, and "
+                "the exchange budget; 1.5 GiB CUDA runtime; comm: ring top-k (video features once around the ring), "
+                "re-rank by owner (queries travel to the candidates' owners; default) or ring (caption features "
+                "travel), at 80% of the per-direction "
+                "link figure (ring: the slowest link; all-to-all: intra- then inter-node, no overlap); host: per "
+                "rank its own cache and writes, rank 0 + a 0.25 GiB merge buffer; captions of T x P x N initial "
+                "ones distinct_fraction distinct, +N per round; text padded to max_length + longest other prompt "
+                "(1 word = 1 token); shards 0.63 MB per 32-frame clip (measured)",
 }
 
 
@@ -617,11 +1060,13 @@ def _dur(s: float) -> str:
 
 def format_plan(p: dict[str, Any]) -> str:
     """The human-readable table of :func:`make_plan`'s result."""
-    c, m, t = p["config"], p["memory_gb_per_gpu"], p["time_seconds"]
+    c, m, t, ic = p["config"], p["memory_gb_per_gpu"], p["time_seconds"], p["interconnect"]
     head = [
         f"plan: {p['num_videos']:,} videos on {p['gpus']} x {p['gpu']}; T={c['num_frames']} S={c['image_size']}, "
         f"batch {c['batch_size']} ({c['per_gpu_batch']}/GPU), {c['epochs']} epochs, {c['rounds']} rounds, "
-        f"H={c['num_neighbours']} K={c['k']}, grad_checkpointing={str(c['grad_checkpointing']).lower()}",
+        f"H={c['num_neighbours']} K={c['k']}, grad_checkpointing={str(c['grad_checkpointing']).lower()}, "
+        f"accum_steps={c['accum_steps']} (micro-batches of {c['micro_batch']}), {p['precision']} "
+        f"({p['peak_flops'] / 1e12:,.1f} TFLOP/s dense peak)",
         f"models (from configs): {c['blip']} ({p['params']['trainable'] / 1e6:.1f} M trained), {c['clip']} "
         f"({p['params']['frozen_clip'] / 1e6:.1f} M frozen)",
         "",
@@ -629,7 +1074,7 @@ def format_plan(p: dict[str, Any]) -> str:
     rows = [
         ("flops_per_step", _si(p["flops_per_step"], "FLOP") + f" (ViT {_si(p['flops_breakdown']['vit_forward'] + p['flops_breakdown']['vit_backward'], 'FLOP')})",
          "counted"),
-        ("step_seconds", _dur(p["step_seconds"]) + f" at {p['mfu']:.0%} of dense bf16 peak"
+        ("step_seconds", _dur(p["step_seconds"]) + f" at {p['mfu']:.0%} of dense {p['precision']} peak"
          + (" (incl. checkpoint recompute)" if c["grad_checkpointing"] else ""), "modelled"),
         ("clips_per_second_needed", f"{p['clips_per_second_needed']:.0f} per GPU"
          + (f" (loader gives {p['loader_clips_per_second']:g}: input-bound)" if p["input_bound"] else ""), "modelled"),
@@ -637,18 +1082,31 @@ def format_plan(p: dict[str, Any]) -> str:
         ("round 0", f"{_dur(t['round0'])} (initial captions {_dur(t['round0_initial_captions'])}, CLIP "
                     f"{_dur(t['round0_clip_features'])}, top-k {_dur(t['round0_neighbours'])}, re-rank "
                     f"{_dur(t['round0_rerank'])})", "modelled"),
-        ("per round", _dur(t["per_round"]) + " (beam search + embed + re-rank)", "modelled"),
+        ("per round", _dur(t["per_round"]) + f" (beam search + embed + re-rank; exchange {_dur(t['per_round_comm'])})",
+         "modelled"),
         ("run_hours", f"{p['run_hours']:.2f} h (training {_dur(t['training'])})", "modelled"),
         ("round0_rerank_bytes", f"{p['round0_rerank_bytes'] / 1e9:,.1f} GB per rank ({p['round0_candidates_per_video']:,} "
                                 f"distinct ids/video; all {p['round0_rerank_bytes_upper'] / 1e9:,.0f} GB undeduplicated)",
          "modelled"),
+        ("round0_comm_bytes", f"{p['round0_comm_bytes'] / 1e9:,.1f} GB per rank ({_dur(t['round0_comm'])}; ring "
+                              f"top-k {p['comm_detail_bytes']['round0_neighbour_ring'] / 1e9:,.1f} GB)", "modelled"),
+        ("round_comm_bytes", f"{p['round_comm_bytes'] / 1e9:,.1f} GB per rank per round ({_dur(t['per_round_comm'])}; "
+                             f"{ic['rerank_scheme']} re-rank, {ic['nodes']} node(s) of {ic['gpus_per_node']}, "
+                             f"{ic['intra_node_gb_per_s']:g} GB/s within, {ic['inter_node_gb_per_s']:g} GB/s across, "
+                             f"at {ic['link_efficiency']:.0%})", "modelled"),
         ("memory_gb_per_gpu", f"{m['total']:.1f} GiB of {p['gpu_memory_gb']:.0f}", "modelled"),
         ("  params_grads_optimizer", f"{m['params_grads_optimizer']:.2f} GiB", ""),
         ("  activations", f"{m['activations']:.2f} GiB" + (" (checkpointed)" if c["grad_checkpointing"] else ""), ""),
-        ("  caption_features", f"{m['caption_features']:.2f} GiB ({p['caption_count_final']:,} captions, fp16)", ""),
+        ("  caption_features", f"{m['caption_features']:.2f} GiB ({p['caption_count_per_rank']:,} of "
+                               f"{p['caption_count_final']:,} captions on this rank, fp16)", ""),
         ("  neighbour_graph", f"{m['neighbour_graph']:.2f} GiB (this rank's rows)", ""),
+        ("  top-k state, exchange", f"{m['neighbour_search_state'] + m['exchange_buffers']:.2f} GiB", ""),
         ("  video feats, CLIP, runtime", f"{m['video_features'] + m['frozen_clip'] + m['runtime']:.2f} GiB", ""),
-        ("host_memory_gb_per_rank", f"{p['host_memory_gb_per_rank']:.1f} GiB (rank 0)", "modelled"),
+        ("host_memory_gb_per_rank", f"{p['host_memory_gb_per_rank']:.1f} GiB (rank 0; other ranks "
+                                    f"{p['host_memory_gb_other_ranks']:.1f})", "modelled"),
+        ("checkpoint_gb", f"{p['checkpoint_gb']:.1f} GB each (fp32 weights + AdamW states); "
+                          f"{p['checkpoint_disk_gb']:.1f} GB with keep_checkpoints={c['keep_checkpoints']} + one "
+                          "being written", "counted"),
         ("shard_disk_gb", f"{p['shard_disk_gb']:,.0f} GB", "measured/clip"),
     ]
     w0 = max(len(r[0]) for r in rows)
@@ -669,9 +1127,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of train config keys")
     p.add_argument("--num-videos", type=int, required=True, help="N, videos in the training set")
     p.add_argument("--gpus", type=int, required=True, help="G, GPUs (DDP ranks)")
-    p.add_argument("--gpu", default="h100", choices=sorted(GPUS), help="GPU model (default h100)")
-    p.add_argument("--mfu", type=float, default=0.6, help="fraction of dense bf16 peak reached by training and "
-                   "encoders (default 0.6)")
+    p.add_argument("--gpu", default="h100", choices=list(GPUS), help="GPU model (default h100; a100 = a100-80)")
+    p.add_argument("--mfu", type=float, default=0.6, help="fraction of the dense peak at the run's precision reached "
+                   "by training and encoders (default 0.6)")
     p.add_argument("--decode-efficiency", type=float, default=0.2, help="fraction of peak reached by beam-search "
                    "decoding (default 0.2)")
     p.add_argument("--distinct-fraction", type=float, default=0.5, help="fraction of the T x P initial captions of a "
@@ -679,6 +1137,17 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-frames", type=int, default=32, help="frames per clip in prepared shards (default 32)")
     p.add_argument("--clips-per-second", type=float, metavar="R", help="what the loader delivers per GPU (e.g. from "
                    "bench/): steps and data passes take at least clips/R (default: assume it keeps up)")
+    p.add_argument("--rerank-scheme", default="owner", choices=RERANK_SCHEMES, help="exact re-rank across shards: "
+                   "owner (each video's feature goes to the ranks owning its candidates, as the trainer does; "
+                   "default) or ring (caption-feature shards travel around the ranks)")
+    p.add_argument("--exchange-budget-gb", type=float, default=2.0, metavar="GIB", help="device memory the "
+                   "exchanges may use (top-k ring chunks, re-rank request chunks); default 2")
+    p.add_argument("--gpus-per-node", type=int, metavar="N", help="GPUs per node (default: the GPU's usual server, "
+                   "8; 4 for RTX cards)")
+    p.add_argument("--intra-node-gb-per-s", type=float, metavar="GB/S", help="link within a node, per GPU per "
+                   "direction (default: NVLink 450 on H100/H200, 300 on A100; PCIe otherwise)")
+    p.add_argument("--inter-node-gb-per-s", type=float, metavar="GB/S", help="network across nodes, per GPU per "
+                   "direction (default: InfiniBand NDR 50 on H100/H200, HDR 25 on A100)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -698,13 +1167,20 @@ def run_plan(args: argparse.Namespace) -> int:
         cfg = config_for_plan(args.config, list(args.overrides or []))
         opts = PlanOptions(num_videos=args.num_videos, gpus=args.gpus, gpu=args.gpu, mfu=args.mfu,
                            decode_efficiency=args.decode_efficiency, distinct_fraction=args.distinct_fraction,
-                           prepared_frames=args.prepared_frames, loader_clips_per_second=args.clips_per_second)
+                           prepared_frames=args.prepared_frames, loader_clips_per_second=args.clips_per_second,
+                           rerank_scheme=getattr(args, "rerank_scheme", "owner"),
+                           exchange_budget_gb=getattr(args, "exchange_budget_gb", 2.0),
+                           gpus_per_node=getattr(args, "gpus_per_node", None),
+                           intra_node_gb_per_s=getattr(args, "intra_node_gb_per_s", None),
+                           inter_node_gb_per_s=getattr(args, "inter_node_gb_per_s", None))
         plan = make_plan(cfg, opts)
+        # allow_nan=False: a non-finite figure is an error, never NaN/Infinity in --json (invalid JSON)
+        text = json.dumps(plan, indent=2, allow_nan=False) if args.json else format_plan(plan)
     except (ValueError, TypeError, OSError, yaml.YAMLError) as exc:
         msg = " ".join(str(exc).split())  # one line, also for YAML errors that span several
         print(f"rest-fast plan: error: {msg}", file=sys.stderr)
         return 2
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    print(text)
     return 0
 
 

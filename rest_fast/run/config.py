@@ -79,6 +79,7 @@ class TrainConfig:
 
     # --- optimisation ------------------------------------------------------------------------
     batch_size: int = _f(64, "global batch size (split over the processes)", group="optim")
+    accum_steps: int = _f(1, "micro-batches per optimiser step (gradient accumulation); batch_size stays the global batch", group="optim", runtime=True)
     lr: float = _f(2e-5, "peak learning rate (cosine schedule)", group="optim")
     lr_min: float = _f(2e-8, "final learning rate of the cosine schedule", group="optim")
     warmup_steps: int = _f(0, "linear warm-up steps before the cosine decay", group="optim")
@@ -98,6 +99,7 @@ class TrainConfig:
     seed: int = _f(0, "seed: caption sampling, shuffling, augmentation draws and dropout derive from it", group="run")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (torchrun uses LOCAL_RANK)", group="run", runtime=True)
     amp: bool = _f(True, "bf16 autocast on CUDA (false: fp32 model and CLIP weights on CUDA too)", group="run", runtime=True)
+    precision: str = _f("bf16", "bf16 | fp16 | fp32 on CUDA (fp16 adds a gradient scaler); amp is its alias: true = bf16, false = fp32", group="run", runtime=True)
     nccl_timeout: float = _f(3600.0, "seconds a collective may wait under torchrun before the run fails (covers rank-0 round work)", group="run", runtime=True)
     threads: int = _f(0, "CPU intra-op threads per process (0 = torch's default)", group="run", runtime=True)
     log_every: int = _f(10, "steps between loss records in metrics.jsonl", group="run", runtime=True)
