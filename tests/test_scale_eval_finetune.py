@@ -18,7 +18,7 @@ from eval_fixtures import FAST, make_tiny_gar, write_clip
 
 GEN = ["--num-beams", "1", "--max-length", "8", "--min-length", "2", "--clip", "tiny"]
 TRAIN = ["--supervised", "--epochs", "4", "--image-size", "32", "--lr", "3e-3", "--lr-min", "1e-4",
-         "--train-batch-size", "4", "--no-eval"]
+         "--train-batch-size", "4", "--no-eval", "--save-every-minutes", "0"]
 
 
 @pytest.fixture(autouse=True)

@@ -87,13 +87,14 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
              prompt: str = "a video of", device: torch.device | str = "cpu", num_workers: int = 0,
              progress: bool = True, on_epoch: Callable[[dict], None] | None = None, decoder: str = "pyav",
              ranks=None, checkpoints: str | os.PathLike | None = None, resume: bool = False,
-             on_resume: Callable[[list[dict]], None] | None = None):
+             on_resume: Callable[[list[dict]], None] | None = None, save_every_minutes: float = 0.0):
     """Train ``model`` in place on ``videos`` = ``[(path, label)]`` with ``class_captions(class_names)[label]``
     as each video's caption. Returns ``(epoch records, bad-files report)``.
 
     ``ranks`` (:class:`rest_fast.run.ranks.Ranks`, under torchrun/srun): DDP, each rank reading its share of
     every epoch (``batch_size`` stays the global batch). ``checkpoints``: a folder that gets
-    ``checkpoints/epoch_XXXX/`` (weights, optimiser, schedule, records; the newest kept) after every epoch,
+    ``checkpoints/epoch_XXXX/`` (weights, optimiser, schedule, records; the newest kept) after the last epoch
+    and after every epoch that ends ``save_every_minutes`` or more after the previous save (0: every epoch),
     written by rank 0; with ``resume`` training continues after the newest intact one, and the result equals
     an uninterrupted run's (the order, augmentations and dropout of an epoch are seeded by the epoch);
     ``on_resume`` then receives the records of the epochs already done.
@@ -115,6 +116,8 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
     for name, v in (("epochs", epochs), ("batch-size", batch_size)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if save_every_minutes < 0:
+        raise ValueError(f"save-every-minutes must be >= 0, got {save_every_minutes}")
     if not 0 < lr or not 0 <= lr_min <= lr:
         raise ValueError(f"need lr > 0 and 0 <= lr-min <= lr, got lr={lr}, lr-min={lr_min}")
     captions = class_captions(class_names)
@@ -139,6 +142,7 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
         start = len(records)
         if on_resume is not None:
             on_resume(records)
+    last_save = time.monotonic()
     bar = None
     if progress and ranks.is_main:
         from tqdm.auto import tqdm
@@ -171,8 +175,11 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
         rec = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"],
                "steps": steps_done, "seconds": round(time.time() - t0, 3)}
         records.append(rec)
-        if checkpoints is not None:
+        # rank 0's clock decides, so every rank takes part in the same saves
+        due = ranks.broadcast(epoch + 1 == epochs or time.monotonic() - last_save >= 60 * save_every_minutes)
+        if checkpoints is not None and due:
             _save_checkpoint(Path(checkpoints), model, optimizer, scheduler, records, ranks)
+            last_save = time.monotonic()
         if on_epoch is not None:
             on_epoch(rec)
     if bar is not None:
@@ -511,7 +518,8 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
                           label_smoothing=args.label_smoothing, batch_size=args.train_batch_size,
                           augment=not args.no_augment, seed=args.seed, prompt=settings.prompt, device=dev,
                           num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch,
-                          decoder=decoder, ranks=ranks, checkpoints=out, resume=resume, on_resume=on_resume)
+                          decoder=decoder, ranks=ranks, checkpoints=out, resume=resume, on_resume=on_resume,
+                          save_every_minutes=getattr(args, "save_every_minutes", 30.0))
     except (ValueError, TooManyBadFiles) as exc:
         print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
         return 2, None
