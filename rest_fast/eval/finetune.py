@@ -330,7 +330,7 @@ def _save_model(model, src_dir: str, out: Path) -> Path:
     model.save_pretrained(tmp)
     pre = Path(src_dir) / "preprocessor_config.json"
     if pre.is_file():
-        shutil.copy(pre, tmp / pre.name)
+        shutil.copyfile(pre, tmp / pre.name)  # a new file: the umask, not the source's mode
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -446,17 +446,17 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
     """Fine-tune ``model`` on ``run["train"]``, save it to ``out/model``, evaluate on ``run["eval_sets"]``.
     Returns ``(exit code, evaluation results or None)``. Rank 0 writes every file; with ``--resume auto`` a
     finished ``out`` is kept as it is and an interrupted one continues from its last epoch checkpoint."""
+    from rest_fast.atomic_io import atomic_write_json, atomic_write_text
+    from rest_fast.data.bad_files import TooManyBadFiles
+    from rest_fast.eval.checkpoint import CheckpointError, describe, load_clip
+    from rest_fast.eval.matchers import get_matcher
+    from rest_fast.eval.run import evaluate_model
     from rest_fast.run.ranks import Ranks
     from rest_fast.run.shared_fs import check_shared_folder
 
     ranks = ranks or Ranks()
     main = ranks.is_main
     resume = getattr(args, "resume", None) == "auto"
-    from rest_fast.atomic_io import atomic_write_json, atomic_write_text
-    from rest_fast.data.bad_files import TooManyBadFiles
-    from rest_fast.eval.checkpoint import CheckpointError, describe, load_clip
-    from rest_fast.eval.matchers import get_matcher
-    from rest_fast.eval.run import evaluate_model
 
     train = run["train"]
     if main:
@@ -472,7 +472,7 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
               "train_videos": len(train.videos), "train_missing": len(train.missing),
               "classes": len(train.class_names)}
     if resume:
-        verdict = _resume_verdict(out, config, args.no_eval)  # same decision on every rank (same files)
+        verdict = _resume_verdict(out, config)  # same decision on every rank (same files)
         if verdict == "done":
             if main:
                 print(f"{out}: already fine-tuned with these settings (--resume auto); nothing to do", file=sys.stderr)
@@ -556,10 +556,10 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
     return 0, res
 
 
-def _resume_verdict(out: Path, config: dict, no_eval: bool) -> str:
-    """``--resume auto`` on ``out``: "done" (finished with these settings: the marker the end of
-    :func:`_train_and_eval` writes), "continue" (train from its newest
-    checkpoint, or from the start when it has none); a folder fine-tuned with other settings is refused by key."""
+def _resume_verdict(out: Path, config: dict) -> str:
+    """``--resume auto`` on ``out``: "done" (finished with these settings: :func:`_train_and_eval` writes
+    ``finished.json`` last), else "continue" (train from its newest checkpoint, or from the start when it has
+    none); a folder fine-tuned with other settings is refused, naming each differing key."""
     saved = out / "finetune.json"
     if not saved.is_file():
         return "continue"
