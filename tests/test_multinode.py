@@ -209,3 +209,46 @@ def test_out_not_shared_by_all_ranks_is_refused(tmp_path):
         assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert "not one folder for all ranks: rank 1" in lines[0] and "shared filesystem" in lines[0]
     assert not (a / "runs" / "x").exists() and not (b / "runs" / "x").exists()
+
+
+def _check_in_child(rank: int, store: str, folders: list[str], results: str) -> None:
+    """A forked 'rank' of a 2-process gloo group running the shared-folder check on its own view."""
+    import torch.distributed as dist
+
+    from rest_fast.run.shared_fs import check_shared_folder
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        check_shared_folder(folders[rank], rank, 2)
+        msg = "ok"
+    except UserError as exc:
+        msg = f"UserError: {exc}"
+    finally:
+        dist.destroy_process_group()
+    Path(results, f"rank{rank}.txt").write_text(msg)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_folder_check_two_gloo_ranks(tmp_path, monkeypatch, shared):
+    import multiprocessing
+
+    monkeypatch.setenv("REST_FAST_SHARED_FS_WAIT_S", "0.5")
+    a, b = tmp_path / "node_a" / "run", tmp_path / "node_b" / "run"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    folders = [str(a), str(a if shared else b)]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_check_in_child, args=(r, str(tmp_path / "store"), folders, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    if shared:
+        assert msgs == ["ok", "ok"]
+    else:  # both ranks refuse, in one line naming the blind rank and the fix
+        for m in msgs:
+            assert m.startswith("UserError: --out") and "\n" not in m
+            assert "rank 1 on" in m and str(b) in m and str(a) in m and "shared filesystem" in m
+    assert list(a.iterdir()) == [] and list(b.iterdir()) == []  # the check file is gone
