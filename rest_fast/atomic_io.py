@@ -51,6 +51,33 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     return tmp
 
 
+def _file_stats(folder: Path) -> dict[Path, tuple[int, int, int]]:
+    out = {}
+    for p in folder.rglob("*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        out[p] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+@contextmanager
+def new_files_follow_umask(folder: str | os.PathLike) -> Iterator[None]:
+    """Give every file and folder created or rewritten under ``folder`` inside the block the umask's mode.
+
+    For writers we do not control: ``safetensors`` (hence HF ``save_pretrained``) creates its files 0600
+    whatever the umask. Entries that were there before the block and were not rewritten (same inode,
+    mtime and size) keep their mode: we never change files we did not write. Symlinks are left alone."""
+    folder = Path(folder)
+    before = _file_stats(folder) if folder.is_dir() else {}
+    yield
+    for p, stat in _file_stats(folder).items():
+        if before.get(p) == stat or p.is_symlink():
+            continue
+        apply_umask(p, directory=p.is_dir())
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename or creation inside ``path`` durable (no-op where directories cannot be opened)."""
     try:

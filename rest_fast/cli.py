@@ -273,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_ft.add_argument("--eval-classes", metavar="FILE", help="class names of an --eval-data list")
     p_ft.add_argument("--no-eval", action="store_true", help="train only")
     p_ft.add_argument("--out", metavar="DIR", help="output dir: model/, metrics.jsonl, eval/ (default runs/finetune/..)")
+    p_ft.add_argument("--resume", choices=["auto"], help="auto: continue an interrupted fine-tuning in --out from its "
+                      "last epoch checkpoint (same options; a finished one is left as it is)")
+    p_ft.add_argument("--save-every-minutes", type=float, default=30.0, metavar="MIN",
+                      help="epoch checkpoint for --resume when MIN minutes passed since the last one, and after the "
+                      "last epoch (default 30; 0 = every epoch)")
     t = p_ft.add_argument_group("optimisation")
     t.add_argument("--epochs", type=int, help="default: max(400/M, 30) few-shot, 60 supervised (Table 10)")
     t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate, cosine decay (default 2e-5)")

@@ -1,4 +1,4 @@
-"""What is built and available: versions, the native extension, Triton, CUDA, DALI.
+"""What is built and available: versions, the native extension, Triton, CUDA, DALI, degraded fast paths.
 
 ``rest-fast info`` prints :func:`collect`; tests and bug reports read the same dict.
 """
@@ -17,6 +17,47 @@ def _version(module: str) -> str:
     except Exception as exc:  # noqa: BLE001 - any import failure is information here
         return f"not available ({type(exc).__name__}: {exc})".splitlines()[0]
     return str(getattr(mod, "__version__", "installed"))
+
+
+def degraded_fast_paths() -> dict[str, str]:
+    """``{fast path: what runs instead, and why}`` for every fast path that cannot run here (empty: none).
+
+    Everything a fast path needs is a base dependency (``pyproject.toml``) except DALI (the ``dali`` extra,
+    built per CUDA version), so an entry here means a broken or partial install, a ``REST_FAST_NO_NATIVE``
+    build, or a CUDA machine without the extra."""
+    out: dict[str, str] = {}
+    from rest_fast import cache
+
+    if not cache.NATIVE_AVAILABLE:
+        out["caption cache"] = f"pure-Python cache instead of the C++ one: {cache.NATIVE_ERROR}"
+    try:
+        from rest_fast.ops import topk_cpu
+
+        reason = topk_cpu.degraded_reason()
+        if reason is not None:
+            out["topk_similarity (CPU)"] = reason
+    except Exception as exc:  # noqa: BLE001 - information, never a failure
+        out["topk_similarity (CPU)"] = f"unknown ({type(exc).__name__}: {exc})"
+    try:
+        from rest_fast.ops._dispatch import KERNEL_IMPORT_ERRORS, load_kernels
+
+        broken = [name for name in ("dwconv3d", "topk", "rerank") if load_kernels(name) is None]
+        if broken:
+            out["Triton kernels"] = (f"pure-torch reference for {', '.join(broken)} on CUDA: the kernels do not "
+                                     f"import ({KERNEL_IMPORT_ERRORS.get(broken[0])})")
+    except Exception as exc:  # noqa: BLE001
+        out["Triton kernels"] = f"unknown ({type(exc).__name__}: {exc})"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            dali = _version("nvidia.dali")
+            if dali.startswith("not available"):
+                out["video decoding"] = (f"PyAV on the CPU instead of DALI on the GPU: nvidia.dali {dali} "
+                                         "(pip install -e '.[dali]')")
+    except Exception as exc:  # noqa: BLE001
+        out["video decoding"] = f"unknown ({type(exc).__name__}: {exc})"
+    return out
 
 
 def collect() -> dict[str, object]:
@@ -61,6 +102,9 @@ def collect() -> dict[str, object]:
     except Exception as exc:  # noqa: BLE001
         info["cuda devices"] = f"unknown ({exc})"
     info["dali"] = _version("nvidia.dali")
+    degraded = degraded_fast_paths()
+    info["fast paths"] = ("all available" if not degraded else f"{len(degraded)} degraded: "
+                          + "; ".join(f"{what}: {why}" for what, why in degraded.items()))
     try:
         from rest_fast.data.select import choose_decoder
         from rest_fast.data.workers import cpus_available, default_num_workers

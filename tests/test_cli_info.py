@@ -14,12 +14,13 @@ def test_info_json_reports_native_triton_cuda_dali(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     for key in ("rest_fast", "torch", "triton", "native extension", "cuda devices", "dali",
-                "triton interpreter (TRITON_INTERPRET)"):
+                "triton interpreter (TRITON_INTERPRET)", "fast paths"):
         assert key in info, key
     if cache.NATIVE_AVAILABLE:
         assert info["native extension"].startswith("loaded")
     else:
         assert cache.NATIVE_ERROR and cache.NATIVE_ERROR in info["native extension"]
+    assert info["fast paths"] == "all available" or info["fast paths"].split(":")[0].endswith("degraded")
 
 
 def test_info_without_native_extension_says_why():

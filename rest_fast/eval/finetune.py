@@ -20,7 +20,11 @@ augmentations:
 Outputs in ``--out`` (with several few-shot splits: one ``split<s>/`` folder each, and ``results.json`` /
 ``table.md`` with the mean ± std over splits at the top): ``finetune.json`` (the resolved settings), ``train_videos.txt`` / ``missing_train.txt``,
 ``metrics.jsonl`` (one record per epoch), ``model/`` (:meth:`GARModel.save_pretrained`, so
-``rest-fast eval --checkpoint OUT`` works), ``bad_files.tsv``, and ``eval/`` (what ``rest-fast eval`` writes).
+``rest-fast eval --checkpoint OUT`` works), ``bad_files.tsv``, and ``eval/`` (what ``rest-fast eval`` writes);
+``checkpoints/epoch_XXXX/`` (the newest epoch: weights, optimiser, schedule) for ``--resume auto``, which
+continues an interrupted run (equal to an uninterrupted one) and leaves a finished one (``finished.json``) alone.
+Under torchrun or srun it trains with DDP (``--train-batch-size`` stays the global batch) and evaluates with one
+block of the videos per rank; rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = ["few_shot_epochs", "class_captions", "finetune", "sample_shots", "run
 
 SUPERVISED_EPOCHS = 60  # paper Table 10 (the class-label baseline trains on the schedule REST uses)
 SUPERVISED_IMAGE_SIZE = 224  # paper Table 10: S = 224, whatever the checkpoint's native size
+FINISHED = "finished.json"  # written last: `--resume auto` leaves a folder holding it as it is
 
 
 def few_shot_epochs(shots: int) -> int:
@@ -80,9 +85,19 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
              image_size: int, epochs: int, lr: float = 2e-5, lr_min: float = 2e-8, weight_decay: float = 1e-3,
              label_smoothing: float = 0.2, batch_size: int = 64, augment: bool = True, seed: int = 0,
              prompt: str = "a video of", device: torch.device | str = "cpu", num_workers: int = 0,
-             progress: bool = True, on_epoch: Callable[[dict], None] | None = None, decoder: str = "pyav"):
+             progress: bool = True, on_epoch: Callable[[dict], None] | None = None, decoder: str = "pyav",
+             ranks=None, checkpoints: str | os.PathLike | None = None, resume: bool = False,
+             on_resume: Callable[[list[dict]], None] | None = None, save_every_minutes: float = 0.0):
     """Train ``model`` in place on ``videos`` = ``[(path, label)]`` with ``class_captions(class_names)[label]``
     as each video's caption. Returns ``(epoch records, bad-files report)``.
+
+    ``ranks`` (:class:`rest_fast.run.ranks.Ranks`, under torchrun/srun): DDP, each rank reading its share of
+    every epoch (``batch_size`` stays the global batch). ``checkpoints``: a folder that gets
+    ``checkpoints/epoch_XXXX/`` (weights, optimiser, schedule, records; the newest kept) after the last epoch
+    and after every epoch that ends ``save_every_minutes`` or more after the previous save (0: every epoch),
+    written by rank 0; with ``resume`` training continues after the newest intact one, and the result equals
+    an uninterrupted run's (the order, augmentations and dropout of an epoch are seeded by the epoch);
+    ``on_resume`` then receives the records of the epochs already done.
 
     Clips are ``[B, T, 3, S, S]`` (``T = num_frames``, ``S = image_size``) normalised with ``mean``/``std``; the
     order and the augmentations are seeded by ``(seed, epoch)``. The loss is :meth:`GARModel.loss` with
@@ -92,12 +107,17 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
     from rest_fast.data.index import VideoIndex
     from rest_fast.data.shards import make_clip_loader, prepared_index_of
     from rest_fast.run.optim import build_optimizer, build_scheduler, derive_seed
+    from rest_fast.run.ranks import Ranks
+
+    ranks = ranks or Ranks()
 
     if not videos:
         raise ValueError("no training videos")
     for name, v in (("epochs", epochs), ("batch-size", batch_size)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if save_every_minutes < 0:
+        raise ValueError(f"save-every-minutes must be >= 0, got {save_every_minutes}")
     if not 0 < lr or not 0 <= lr_min <= lr:
         raise ValueError(f"need lr > 0 and 0 <= lr-min <= lr, got lr={lr}, lr-min={lr_min}")
     captions = class_captions(class_names)
@@ -107,29 +127,38 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
     index = prepared_index_of(paths, labels, list(class_names))
     if index is None:
         index = VideoIndex.from_paths(paths, labels, class_names=list(class_names))
-    bs = min(batch_size, len(index))
+    bs = max(1, min(batch_size, len(index)) // ranks.world_size)  # the global batch, cut over the ranks
     loader = make_clip_loader(index, decoder=decoder, batch_size=bs, mean=mean, std=std, num_frames=num_frames,
                               size=image_size, train=augment, shuffle=True, drop_last=False, seed=seed, device=device,
-                              num_workers=num_workers)
+                              num_workers=num_workers, rank=ranks.rank, world_size=ranks.world_size)
     steps = len(loader) * epochs
     optimizer = build_optimizer(model, lr, weight_decay, (0.9, 0.98))
     scheduler = build_scheduler(optimizer, steps, 0, lr, lr_min)
     model.to(device)
-    records = []
+    step_loss = _ddp_loss(model, prompt, label_smoothing, ranks, device)
+    records, start = [], 0
+    if resume and checkpoints is not None:
+        records = _restore(Path(checkpoints), model, optimizer, scheduler, verbose=ranks.is_main)
+        start = len(records)
+        if on_resume is not None:
+            on_resume(records)
+    last_save = time.monotonic()
     bar = None
-    if progress:
+    if progress and ranks.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="fine-tuning", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
-    for epoch in range(epochs):
+        bar = tqdm(total=steps, initial=start * len(loader), desc="fine-tuning", unit="step", file=sys.stderr,
+                   dynamic_ncols=True, leave=False)
+    for epoch in range(start, epochs):
         model.train()
-        torch.manual_seed(derive_seed(seed, epoch, 11))  # dropout draws of this epoch
+        # dropout draws of this epoch (rank 0's are the one-process ones)
+        torch.manual_seed(derive_seed(seed, epoch, 11, *([ranks.rank] if ranks.rank else [])))
         loader.set_epoch(epoch)
         t0, total, count = time.time(), 0.0, 0
         for batch in loader:
             # labels of the entries actually read (a bad file's deterministic replacement carries its own)
             texts = [captions[int(y)] for y in batch.labels.tolist()]
-            loss = model.loss(batch.clips, texts, prompt=prompt, label_smoothing=label_smoothing).loss
+            loss = step_loss(batch.clips, texts)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -140,15 +169,78 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
             count += 1
             if bar is not None:
                 bar.update(1)
+        steps_done = count  # optimiser steps (every rank takes as many)
+        if ranks.distributed:  # the epoch's mean loss over every rank's steps
+            total, count = (sum(x) for x in zip(*ranks.gather((total, count))))
         rec = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"],
-               "steps": count, "seconds": round(time.time() - t0, 3)}
+               "steps": steps_done, "seconds": round(time.time() - t0, 3)}
         records.append(rec)
+        # rank 0's clock decides, so every rank takes part in the same saves
+        due = ranks.broadcast(epoch + 1 == epochs or time.monotonic() - last_save >= 60 * save_every_minutes)
+        if checkpoints is not None and due:
+            _save_checkpoint(Path(checkpoints), model, optimizer, scheduler, records, ranks)
+            last_save = time.monotonic()
         if on_epoch is not None:
             on_epoch(rec)
     if bar is not None:
         bar.close()
     model.eval()
     return records, loader.bad_files
+
+
+class _CaptionLoss(torch.nn.Module):
+    """``forward(clips, texts) -> loss``: the captioning loss as a Module, so DDP can wrap it."""
+
+    def __init__(self, model, prompt: str, label_smoothing: float):
+        super().__init__()
+        self.model, self.prompt, self.label_smoothing = model, prompt, label_smoothing
+
+    def forward(self, clips, texts):
+        return self.model.loss(clips, texts, prompt=self.prompt, label_smoothing=self.label_smoothing).loss
+
+
+def _ddp_loss(model, prompt: str, label_smoothing: float, ranks, device: torch.device):
+    """The step's loss function: the model's own, or through DDP (gradients all-reduced) with several ranks."""
+    module = _CaptionLoss(model, prompt, label_smoothing)
+    if not ranks.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids, gradient_as_bucket_view=True, static_graph=True)
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, records: list[dict], ranks) -> None:
+    """``folder/checkpoints/epoch_XXXX`` (rank 0; the older ones pruned), then every rank goes on."""
+    from rest_fast.run.rundir import RunDir
+
+    if ranks.is_main:
+        run = RunDir(folder, writable=False)  # only checkpoints/: a fine-tuning folder is no trainer run
+        run.checkpoint_dir(0).parent.mkdir(parents=True, exist_ok=True)
+        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "records": [dict(r) for r in records]}
+        ckpt = run.save_checkpoint(len(records), model.state_dict(), train_state, {"kind": "finetune"})
+        run.prune_checkpoints(1, protect=[ckpt])
+    ranks.barrier()
+
+
+def _restore(folder: Path, model, optimizer, scheduler, verbose: bool = True) -> list[dict]:
+    """Load the newest intact checkpoint of ``folder`` into the model, optimiser and schedule (on every rank);
+    its epoch records (``[]`` when there is none: training starts from the beginning)."""
+    from rest_fast.run.rundir import RunDir
+
+    ckpt, skipped = RunDir(folder, writable=False).newest_intact_checkpoint()
+    for problem in skipped if verbose else ():
+        print(f"warning: skipped a damaged checkpoint: {problem}", file=sys.stderr)
+    if ckpt is None:
+        return []
+    model_state, train_state, _ = RunDir.load_checkpoint(ckpt)
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(train_state["optimizer"])
+    scheduler.load_state_dict(train_state["scheduler"])
+    if verbose:
+        print(f"resuming fine-tuning from {ckpt} (epoch {len(train_state['records'])})", file=sys.stderr, flush=True)
+    return [dict(r) for r in train_state["records"]]
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -238,7 +330,7 @@ def _save_model(model, src_dir: str, out: Path) -> Path:
     model.save_pretrained(tmp)
     pre = Path(src_dir) / "preprocessor_config.json"
     if pre.is_file():
-        shutil.copy(pre, tmp / pre.name)
+        shutil.copyfile(pre, tmp / pre.name)  # a new file: the umask, not the source's mode
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -254,6 +346,23 @@ def run_finetune(args) -> int:
 
 
 def _run_finetune(args) -> int:
+    from rest_fast.eval.run import _device
+    from rest_fast.run.ranks import close_ranks, init_ranks
+
+    try:
+        dev = _device(args.device)
+    except ValueError as exc:
+        print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    ranks, dev, owned = init_ranks(dev)
+    try:
+        return _run_finetune_on(args, ranks, dev)
+    finally:
+        close_ranks(owned)
+
+
+def _run_finetune_on(args, ranks, dev) -> int:
+    """The command on this rank (``ranks``: under torchrun/srun, DDP training and sharded evaluation)."""
     from rest_fast.eval.checkpoint import (
         CheckpointError,
         image_size_of,
@@ -261,15 +370,14 @@ def _run_finetune(args) -> int:
         pixel_normalisation,
         resolve_checkpoint,
     )
-    from rest_fast.eval.run import _device, _settings, resolve_decoder
+    from rest_fast.eval.run import _settings, resolve_decoder
 
     try:
         plan = _plan(args)
         resolved = resolve_checkpoint(args.checkpoint)
         settings = _settings(resolved, args.num_beams, args.max_length, args.min_length, args.prompt)
         settings.validate()
-        dev = _device(args.device)
-        decoder = resolve_decoder(args.decoder, dev, "finetune")
+        decoder = resolve_decoder(args.decoder, dev, "finetune", verbose=ranks.is_main)
         model = load_model(resolved, dev)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
@@ -291,15 +399,15 @@ def _run_finetune(args) -> int:
         if k > 0:  # every split starts again from the checkpoint
             model = load_model(resolved, dev)
         run_out = out / f"split{run['split']}" if len(runs) > 1 else out
-        if len(runs) > 1:
+        if len(runs) > 1 and ranks.is_main:
             print(f"== split {run['split']} ({k + 1}/{len(runs)}): training list {run['train_list']}",
                   file=sys.stderr, flush=True)
         rc, res = _train_and_eval(args, plan, run, model, resolved, settings, dev, run_out, t, size, mean, std,
-                                  decoder)
+                                  decoder, ranks)
         if rc:
             return rc
         per_split.append((run, res))
-    if len(runs) > 1 and not args.no_eval:
+    if len(runs) > 1 and not args.no_eval and ranks.is_main:
         _write_split_summary(out, plan, per_split)
     return 0
 
@@ -334,17 +442,26 @@ def _write_split_summary(out: Path, plan: dict, per_split: list) -> dict:
 
 
 def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev, out: Path, t: int, size: int,
-                    mean, std, decoder: str = "pyav") -> tuple[int, dict | None]:
+                    mean, std, decoder: str = "pyav", ranks=None) -> tuple[int, dict | None]:
     """Fine-tune ``model`` on ``run["train"]``, save it to ``out/model``, evaluate on ``run["eval_sets"]``.
-    Returns ``(exit code, evaluation results or None)``."""
+    Returns ``(exit code, evaluation results or None)``. Rank 0 writes every file; with ``--resume auto`` a
+    finished ``out`` is kept as it is and an interrupted one continues from its last epoch checkpoint."""
     from rest_fast.atomic_io import atomic_write_json, atomic_write_text
     from rest_fast.data.bad_files import TooManyBadFiles
     from rest_fast.eval.checkpoint import CheckpointError, describe, load_clip
     from rest_fast.eval.matchers import get_matcher
     from rest_fast.eval.run import evaluate_model
+    from rest_fast.run.ranks import Ranks
+    from rest_fast.run.shared_fs import check_shared_folder
+
+    ranks = ranks or Ranks()
+    main = ranks.is_main
+    resume = getattr(args, "resume", None) == "auto"
 
     train = run["train"]
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    check_shared_folder(out, ranks.rank, ranks.world_size)  # a resume reads rank 0's checkpoints on every rank
     config = {"mode": "supervised" if args.supervised else "few-shot", "shots": args.shots,
               "protocol": args.protocol, "split": run["split"], "train_list": run["train_list"],
               "data": args.data, "data_root": args.data_root,
@@ -354,19 +471,42 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
               "num_frames": t, "image_size": size, "prompt": settings.prompt,
               "train_videos": len(train.videos), "train_missing": len(train.missing),
               "classes": len(train.class_names)}
-    atomic_write_json(out / "finetune.json", config)
-    atomic_write_text(out / "train_videos.txt", "".join(f"{p} {y}\n" for p, y in train.videos))
-    atomic_write_text(out / "missing_train.txt", "".join(m + "\n" for m in train.missing))
-    if train.missing:
+    if resume:
+        verdict = _resume_verdict(out, config)  # same decision on every rank (same files)
+        if verdict == "done":
+            if main:
+                print(f"{out}: already fine-tuned with these settings (--resume auto); nothing to do", file=sys.stderr)
+            results = out / "eval" / "results.json"
+            return 0, (json.loads(results.read_text()) if results.is_file() else None)
+        ranks.barrier()  # every rank has read the folder before rank 0 changes it
+    if main:
+        (out / FINISHED).unlink(missing_ok=True)
+        atomic_write_json(out / "finetune.json", config)
+        atomic_write_text(out / "train_videos.txt", "".join(f"{p} {y}\n" for p, y in train.videos))
+        atomic_write_text(out / "missing_train.txt", "".join(m + "\n" for m in train.missing))
+        if not resume:  # a fresh start: an earlier fine-tuning's checkpoints here are not ours to continue
+            from rest_fast.run.rundir import RunDir
+
+            RunDir(out, writable=False).prune_checkpoints(0)
+    ranks.barrier()
+    if train.missing and main:
         print(f"{len(train.missing)} of {train.listed} training videos missing (missing_train.txt); training on "
               f"{len(train.videos)}", file=sys.stderr)
-    print(f"fine-tuning ({config['mode']}) on {len(train.videos)} videos of {len(train.class_names)} classes for "
-          f"{plan['epochs']} epochs (T={t}, S={size}) on {dev}", file=sys.stderr, flush=True)
+    if main:
+        world = f" x {ranks.world_size} ranks" if ranks.distributed else ""
+        print(f"fine-tuning ({config['mode']}) on {len(train.videos)} videos of {len(train.class_names)} classes "
+              f"for {plan['epochs']} epochs (T={t}, S={size}) on {dev}{world}", file=sys.stderr, flush=True)
     metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
+    if metrics.exists() and main:
+        metrics.unlink()  # a resume rewrites it from its checkpoint (on_resume)
+
+    def on_resume(done: list[dict]) -> None:
+        if main:
+            atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in done))
 
     def on_epoch(rec: dict) -> None:
+        if not main:
+            return
         with open(metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"epoch {rec['epoch']}/{plan['epochs']}: loss {rec['loss']:.4f} [{rec['seconds']:.1f} s]",
@@ -378,16 +518,22 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
                           label_smoothing=args.label_smoothing, batch_size=args.train_batch_size,
                           augment=not args.no_augment, seed=args.seed, prompt=settings.prompt, device=dev,
                           num_workers=args.num_workers, progress=not args.no_progress, on_epoch=on_epoch,
-                          decoder=decoder)
+                          decoder=decoder, ranks=ranks, checkpoints=out, resume=resume, on_resume=on_resume,
+                          save_every_minutes=getattr(args, "save_every_minutes", 30.0))
     except (ValueError, TooManyBadFiles) as exc:
         print(f"rest-fast finetune: error: {one_line(exc)}", file=sys.stderr)
         return 2, None
-    bad.write(out)
-    saved = _save_model(model, resolved.blip_source, out)
-    print(f"model saved to {saved}", file=sys.stderr)
+    saved = out / "model"
+    if main:
+        bad.write(out)
+        _save_model(model, resolved.blip_source, out)
+        print(f"model saved to {saved}", file=sys.stderr)
+    ranks.barrier()
     if args.no_eval or not run["eval_sets"]:
-        if not args.no_eval:
+        if not args.no_eval and main:
             print("no evaluation set (every video was used for training); pass --eval-data", file=sys.stderr)
+        if main:
+            atomic_write_json(out / FINISHED, {"epochs": plan["epochs"]})
         return 0, None
     try:
         clip_model = None
@@ -399,9 +545,29 @@ def _train_and_eval(args, plan: dict, run: dict, model, resolved, settings, dev,
         res = evaluate_model(model, run["eval_sets"], mean=mean, std=std, num_frames=t, image_size=size,
                              matcher=matcher, settings=settings, out=out / "eval", batch_size=args.batch_size,
                              device=dev, num_workers=args.num_workers, progress=not args.no_progress, info=info,
-                             decoder=decoder, max_unreadable=getattr(args, "max_unreadable", 0.05))
+                             decoder=decoder, max_unreadable=getattr(args, "max_unreadable", 0.05), ranks=ranks,
+                             verbose=main)
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         print(f"rest-fast finetune: evaluation failed: {one_line(exc)}", file=sys.stderr)
         return 1, None
-    print(f"results in {out / 'eval'}", file=sys.stderr)
+    if main:
+        atomic_write_json(out / FINISHED, {"epochs": plan["epochs"]})
+        print(f"results in {out / 'eval'}", file=sys.stderr)
     return 0, res
+
+
+def _resume_verdict(out: Path, config: dict) -> str:
+    """``--resume auto`` on ``out``: "done" (finished with these settings: :func:`_train_and_eval` writes
+    ``finished.json`` last), else "continue" (train from its newest checkpoint, or from the start when it has
+    none); a folder fine-tuned with other settings is refused, naming each differing key."""
+    saved = out / "finetune.json"
+    if not saved.is_file():
+        return "continue"
+    before = json.loads(saved.read_text())
+    now = json.loads(json.dumps(config))
+    diffs = [f"{k}: {before.get(k)!r} (then) != {now.get(k)!r} (now)" for k in sorted(set(before) | set(now))
+             if before.get(k) != now.get(k)]
+    if diffs:
+        raise UserError(f"--resume auto: {out} was fine-tuned with other settings ({'; '.join(diffs)}); "
+                        "pass the same options, or another --out")
+    return "done" if (out / FINISHED).is_file() else "continue"

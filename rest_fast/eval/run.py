@@ -378,8 +378,13 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
                    matcher, settings: CaptionSettings | None = None, out: str | os.PathLike | None = None,
                    batch_size: int = 16, device: torch.device | str = "cpu", num_workers: int = 0,
                    progress: bool = True, info: dict | None = None, verbose: bool = True,
-                   decoder: str = "pyav", max_unreadable: float | None = DEFAULT_MAX_UNREADABLE) -> dict:
+                   decoder: str = "pyav", max_unreadable: float | None = DEFAULT_MAX_UNREADABLE,
+                   ranks=None) -> dict:
     """Caption the union of the sets' videos once, CLIP-TAM each set, write the outputs to ``out``.
+
+    ``ranks`` (:class:`rest_fast.run.ranks.Ranks`, under torchrun/srun): each rank captions its block of the
+    videos, the blocks are gathered in rank order, and rank 0 alone prints and writes the same files one
+    process would (every rank returns the same metrics).
 
     ``matcher``: a text encoder with ``encode_text`` (see :func:`rest_fast.eval.matchers.get_matcher`).
     Returns the results dict written to ``results.json`` (without the per-video predictions).
@@ -391,7 +396,12 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
     from rest_fast.data.bad_files import BadFilesReport
     from rest_fast.eval.clip_tam import score_captions
     from rest_fast.eval.metrics import mean_std
+    from rest_fast.run.ranks import Ranks
 
+    ranks = ranks or Ranks()
+    verbose, progress = verbose and ranks.is_main, progress and ranks.is_main
+    if not ranks.is_main:
+        out = None  # rank 0 writes
     settings = settings or CaptionSettings()
     settings = CaptionSettings(settings.prompt, settings.num_beams, settings.max_length, settings.min_length, 1)
     unique = list(dict.fromkeys(p for s in sets for p, _ in s.videos))
@@ -403,9 +413,12 @@ def evaluate_model(model, sets: Sequence[EvalSet], *, mean, std, num_frames: int
     if verbose:
         print(f"captioning {len(unique)} videos (T={num_frames}, S={image_size}, beams={settings.num_beams}, "
               f"prompt {settings.prompt!r}) on {device}", file=sys.stderr, flush=True)
-    caps, bad = caption_videos(model, unique, num_frames=num_frames, size=image_size, mean=mean, std=std,
-                               settings=settings, batch_size=batch_size, device=device, num_workers=num_workers,
-                               progress=progress, decoder=decoder)
+    caps, bad = caption_videos(model, [unique[i] for i in ranks.shard(len(unique))], num_frames=num_frames,
+                               size=image_size, mean=mean, std=std, settings=settings, batch_size=batch_size,
+                               device=device, num_workers=num_workers, progress=progress, decoder=decoder)
+    if ranks.distributed:  # the blocks back in rank order: the one-process order of captions and bad files
+        parts = ranks.gather((caps, bad))
+        caps, bad = [c for p, _ in parts for c in p], [b for _, p in parts for b in p]
     by_path = {p: c for p, c in zip(unique, caps)}
     bad_report = BadFilesReport()
     for p, reason in bad:
@@ -511,7 +524,24 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
 
     With neither ``protocol`` nor ``data``, a trainer run is evaluated on the labelled set it trained on (the
     demo's clips for a demo run). Settings left ``None`` come from the run (or the paper's defaults).
+    Under torchrun or srun each rank captions one block of the videos; rank 0 writes the outputs.
     """
+    from rest_fast.run.ranks import close_ranks, init_ranks
+
+    ranks, dev, owned = init_ranks(_device(device))  # under torchrun/srun: one block of the videos per rank
+    try:
+        return _evaluate(checkpoint, ranks, dev, protocol=protocol, data_root=data_root, split=split, data=data,
+                         classes=classes, matcher=matcher, clip=clip, num_beams=num_beams, max_length=max_length,
+                         min_length=min_length, prompt=prompt, batch_size=batch_size, num_frames=num_frames,
+                         image_size=image_size, out=out, num_workers=num_workers, progress=progress, walk=walk,
+                         verbose=verbose and ranks.is_main, decoder=decoder, max_unreadable=max_unreadable)
+    finally:
+        close_ranks(owned)
+
+
+def _evaluate(checkpoint: str, ranks, dev: torch.device, *, protocol, data_root, split, data, classes, matcher,
+              clip, num_beams, max_length, min_length, prompt, batch_size, num_frames, image_size, out, num_workers,
+              progress, walk, verbose, decoder, max_unreadable) -> dict:
     from rest_fast.eval.checkpoint import (
         describe,
         image_size_of,
@@ -533,7 +563,6 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
                              "directory with labelled training data can be evaluated without them)")
         data, data_root = resolved.data, data_root or resolved.data_root
     sets = build_sets(protocol=protocol, data_root=data_root, split=split, data=data, classes=classes, walk=walk)
-    dev = _device(device)
     decoder = resolve_decoder(decoder, dev, "eval", verbose=verbose)
     settings = _settings(resolved, num_beams, max_length, min_length, prompt)
     settings.validate()
@@ -551,7 +580,7 @@ def evaluate(checkpoint: str, *, protocol: str | None = None, data_root: str | N
     return evaluate_model(model, sets, mean=mean, std=std, num_frames=int(t), image_size=int(size),
                           matcher=text_encoder, settings=settings, out=out_dir, batch_size=batch_size, device=dev,
                           num_workers=num_workers, progress=progress, info=info, verbose=verbose, decoder=decoder,
-                          max_unreadable=max_unreadable)
+                          max_unreadable=max_unreadable, ranks=ranks)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -592,7 +621,8 @@ def run_eval(args) -> int:
                            max_unreadable=getattr(args, "max_unreadable", DEFAULT_MAX_UNREADABLE))
     except (CheckpointError, ValueError, FileNotFoundError, ImportError) as exc:
         return _error("eval", exc)
-    print(f"results in {res['out']}", file=sys.stderr)
+    if "out" in res:  # rank 0 wrote them
+        print(f"results in {res['out']}", file=sys.stderr)
     return 0
 
 

@@ -217,13 +217,17 @@ class GARModel(nn.Module):
         (``temporal_adapters.safetensors``) and ``gar_config.json`` (``num_frames``, ``adapter_layers``)."""
         from safetensors.torch import save_file
 
+        from rest_fast.atomic_io import apply_umask, new_files_follow_umask
+
         path = Path(save_dir)
         path.mkdir(parents=True, exist_ok=True)
-        self.blip.save_pretrained(str(path))
-        self.tokenizer.save_pretrained(str(path))
+        with new_files_follow_umask(path):  # safetensors writes its files 0600 whatever the umask
+            self.blip.save_pretrained(str(path))
+            self.tokenizer.save_pretrained(str(path))
         state = {k: v.detach().contiguous().cpu() for k, v in self.temporal_adapters.state_dict().items()}
         tmp = path / (ADAPTER_WEIGHTS + ".tmp")
         save_file(state, str(tmp))
+        apply_umask(tmp)
         os.replace(tmp, path / ADAPTER_WEIGHTS)
         init_std = self.temporal_adapters[0].init_std if len(self.temporal_adapters) else None
         cfg = {"num_frames": self.num_frames, "adapter_layers": self.adapter_layers, "adapter_init_std": init_std}

@@ -123,6 +123,10 @@ def tiny_blip(save_dir: str | os.PathLike | None = None, seed: int = 0, vocab: I
         model = BlipForConditionalGeneration(config)
     model.eval()
     if save_dir is not None:
-        model.save_pretrained(save_dir)
-        tok.save_pretrained(save_dir)
+        from rest_fast.atomic_io import new_files_follow_umask
+
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        with new_files_follow_umask(save_dir):  # safetensors writes model.safetensors 0600
+            model.save_pretrained(save_dir)
+            tok.save_pretrained(save_dir)
     return model, tok

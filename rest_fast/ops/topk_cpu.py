@@ -5,7 +5,8 @@ buffer and hands each block to ``rest_fast._C.TopkSelector`` (C++, no torch link
 through numpy). The sgemm is numpy's when numpy is built on OpenBLAS/MKL/Accelerate (the OpenBLAS of the
 numpy wheels is ~14% faster than torch's MKL on AMD CPUs: MKL does not pick its best kernels there; it is the
 BLAS faiss-cpu uses too), else ``torch.mm``; ``gemm=`` overrides. numpy's BLAS threads are set to
-``threads`` through ``threadpoolctl`` when it is installed (else the BLAS default: all cores). Per query row the selector keeps the k-th best score so
+``threads`` through ``threadpoolctl`` (a base dependency; if it fails to import, the BLAS default: all cores,
+one worker, reported by :func:`degraded_reason`). Per query row the selector keeps the k-th best score so
 far, ``τ``, and packs only scores ``> τ`` (keys arrive in index order, so an equal score ranks below the
 current k-th); a full candidate buffer is cut back to ``k`` with ``nth_element``. Order and ties are those of
 the GPU kernel and the reference: score descending, then lower key index. Memory is
@@ -32,7 +33,7 @@ from torch import Tensor
 from rest_fast._native import load_native
 from rest_fast.ops.topk import _check_inputs
 
-__all__ = ["topk_similarity_cpu", "NATIVE_AVAILABLE", "NATIVE_ERROR", "DEFAULT_GEMM"]
+__all__ = ["topk_similarity_cpu", "NATIVE_AVAILABLE", "NATIVE_ERROR", "DEFAULT_GEMM", "degraded_reason"]
 
 _C, NATIVE_ERROR = load_native("TopkSelector")
 NATIVE_AVAILABLE = _C is not None
@@ -51,10 +52,27 @@ def _numpy_blas_name() -> str:
 NUMPY_BLAS = _numpy_blas_name()
 DEFAULT_GEMM = "numpy" if any(b in NUMPY_BLAS for b in _FAST_NUMPY_BLAS) else "torch"
 
-try:
+try:  # a base dependency; guarded so a broken install degrades (reported by `rest-fast info`) instead of failing
     from threadpoolctl import threadpool_limits as _threadpool_limits
-except ImportError:  # optional: without it numpy's BLAS uses its default thread count
+
+    THREADPOOLCTL_ERROR: str | None = None
+except ImportError as _e:  # without it numpy's BLAS uses its default thread count and one worker runs
     _threadpool_limits = None
+    THREADPOOLCTL_ERROR = f"{type(_e).__name__}: {_e}"
+
+
+def degraded_reason() -> str | None:
+    """Why :func:`topk_similarity_cpu` cannot run its fastest path here (``None``: it can): the
+    parallel query-block workers need the native selector, numpy's sgemm on a fast BLAS and threadpoolctl."""
+    if not NATIVE_AVAILABLE:
+        return f"pure-torch reference instead of BLAS blocks + C++ selection: {NATIVE_ERROR}"
+    if THREADPOOLCTL_ERROR is not None:
+        return ("one BLAS-threaded worker instead of parallel query blocks: threadpoolctl does not import "
+                f"({THREADPOOLCTL_ERROR}; pip install threadpoolctl)")
+    if DEFAULT_GEMM != "numpy":
+        return (f"torch.mm GEMM in one worker instead of parallel query blocks: numpy's BLAS is "
+                f"{NUMPY_BLAS or 'unknown'}, not one of {', '.join(_FAST_NUMPY_BLAS)}")
+    return None
 
 _BLOCK_BYTES = 16 << 20  # score block: big enough for an efficient GEMM, small enough to stay near L3
 

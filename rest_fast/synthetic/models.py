@@ -109,9 +109,12 @@ def to_pixels(clips_uint8: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.
 def save_demo_clip(model: DemoCLIP, tokenizer: WordTokenizer, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
+    from rest_fast.atomic_io import apply_umask
+
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / CLIP_WEIGHTS))
+    apply_umask(out_dir / CLIP_WEIGHTS)  # safetensors writes 0600 whatever the umask
     cfg = {"words": tokenizer.words, "context_length": tokenizer.context_length,
            "image_size": model.visual.image_size, "width": model.visual.convs[0].out_channels,
            "dim": model.text_proj[-1].out_features, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}

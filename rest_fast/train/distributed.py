@@ -64,10 +64,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(device: str = "auto", timeout_s: float = 3600.0) -> DistEnv:
-    """Initialise ``torch.distributed`` when launched by torchrun (``WORLD_SIZE`` > 1), else a 1-process env.
+    """Initialise ``torch.distributed`` when launched by torchrun or srun (world size > 1), else a 1-process env.
 
     ``timeout_s``: how long a collective waits for the slowest rank before failing (config ``nccl_timeout``).
     """
+    from rest_fast.run.launch import adopt_slurm_env
+
+    adopt_slurm_env()  # plain `srun`: rank, world and master from SLURM_* (torchrun's variables win)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

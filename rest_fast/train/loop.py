@@ -45,6 +45,7 @@ from rest_fast.run.rundir import (
     verify_checkpoint,
 )
 from rest_fast.run.sinks import MetricsLog, check_available
+from rest_fast.run.shared_fs import check_shared_folder
 from rest_fast.train import distributed as dist_utils
 from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
 from rest_fast.train.self_train import derive_seed
@@ -233,6 +234,11 @@ class Trainer:
         decision = broadcast_object(env, decision)
         self.cfg, root, self.state, self.ckpt = decision
         self.run_dir = RunDir(root, writable=env.is_main)
+        try:  # several nodes: every rank must see rank 0's run folder (shared filesystem), else one line
+            check_shared_folder(root, env.rank, env.world_size)
+        except Exception:
+            self.close()
+            raise
         barrier(env)
 
     def close(self) -> None:
