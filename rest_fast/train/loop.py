@@ -44,8 +44,8 @@ from rest_fast.run.rundir import (
     restore_rng,
     verify_checkpoint,
 )
-from rest_fast.run.sinks import MetricsLog, check_available
 from rest_fast.run.shared_fs import check_shared_folder
+from rest_fast.run.sinks import MetricsLog, check_available
 from rest_fast.train import distributed as dist_utils
 from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
 from rest_fast.train.self_train import derive_seed
