@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rest_fast.ops._device import on_input_device
 from rest_fast.ops._dispatch import (
     interpreter_safe,
     kernels_unavailable,
@@ -157,6 +158,7 @@ def _rerank_launch(video_feats: Tensor, caption_feats: Tensor, candidates: Tenso
     return (N,), args, kwargs
 
 
+@on_input_device
 def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
                            k: int, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """Triton launcher for :func:`rerank_captions` (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``k ≤ 32``."""

@@ -59,6 +59,7 @@ import math
 import torch
 from torch import Tensor
 
+from rest_fast.ops._device import on_input_device
 from rest_fast.ops._dispatch import (
     interpreter_safe,
     kernels_unavailable,
@@ -375,6 +376,7 @@ def _max_rows(cap: int) -> int:
     return max(1, (2**31 - 1) // max(1, cap))
 
 
+@on_input_device
 def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None = None,
                            sample_fraction: float = 0.5, cap: int | None = None,
                            memory_budget: int | None = None) -> tuple[Tensor, Tensor]:
