@@ -293,10 +293,10 @@ def _plan(N: int, k: int, sample_fraction: float) -> tuple[int, int, int, int]:
 
 
 def _memory_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(256 << 20, min(free // 4, 8 << 30))
-    return 256 << 20
+    # a quarter of free + cached-free device memory, between 256 MiB and 8 GiB (rest_fast.ops.memory)
+    from rest_fast.ops.memory import device_memory_budget
+
+    return device_memory_budget(device, cpu=256 << 20, cap=8 << 30)
 
 
 def _tiles(device_type: str, dtype: torch.dtype, D: int) -> dict:
