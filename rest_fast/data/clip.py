@@ -9,7 +9,14 @@ import numpy as np
 import torch
 
 from rest_fast.data import augment
-from rest_fast.data.decode import VideoDecodeError, _rotation, draw_offsets, frame_to_rgb, read_frames
+from rest_fast.data.decode import (
+    SWS_THREADS,
+    VideoDecodeError,
+    _rotation,
+    draw_offsets,
+    frame_to_rgb,
+    read_frames,
+)
 
 __all__ = ["read_clip", "clip_rng", "crop_resize_frame"]
 
@@ -36,7 +43,7 @@ def crop_resize_frame(frame: av.VideoFrame, crop: tuple[int, int, int, int], siz
     if (h, w) == (size, size):
         return np.ascontiguousarray(a)
     small = av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")
-    return small.to_ndarray(width=size, height=size, format="rgb24", interpolation="BILINEAR")
+    return small.to_ndarray(width=size, height=size, format="rgb24", interpolation="BILINEAR", threads=SWS_THREADS)
 
 
 def read_clip(path: str | os.PathLike, num_frames: int = 8, *, size: int = 224, train: bool = False,

@@ -167,18 +167,24 @@ class VideoSampleSource(ResamplingDataset):
     """What the DALI loader's worker processes prepare per ``(epoch, entry)``: the entry read, its label,
     frame indices (int32 [T]), :class:`~rest_fast.data.augment.ClipParams` and the file's bytes, after
     resampling bad entries (``bad`` lists them). ``skip_bad=True`` does not resample: the item comes back
-    with ``"failed": True`` (callers that must report per video, e.g. captioning)."""
+    with ``"failed": True`` (callers that must report per video, e.g. captioning). ``gpu_decoder``: the pipeline
+    decodes with NVDEC, so a file it cannot take (codec, profile, pixel format or size:
+    :meth:`~rest_fast.data.decode.VideoProbe.gpu_rejects`) is a bad file with that reason, never fed to it."""
 
     def __init__(self, index: VideoIndex, *, num_frames: int, train: bool, seed: int, max_retries: int = 10,
-                 decode_timeout_s: float = 0.0, skip_bad: bool = False):
+                 decode_timeout_s: float = 0.0, skip_bad: bool = False, gpu_decoder: bool = False):
         self.index, self.num_frames, self.train, self.seed = index, num_frames, train, seed
         self.max_retries, self.decode_timeout_s, self.skip_bad = max_retries, decode_timeout_s, skip_bad
+        self.gpu_decoder = gpu_decoder
 
     read_errors = (VideoDecodeError, OSError)
 
     def read_entry(self, j: int, epoch: int) -> dict:
         path, label = self.index[j]
         probe = probe_video(path)
+        why = probe.gpu_rejects() if self.gpu_decoder else None
+        if why is not None:
+            raise VideoDecodeError(path, f"the GPU decoder cannot take it: {why}")
         rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
         off = draw_offsets(self.num_frames, rng) if self.train else None
         idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
@@ -259,7 +265,8 @@ class DALIClipLoader(_LoaderBase):
         for p in index.missing:
             self.bad_files.add(p, "missing file")
         self.samples = VideoSampleSource(index, num_frames=num_frames, train=train, seed=seed, max_retries=max_retries,
-                                         decode_timeout_s=decode_timeout_s, skip_bad=skip_bad)
+                                         decode_timeout_s=decode_timeout_s, skip_bad=skip_bad,
+                                         gpu_decoder=self.decoder_device == "mixed")
         self._loader = _sample_loader(self.samples, self.sampler, batch_size=batch_size, drop_last=self.drop_last,
                                       num_workers=resolve_num_workers(num_workers), prefetch_factor=prefetch_factor)
         self.num_threads, self.prefetch = num_threads, max(1, prefetch)
@@ -288,8 +295,8 @@ class DALIClipLoader(_LoaderBase):
         for k, v in cols.items():
             pipe.feed_input(k, v)
 
-    def _good_batches(self):
-        for items in self._loader:
+    def _good_batches(self, batches=None):
+        for items in (self._loader if batches is None else batches):
             for s in items:
                 for path, reason in s["bad"]:
                     self.bad_files.add(path, reason)
@@ -300,8 +307,12 @@ class DALIClipLoader(_LoaderBase):
 
     def __iter__(self):
         self._check_bad()
+        # Start order: the worker processes are forked (first epoch; they persist) before the DALI pipeline and its
+        # threads exist, so no fork copies a live DALI thread (a fork copies only the forking thread: a lock held
+        # by another thread at that moment stays locked forever in the child).
+        batches = iter(self._loader)
         self.pipe  # noqa: B018 - builds the pipeline and its prefetcher
-        for samples, u8 in self._prefetcher.run(self._good_batches(), self._feed,
+        for samples, u8 in self._prefetcher.run(self._good_batches(batches), self._feed,
                                                 lambda outs: dali_to_torch(outs[0], self.device_id)):
             u8 = augment.apply_colour_batch(u8.to(self.device, non_blocking=True), [s["params"] for s in samples])
             clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)

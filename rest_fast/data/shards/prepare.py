@@ -83,7 +83,7 @@ def encode_video(path: str, frames: int = 32, short_side: int | None = 256, qual
     json dict (see the module doc). Raises :class:`~rest_fast.data.decode.VideoDecodeError`."""
     from PIL import Image
 
-    from rest_fast.data.decode import VideoDecodeError, _rotation, read_frames
+    from rest_fast.data.decode import SWS_THREADS, VideoDecodeError, _rotation, read_frames
 
     decoded, idx = read_frames(path, frames, train=False, convert=None)
     keep, seen = [], set()
@@ -103,8 +103,8 @@ def encode_video(path: str, frames: int = 32, short_side: int | None = 256, qual
             ch, cw = (tw, th) if k % 2 else (th, tw)  # coded size before the display rotation
             # scale in the decoder's pixel format, then convert: ~1.5x cheaper than swscale's scale+convert
             if (cw, ch) != (f.width, f.height):
-                f = f.reformat(width=cw, height=ch, interpolation="AREA")
-            a = f.to_ndarray(format="rgb24")
+                f = f.reformat(width=cw, height=ch, interpolation="AREA", threads=SWS_THREADS)
+            a = f.to_ndarray(format="rgb24", threads=SWS_THREADS)
             if k:
                 a = np.ascontiguousarray(np.rot90(a, k))
             buf = io.BytesIO()
