@@ -112,3 +112,27 @@ def test_dali_samples_count_what_nvdec_cannot_take_as_bad_files(tmp_path):
                                                                 "vp8, vp9, av1, mjpeg)")}
     cpu = VideoSampleSource(idx, num_frames=2, train=False, seed=0)  # DALI's CPU variant: no NVDEC limits
     assert cpu[(0, 0)]["entry"] == 0
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_a_decoder_error_on_one_file_is_a_bad_file_not_a_dead_pipeline(tmp_path, prefetch):
+    """DALI's CPU variant refuses H.264 inside the run (as NVDEC refuses what it cannot take): the failing batch is
+    decoded one sample at a time, the H.264 file becomes a counted bad file with DALI's reason, every other clip
+    arrives, in order, and the next epoch runs on a fresh pipeline."""
+    pytest.importorskip("nvidia.dali")
+    from rest_fast.data.dali import DALIClipLoader
+    from rest_fast.data.index import VideoIndex
+
+    vp9 = [str(vf.write_index_clip(tmp_path / f"{i}.webm", 6, "vp9", width=65, height=49)) for i in range(3)]
+    h264 = str(vf.write_index_clip(tmp_path / "x.mp4", 6, "h264", width=66, height=50))
+    idx = VideoIndex.from_paths([vp9[0], h264, vp9[1], vp9[2]])
+    ld = DALIClipLoader(idx, batch_size=2, mean=(0.5,) * 3, std=(0.25,) * 3, num_frames=2, size=16,
+                        decoder_device="cpu", num_threads=1, prefetch=prefetch, max_bad_fraction=0.5)
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        got = [b.index.tolist() for b in ld]
+        assert got == [[0], [2, 3]], got
+    rows = ld.bad_files.rows()
+    assert len(rows) == 1 and rows[0][0] == h264 and rows[0][2] == 2
+    assert rows[0][1].startswith("the video decoder failed on it: RuntimeError: ") and "\n" not in rows[0][1]
+    assert "no longer valid" not in rows[0][1] and "Critical error" not in rows[0][1], rows[0][1]
