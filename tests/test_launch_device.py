@@ -94,3 +94,20 @@ def test_setup_passes_the_device_id(monkeypatch):
     assert calls == [("set_device", torch.device("cuda", 1)),
                      ("init", {"backend": "nccl", "timeout": timedelta(seconds=30),
                                "device_id": torch.device("cuda", 1)})]
+
+
+@pytest.mark.gpu
+def test_kernels_run_on_a_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the compiled kernels run there (no fallback warning)."""
+    import warnings
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    dev = torch.device("cuda", 1)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, keys = torch.randn(64, 32, device=dev, generator=g), torch.randn(500, 32, device=dev, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+        s, _ = topk_similarity_triton(q, keys, 5)
+    rs, _ = topk_similarity_ref(q.cpu(), keys.cpu(), 5)
+    assert s.device == dev and torch.allclose(s.cpu(), rs, atol=1e-4)

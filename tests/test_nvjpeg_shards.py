@@ -100,3 +100,17 @@ def test_make_clip_loader_and_auto_pick_it(index, monkeypatch, tmp_path):
         select.choose_decoder("nvjpeg", "cuda:2")
     monkeypatch.setattr(select, "dali_status", lambda: (True, "nvidia-dali 9.9"))
     assert select.choose_decoder("auto", "cuda:2").name == "dali"  # DALI first
+
+
+@pytest.mark.gpu
+def test_nvjpeg_on_cuda_matches_the_cpu_reader(index):
+    """nvJPEG on the GPU (the GPU image's decode path): same entries and frames, pixels within tolerance."""
+    common = dict(batch_size=2, mean=MEAN, std=STD, num_frames=5, size=40, train=False, drop_last=False,
+                  max_bad_fraction=0.5)
+    g = list(NvJpegShardLoader(index, device="cuda", **common))
+    c = list(ShardClipLoader(index, num_workers=0, **common))
+    assert len(g) == len(c) == 2
+    for a, b in zip(g, c):
+        assert a.clips.is_cuda and a.clips.shape == b.clips.shape
+        assert torch.equal(a.index, b.index) and torch.equal(a.frame_indices, b.frame_indices)
+        assert (_levels(a.clips.cpu()) - _levels(b.clips)).abs().mean() < 3.0
