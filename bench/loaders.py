@@ -12,6 +12,8 @@ augmentations of one batch on ``--device``: ``colour-batched`` (what the loaders
 * ``dali-video`` — :class:`~rest_fast.data.DALIClipLoader` (NVDEC with ``--device cuda``; DALI's CPU
   variant otherwise, which decodes VP9, so the CPU run uses VP9 clips for every row);
 * ``dali-shards`` — :class:`~rest_fast.data.shards.DALIShardLoader` (nvJPEG with ``--device cuda``).
+* ``nvjpeg-shards`` — :class:`~rest_fast.data.shards.nvjpeg.NvJpegShardLoader` (torchvision's batched
+  ``decode_jpeg`` on ``--device``: nvJPEG on CUDA, no DALI needed); a note gives its clips/s against ``shards``.
 
 Clips: the generated 604x340 clip of bench/decode.py (h264 on CUDA, VP9 on CPU), listed ``--videos``
 times. One summary line per loader is printed last (what bench/gpu_suite.sh collects); rows are appended
@@ -121,6 +123,14 @@ def main() -> None:
                      f"listed {n} times")
         rows = [("pyav", "PyAV", lambda: PyAVClipLoader(index, **common)),
                 ("shards", "PIL JPEG", lambda: ShardClipLoader(prep, **common))]
+        from rest_fast.data.shards.nvjpeg import NvJpegShardLoader, nvjpeg_available
+
+        tv_ok, tv_why = nvjpeg_available(device)
+        if tv_ok:  # the GPU decode path of the GPU image (no DALI there): batched decode_jpeg on --device
+            rows.append(("nvjpeg-shards", f"torchvision {'nvJPEG' if cuda else 'libjpeg (cpu)'}",
+                         lambda: NvJpegShardLoader(prep, **common)))
+        else:
+            notes.append(f"nvjpeg-shards row skipped: {tv_why}")
         from rest_fast.data.dali import dali_available
 
         ok, why = dali_available()
@@ -144,6 +154,9 @@ def main() -> None:
             base = rate if name == "pyav" else base
             table.add(loader=name, decoder=dec, workers=workers, batch=bs, clips=per_epoch, clips_s=rate,
                       ratio=rate / base if base else float("nan"))
+        by = {r["loader"]: r["clips_s"] for r in table.rows}
+        if "nvjpeg-shards" in by and by.get("shards"):
+            notes.append(f"nvjpeg-shards vs the CPU shard reader: x{by['nvjpeg-shards'] / by['shards']:.2f} clips/s")
         colour_rows(table, device, bs, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)

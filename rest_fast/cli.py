@@ -85,6 +85,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             return 2
         choice = choice._replace(name="pyav", reason="auto: prepare decodes with PyAV's robust path (its shards are "
                                  "read with nvJPEG by train/eval --decoder dali)")
+    elif choice.name == "nvjpeg":  # nvJPEG reads the shards prepare writes; prepare itself decodes videos with PyAV
+        choice = choice._replace(name="pyav", reason="prepare decodes with PyAV's robust path (its shards are read "
+                                 "with nvJPEG by train/eval --decoder nvjpeg)")
     # inputs checked before anything is printed or written (a mistake is then the only line)
     out = os.path.expanduser(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -125,9 +128,10 @@ def _check_prepare_input(data: str, data_root: str | None) -> None:
 
 
 def _add_decoder_argument(p) -> None:
-    p.add_argument("--decoder", default="auto", metavar="auto|dali|pyav",
+    p.add_argument("--decoder", default="auto", metavar="auto|dali|pyav|nvjpeg",
                    help="video decoding: auto (DALI on the GPU when a CUDA device and nvidia-dali are present, else "
-                   "the CPU path), dali or pyav (default auto; the choice and why are printed)")
+                   "torchvision's nvJPEG for prepared shards on a CUDA device, else the CPU path), dali, pyav or "
+                   "nvjpeg (default auto; the choice and why are printed)")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -89,13 +89,28 @@ def test_dali_argument_errors(vids):
         DALIClipLoader(idx, batch_size=1, mean=(0.5,), std=STD, decoder_device="cpu")
 
 
+# the NVDEC test clips (index clip, textured clip): above every codec's minimum (HEVC 144x144, VP9 128x128)
+NVDEC_CLIP_SIZES = ((176, 144), (192, 144))
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc", "vp9"])
+def test_nvdec_test_clips_are_above_the_codec_minimums(tmp_path, codec):
+    from rest_fast.data.decode import probe_format
+
+    ext = vf.CODECS[codec][2]
+    for k, (w, h) in enumerate(NVDEC_CLIP_SIZES):
+        p = probe_format(vf.write_index_clip(tmp_path / f"{k}.{ext}", 2, codec, width=w, height=h))
+        assert p.type_key[1] == codec and p.gpu_rejects() is None, p
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["h264", "hevc", "vp9"])
 def test_dali_mixed_nvdec_matches_pyav(tmp_path, codec):
     """NVDEC decoding (decoder_device="mixed") on the GPU: same indices as PyAV, pixels within tolerance."""
     ext = vf.CODECS[codec][2]
-    paths = [str(vf.write_index_clip(tmp_path / f"i.{ext}", 30, codec, width=66, height=50)),
-             str(vf.write_video(tmp_path / f"t.{ext}", (vf.textured_frame(i, 96, 72) for i in range(20)), codec))]
+    (iw, ih), (tw, th) = NVDEC_CLIP_SIZES
+    paths = [str(vf.write_index_clip(tmp_path / f"i.{ext}", 30, codec, width=iw, height=ih)),
+             str(vf.write_video(tmp_path / f"t.{ext}", (vf.textured_frame(i, tw, th) for i in range(20)), codec))]
     idx = VideoIndex.from_paths(paths)
     common = dict(batch_size=2, mean=MEAN, std=STD, num_frames=5, size=32)
     (a,) = list(DALIClipLoader(idx, decoder_device="mixed", device="cuda", **common))

@@ -23,12 +23,13 @@ def _fake(monkeypatch, *, cuda: bool, dali: bool):
 
 def test_validate_decoder():
     assert validate_decoder(" DALI ") == "dali"
-    with pytest.raises(ValueError, match=r"^decoder must be one of auto, dali, pyav; got 'nvdec'$"):
+    with pytest.raises(ValueError, match=r"^decoder must be one of auto, dali, pyav, nvjpeg; got 'nvdec'$"):
         validate_decoder("nvdec")
 
 
 def test_auto_without_dali_falls_back_with_the_reason(monkeypatch):
     _fake(monkeypatch, cuda=True, dali=False)
+    monkeypatch.setattr(select, "nvjpeg_status", lambda: (False, "torchvision is not importable (x)"))
     c = choose_decoder("auto", "cuda:0")
     assert c.name == "pyav" and c.device_id is None
     assert c.reason.startswith("auto: nvidia-dali is not importable (ModuleNotFoundError")
@@ -80,7 +81,7 @@ def test_cli_bad_decoder_one_line_exit_2(capsys, monkeypatch):
 
     assert main(["train", "--decoder", "nvdec"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["rest-fast train: error: decoder must be one of auto, dali, pyav; got 'nvdec'"]
+    assert err == ["rest-fast train: error: decoder must be one of auto, dali, pyav, nvjpeg; got 'nvdec'"]
     monkeypatch.setattr(select, "dali_status", lambda: (False, "nvidia-dali is not importable (ModuleNotFoundError)"))
     assert main(["train", "--decoder", "dali", "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -108,6 +109,8 @@ def test_info_says_which_decoder_and_why(monkeypatch):
     assert info["decoder (auto)"] == "pyav: auto: no CUDA device, so the CPU path (PyAV / CPU shard reader)"
     assert "per rank" in info["decoding workers (default)"]
     _fake(monkeypatch, cuda=True, dali=False)
+    assert collect()["decoder (auto)"].startswith("nvjpeg: auto: nvidia-dali is not importable")  # torchvision here
+    monkeypatch.setattr(select, "nvjpeg_status", lambda: (False, "torchvision is not importable (x)"))
     assert collect()["decoder (auto)"] == ("pyav: auto: nvidia-dali is not importable (ModuleNotFoundError: No "
                                            "module named 'nvidia.dali'), so the CPU path (PyAV / CPU shard reader)")
 

@@ -27,6 +27,7 @@ ignored (crops use the coded frame size).
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
@@ -49,7 +50,7 @@ from rest_fast.data.loader import (
 )
 from rest_fast.data.workers import ResamplingDataset, resolve_num_workers
 
-__all__ = ["DALIClipLoader", "dali_available", "build_pipeline", "Prefetcher", "dali_to_torch"]
+__all__ = ["DALIClipLoader", "dali_available", "build_pipeline", "Prefetcher", "PipelineError", "dali_to_torch"]
 
 
 def dali_available() -> tuple[bool, str]:
@@ -105,6 +106,27 @@ def dali_to_torch(out, device_id: int | None, shape: tuple[int, ...] | None = No
     return dst.view(shape) if shape is not None else dst
 
 
+class PipelineError(RuntimeError):
+    """A DALI pipeline failed while running (e.g. NVDEC refused one file of a batch). ``batches`` are the batches fed
+    but not returned, in order (the first is the one whose run failed); the pipeline must not be used again."""
+
+    def __init__(self, batches: list, cause: BaseException):
+        self.batches, self.cause = batches, cause
+        super().__init__(f"{type(cause).__name__}: {_first_line(cause)}")
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (DALI prefixes "Critical error in pipeline" lines and a
+    traceback of the pipeline definition)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if "encountered:" in lines[:-1]:  # "... encountered:" then the operator's message
+        ln = lines[lines.index("encountered:") + 1]
+        return (ln.split(" failed: ", 1)[1] if ln.startswith("Assert on ") and " failed: " in ln else ln)[:300]
+    noise = ("Critical error", "Error in", "which was used", "File ", "C++ context", "Current pipeline object")
+    useful = [ln for ln in lines if not ln.startswith(noise)]
+    return (useful[0] if useful else (lines[0] if lines else type(e).__name__))[:300]
+
+
 class Prefetcher:
     """Keep a DALI pipeline ``depth`` batches ahead of the consumer (DALI's scheduled API).
 
@@ -112,11 +134,12 @@ class Prefetcher:
     ``(batch, fetch(outputs))`` in order; ``fetch`` must copy what it needs (the buffers are released right
     after). The first run of a fresh pipeline must have ``depth`` batches fed (DALI then schedules them
     all); a shorter first epoch is padded by feeding its last batch again, and the padding's outputs are
-    dropped. An abandoned epoch drains its scheduled runs so the next one starts aligned.
+    dropped. An abandoned epoch drains its scheduled runs so the next one starts aligned. A run that fails raises
+    :class:`PipelineError` with the batches in flight; the prefetcher is then ``broken`` (not drained, not reused).
     """
 
     def __init__(self, pipe, depth: int):
-        self.pipe, self.depth, self.primed = pipe, max(1, depth), False
+        self.pipe, self.depth, self.primed, self.broken = pipe, max(1, depth), False, False
 
     def run(self, batches: Iterable, feed: Callable, fetch: Callable):
         pipe, src = self.pipe, iter(batches)
@@ -149,7 +172,13 @@ class Prefetcher:
                     if not submit():
                         break
             while inflight:
-                outs = pipe.share_outputs()
+                try:
+                    outs = pipe.share_outputs()
+                except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError for any failure inside a run
+                    self.broken = True
+                    failed = [b for b in inflight if b is not None]
+                    inflight.clear()
+                    raise PipelineError(failed, e) from e
                 b = inflight.popleft()
                 got = fetch(outs) if b is not None else None
                 pipe.release_outputs()
@@ -157,7 +186,7 @@ class Prefetcher:
                 if b is not None:
                     yield b, got
         finally:
-            while inflight:
+            while inflight and not self.broken:
                 pipe.share_outputs()
                 pipe.release_outputs()
                 inflight.popleft()
@@ -167,18 +196,24 @@ class VideoSampleSource(ResamplingDataset):
     """What the DALI loader's worker processes prepare per ``(epoch, entry)``: the entry read, its label,
     frame indices (int32 [T]), :class:`~rest_fast.data.augment.ClipParams` and the file's bytes, after
     resampling bad entries (``bad`` lists them). ``skip_bad=True`` does not resample: the item comes back
-    with ``"failed": True`` (callers that must report per video, e.g. captioning)."""
+    with ``"failed": True`` (callers that must report per video, e.g. captioning). ``gpu_decoder``: the pipeline
+    decodes with NVDEC, so a file it cannot take (codec, profile, pixel format or size:
+    :meth:`~rest_fast.data.decode.VideoProbe.gpu_rejects`) is a bad file with that reason, never fed to it."""
 
     def __init__(self, index: VideoIndex, *, num_frames: int, train: bool, seed: int, max_retries: int = 10,
-                 decode_timeout_s: float = 0.0, skip_bad: bool = False):
+                 decode_timeout_s: float = 0.0, skip_bad: bool = False, gpu_decoder: bool = False):
         self.index, self.num_frames, self.train, self.seed = index, num_frames, train, seed
         self.max_retries, self.decode_timeout_s, self.skip_bad = max_retries, decode_timeout_s, skip_bad
+        self.gpu_decoder = gpu_decoder
 
     read_errors = (VideoDecodeError, OSError)
 
     def read_entry(self, j: int, epoch: int) -> dict:
         path, label = self.index[j]
         probe = probe_video(path)
+        why = probe.gpu_rejects() if self.gpu_decoder else None
+        if why is not None:
+            raise VideoDecodeError(path, f"the GPU decoder cannot take it: {why}")
         rng = clip_rng(sample_seed(self.seed, epoch, j)) if self.train else None
         off = draw_offsets(self.num_frames, rng) if self.train else None
         idx = sample_indices(probe.num_frames, self.num_frames, train=self.train, offsets=off)
@@ -259,7 +294,8 @@ class DALIClipLoader(_LoaderBase):
         for p in index.missing:
             self.bad_files.add(p, "missing file")
         self.samples = VideoSampleSource(index, num_frames=num_frames, train=train, seed=seed, max_retries=max_retries,
-                                         decode_timeout_s=decode_timeout_s, skip_bad=skip_bad)
+                                         decode_timeout_s=decode_timeout_s, skip_bad=skip_bad,
+                                         gpu_decoder=self.decoder_device == "mixed")
         self._loader = _sample_loader(self.samples, self.sampler, batch_size=batch_size, drop_last=self.drop_last,
                                       num_workers=resolve_num_workers(num_workers), prefetch_factor=prefetch_factor)
         self.num_threads, self.prefetch = num_threads, max(1, prefetch)
@@ -288,8 +324,8 @@ class DALIClipLoader(_LoaderBase):
         for k, v in cols.items():
             pipe.feed_input(k, v)
 
-    def _good_batches(self):
-        for items in self._loader:
+    def _good_batches(self, batches=None):
+        for items in (self._loader if batches is None else batches):
             for s in items:
                 for path, reason in s["bad"]:
                     self.bad_files.add(path, reason)
@@ -298,13 +334,52 @@ class DALIClipLoader(_LoaderBase):
             if good:
                 yield good
 
+    def _fetch(self, outs) -> torch.Tensor:
+        return dali_to_torch(outs[0], self.device_id)
+
+    def _batch(self, samples, u8: torch.Tensor) -> ClipBatch:
+        u8 = augment.apply_colour_batch(u8.to(self.device, non_blocking=True), [s["params"] for s in samples])
+        clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)
+        return ClipBatch(clips, torch.tensor([s["label"] for s in samples], dtype=torch.int64).to(self.device),
+                         torch.tensor([s["entry"] for s in samples], dtype=torch.int64),
+                         torch.from_numpy(np.stack([s["frames"] for s in samples]).astype(np.int64)))
+
+    def _isolate(self, samples) -> list:
+        """Decode the samples of a batch whose run failed one at a time, each in a fresh one-sample pipeline:
+        ``[(sample, uint8 [T, S, S, 3])]`` for those that decode; each one that fails is a counted bad file with the
+        decoder's reason (a decoder error on one file never ends the epoch)."""
+        good = []
+        for s in samples:
+            pipe = build_pipeline(batch_size=1, size=self.size, decoder_device=self.decoder_device,
+                                  device_id=self.device_id, num_threads=self.num_threads, prefetch=1)
+            try:
+                for _, u8 in Prefetcher(pipe, 1).run([[s]], self._feed, self._fetch):
+                    good.append((s, u8[0]))
+            except PipelineError as e:
+                self.bad_files.add(str(self.index[s["entry"]][0]), f"the video decoder failed on it: {e}")
+            del pipe
+        self._check_bad()
+        return good
+
     def __iter__(self):
         self._check_bad()
+        # Start order: the worker processes are forked (first epoch; they persist) before the DALI pipeline and its
+        # threads exist, so no fork copies a live DALI thread (a fork copies only the forking thread: a lock held
+        # by another thread at that moment stays locked forever in the child).
+        batches = iter(self._loader)
         self.pipe  # noqa: B018 - builds the pipeline and its prefetcher
-        for samples, u8 in self._prefetcher.run(self._good_batches(), self._feed,
-                                                lambda outs: dali_to_torch(outs[0], self.device_id)):
-            u8 = augment.apply_colour_batch(u8.to(self.device, non_blocking=True), [s["params"] for s in samples])
-            clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)
-            yield ClipBatch(clips, torch.tensor([s["label"] for s in samples], dtype=torch.int64).to(self.device),
-                            torch.tensor([s["entry"] for s in samples], dtype=torch.int64),
-                            torch.from_numpy(np.stack([s["frames"] for s in samples]).astype(np.int64)))
+        src = self._good_batches(batches)
+        while True:
+            try:
+                for samples, u8 in self._prefetcher.run(src, self._feed, self._fetch):
+                    yield self._batch(samples, u8)
+                return
+            except PipelineError as e:
+                # the run of e.batches[0] failed: its samples are decoded one by one (the failing file becomes a
+                # bad file); the batches behind it go again through a fresh pipeline, then the rest of the epoch
+                self._prefetcher = None
+                good = self._isolate(e.batches[0])
+                if good:
+                    yield self._batch([s for s, _ in good], torch.stack([u for _, u in good]))
+                src = itertools.chain(e.batches[1:], src)
+                self.pipe  # noqa: B018 - a fresh pipeline

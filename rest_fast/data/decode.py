@@ -514,13 +514,22 @@ def read_frames(path: str | os.PathLike, num_frames: int = 8, *, train: bool = F
 @dataclass(frozen=True)
 class VideoProbe:
     """What a batch decoder needs before decoding: ``num_frames`` (decoded count, see ``exact``), the
-    coded ``width`` x ``height`` (display rotation not applied) and the file type."""
+    coded ``width`` x ``height`` (display rotation not applied) and the file type; ``profile`` and ``pix_fmt``
+    (FFmpeg's names, ``None`` when unknown) say whether a GPU decoder can take it (:meth:`gpu_rejects`)."""
 
     num_frames: int
     width: int
     height: int
     type_key: tuple[str, str]
     exact: bool
+    profile: str | None = None
+    pix_fmt: str | None = None
+
+    def gpu_rejects(self) -> str | None:
+        """Why NVDEC (DALI's GPU video decoder) cannot decode this file, or ``None`` (:mod:`rest_fast.data.nvdec`)."""
+        from rest_fast.data.nvdec import nvdec_rejects
+
+        return nvdec_rejects(self.type_key[1], self.width, self.height, profile=self.profile, pix_fmt=self.pix_fmt)
 
 
 def probe_video(path: str | os.PathLike) -> VideoProbe:
@@ -535,14 +544,16 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
     container, stream = _open(path)
     try:
         key = _type_key(container, stream)
-        w, h = stream.codec_context.width, stream.codec_context.height
+        cc = stream.codec_context
+        w, h = cc.width, cc.height
+        fmt = {"profile": _opt_str(getattr(cc, "profile", None)), "pix_fmt": _opt_str(getattr(cc, "pix_fmt", None))}
         with _LOCK:
             failed = key in _STATE and _STATE[key].failed is not None
         if not failed:
             try:
                 packets = _demux_all(container, stream)
                 if packets:
-                    return VideoProbe(len(packets), w, h, key, True)
+                    return VideoProbe(len(packets), w, h, key, True, **fmt)
             except _Untrusted:
                 pass
     finally:
@@ -550,7 +561,24 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
     n = count_frames(path)
     if n == 0:
         raise VideoDecodeError(path, "no decodable video frames")
-    return VideoProbe(n, w, h, key, True)
+    return VideoProbe(n, w, h, key, True, **fmt)
+
+
+def probe_format(path: str | os.PathLike) -> VideoProbe:
+    """:func:`probe_video` without the frame count (``num_frames=0``, ``exact=False``): the stream header only, no
+    packet read. Raises :class:`VideoDecodeError` for unreadable files."""
+    path = str(path)
+    container, stream = _open(path)
+    try:
+        cc = stream.codec_context
+        return VideoProbe(0, cc.width, cc.height, _type_key(container, stream), False,
+                          _opt_str(getattr(cc, "profile", None)), _opt_str(getattr(cc, "pix_fmt", None)))
+    finally:
+        container.close()
+
+
+def _opt_str(v) -> str | None:
+    return None if v is None or v == "" else str(v)
 
 
 def preverify(paths, max_files: int = 8, num_frames: int = 8) -> dict[tuple[str, str], dict]:

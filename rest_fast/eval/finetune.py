@@ -132,9 +132,9 @@ def finetune(model, videos: Sequence[tuple[str, int]], class_names: Sequence[str
                               size=image_size, train=augment, shuffle=True, drop_last=False, seed=seed, device=device,
                               num_workers=num_workers, rank=ranks.rank, world_size=ranks.world_size)
     steps = len(loader) * epochs
+    model.to(device)  # before the optimiser: it picks fused AdamW only for parameters already on CUDA
     optimizer = build_optimizer(model, lr, weight_decay, (0.9, 0.98))
     scheduler = build_scheduler(optimizer, steps, 0, lr, lr_min)
-    model.to(device)
     step_loss = _ddp_loss(model, prompt, label_smoothing, ranks, device)
     records, start = [], 0
     if resume and checkpoints is not None:

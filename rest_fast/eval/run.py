@@ -280,12 +280,13 @@ def _dali_batches(paths, *, num_frames, size, mean, std, batch_size, device, num
         bad.extend((p, r) for p, r, _ in loader.bad_files.rows())
 
 
-def resolve_decoder(requested: str, device, cmd: str, verbose: bool = True) -> str:
+def resolve_decoder(requested: str, device, cmd: str, verbose: bool = True, videos=None) -> str:
     """``--decoder`` (auto, dali, pyav) for a command computing on ``device``: "pyav" or "dali", with the
-    reason on stderr. ``ValueError`` (one line) for a bad name or ``dali`` without DALI."""
+    reason on stderr. ``ValueError`` (one line) for a bad name or ``dali`` without DALI. ``videos``: the files
+    to read, probed by ``auto`` before it picks the GPU decoder."""
     from rest_fast.data.select import choose_decoder
 
-    choice = choose_decoder(requested, device)
+    choice = choose_decoder(requested, device, videos=videos)
     if verbose:
         print(f"rest-fast {cmd}: decoder {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
     return choice.name
@@ -310,8 +311,8 @@ def caption_videos(model, paths: Sequence[str], *, num_frames: int, size: int, m
     """
     settings = settings or CaptionSettings()
     settings.validate()
-    if decoder not in ("pyav", "dali"):
-        decoder = resolve_decoder(decoder, device, "caption", verbose=False)
+    if decoder not in ("pyav", "dali", "nvjpeg"):  # nvjpeg: videos by PyAV (prepared paths: the shard reader)
+        decoder = resolve_decoder(decoder, device, "caption", verbose=False, videos=paths)
     if batch_size < 1:
         raise ValueError(f"batch-size must be >= 1, got {batch_size}")
     device = torch.device(device)
@@ -563,7 +564,7 @@ def _evaluate(checkpoint: str, ranks, dev: torch.device, *, protocol, data_root,
                              "directory with labelled training data can be evaluated without them)")
         data, data_root = resolved.data, data_root or resolved.data_root
     sets = build_sets(protocol=protocol, data_root=data_root, split=split, data=data, classes=classes, walk=walk)
-    decoder = resolve_decoder(decoder, dev, "eval", verbose=verbose)
+    decoder = resolve_decoder(decoder, dev, "eval", verbose=verbose, videos=[p for s in sets for p, _ in s.videos])
     settings = _settings(resolved, num_beams, max_length, min_length, prompt)
     settings.validate()
     model = load_model(resolved, dev)
@@ -647,7 +648,7 @@ def _caption(args) -> int:
                              args.num_return)
         settings.validate()
         dev = _device(args.device)
-        decoder = resolve_decoder(args.decoder, dev, "caption")
+        decoder = resolve_decoder(args.decoder, dev, "caption", videos=list(args.videos))
         model = load_model(resolved, dev)
     except (CheckpointError, ValueError) as exc:
         return _error("caption", exc)

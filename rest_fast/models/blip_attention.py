@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +73,49 @@ def _text_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
             k, v = store.update(k, v, self.layer_idx, kwargs=kwargs)
             if cross and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
-    if mask is not None and mask.dtype not in (torch.bool, q.dtype):
-        mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
+    mask = _sdpa_mask(mask, q.dtype, check_empty=cross or q.shape[-2] == 1)
     p = self.dropout.p if self.training else 0.0
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0 / math.sqrt(dh))
     ctx = ctx.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.all_head_size)
     return ctx, None
+
+
+# The masks prepared for SDPA, by source mask: HF builds one mask per forward and hands the same tensor to every
+# layer, so the check and the conversion below run once per forward, not once per layer.
+_PREPARED: dict[int, tuple] = {}
+
+
+def _sdpa_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, check_empty: bool) -> torch.Tensor | None:
+    """The ``attn_mask`` SDPA gets for HF's ``mask`` when the queries are in ``dtype``.
+
+    * ``None`` when the mask masks nothing (all zeros additive, all True boolean): with a mask SDPA cannot use the
+      flash kernel. HF hands such masks to cross-attention (every image token is valid) and to one-token decoding
+      steps. Seeing it reads the mask (a host sync on CUDA), so it is only looked for where ``check_empty``: a
+      self-attention mask over several query rows in a decoder is causal and always masks something.
+    * a boolean mask as it is;
+    * an additive mask in ``dtype`` (SDPA wants the query's dtype, bf16 under autocast), clamped to ``dtype``'s
+      finite range first: HF fills masked slots with float32's minimum, which rounds to ``-inf`` in bf16 and fp16,
+      and a query row with every key at ``-inf`` softmaxes to NaN (a fully padded row). Finite, such a row gets
+      uniform weights, as in HF's fp32 eager attention.
+    """
+    if mask is None:
+        return None
+    # inference tensors have no version counter: they are prepared afresh each time
+    tag = None if mask.is_inference() else (mask._version, dtype, check_empty)
+    hit = _PREPARED.get(id(mask))
+    if tag is not None and hit is not None and hit[0]() is mask and hit[1] == tag:
+        return hit[2]
+    if mask.dtype == torch.bool:
+        out = None if check_empty and bool(mask.all()) else mask
+    elif check_empty and not bool(mask.any()):
+        out = None
+    else:
+        out = mask.clamp_min(torch.finfo(dtype).min).to(dtype)
+    if tag is not None:
+        if len(_PREPARED) >= 8:  # a handful of live masks at a time (self and cross, one forward)
+            _PREPARED.clear()
+        _PREPARED[id(mask)] = (weakref.ref(mask), tag, out)
+    return out
 
 
 def _targets(blip: nn.Module):

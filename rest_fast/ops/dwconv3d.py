@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rest_fast.ops._device import on_input_device
 from rest_fast.ops._dispatch import (
     interpreter_safe,
     load_kernels,
@@ -234,6 +235,7 @@ def _fwd_launch(x: Tensor, wt: Tensor, bias: Tensor | None, y: Tensor, *, residu
     return args, flags
 
 
+@on_input_device
 def dwconv3d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, residual: bool = False,
                  flip: bool = False, block_p: int | None = None, block_c: int | None = None,
                  num_warps: int = 4) -> Tensor:
@@ -316,6 +318,7 @@ def _bwd_w_programs(N: int, block_p: int, programs: int) -> tuple[int, int]:
     return -(-n_blocks // per_prog), per_prog
 
 
+@on_input_device
 def dwconv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, *, residual: bool = False, need_dx: bool = True,
                  need_dw: bool = True, block_p: int | None = None, block_c: int | None = None,
                  programs: int | None = None, num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:

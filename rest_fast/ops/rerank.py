@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rest_fast.ops._device import on_input_device
 from rest_fast.ops._dispatch import (
     interpreter_safe,
     kernels_unavailable,
@@ -38,7 +39,9 @@ MAX_TRITON_K = 32  # the kernel unrolls k passes per merge; larger k uses the re
 
 
 def _check_inputs(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int,
-                  dtypes: tuple[torch.dtype, ...] = _DTYPES) -> None:
+                  dtypes: tuple[torch.dtype, ...] = _DTYPES, *, check: bool = True) -> None:
+    """Types, shapes, dtypes and devices always (metadata only); with ``check`` also the id range and
+    finiteness, which read every element and sync with the host."""
     for name, t in (("video_feats", video_feats), ("caption_feats", caption_feats), ("candidates", candidates)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -57,6 +60,8 @@ def _check_inputs(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor
         raise ValueError(f"candidates must be [N, L] with N={video_feats.shape[0]}, got {tuple(candidates.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    if not check:
+        return
     C = caption_feats.shape[0]
     if candidates.numel():
         lo, hi = int(candidates.min()), int(candidates.max())
@@ -91,13 +96,14 @@ def _distinct_topk(keys: Tensor, k: int) -> Tensor:
 
 
 def rerank_captions_ref(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int, *,
-                        block: int | None = None) -> tuple[Tensor, Tensor]:
+                        block: int | None = None, check: bool = True) -> tuple[Tensor, Tensor]:
     """Reference for :func:`rerank_captions` (torch gather + batched dot + distinct top-k, any device).
 
     Computes in ``torch.promote_types(dtype, float32)``, ``block`` videos at a time (default: as many as
-    keep the gathered ``[block, L, d]`` features near 256 MiB). Accepts float64.
+    keep the gathered ``[block, L, d]`` features near 256 MiB). Accepts float64. ``check``: as in
+    :func:`rerank_captions`.
     """
-    _check_inputs(video_feats, caption_feats, candidates, k, _DTYPES + (torch.float64,))
+    _check_inputs(video_feats, caption_feats, candidates, k, _DTYPES + (torch.float64,), check=check)
     N, L = candidates.shape
     if block is None:
         block = max(1, min(1024, (256 << 20) // max(1, L * caption_feats.shape[1] * 8)))
@@ -152,10 +158,11 @@ def _rerank_launch(video_feats: Tensor, caption_feats: Tensor, candidates: Tenso
     return (N,), args, kwargs
 
 
+@on_input_device
 def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
-                           k: int) -> tuple[Tensor, Tensor]:
+                           k: int, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """Triton launcher for :func:`rerank_captions` (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``k ≤ 32``."""
-    _check_inputs(video_feats, caption_feats, candidates, k)
+    _check_inputs(video_feats, caption_feats, candidates, k, check=check)
     if k > MAX_TRITON_K:
         raise ValueError(f"k={k} exceeds the Triton kernel's limit {MAX_TRITON_K}; use rerank_captions_ref")
     kern = _kernels()
@@ -178,35 +185,38 @@ def rerank_captions_triton(video_feats: Tensor, caption_feats: Tensor, candidate
 register_op("rerank_captions", "rerank")
 
 
-def _dispatch(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _dispatch(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int,
+              check: bool = True) -> tuple[Tensor, Tensor]:
     # float64 and k > MAX_TRITON_K are served by the reference on every path (by design, no warning).
     low = video_feats.dtype != torch.float64 and caption_feats.dtype != torch.float64
     if low and k <= MAX_TRITON_K and triton_path("rerank_captions", "rerank", video_feats, caption_feats, candidates):
         v, c, cand = interpreter_safe(video_feats, caption_feats, candidates)
-        return run_or_fallback("rerank_captions", rerank_captions_triton, rerank_captions_ref, v, c, cand, k)
-    return rerank_captions_ref(video_feats, caption_feats, candidates, k)
+        return run_or_fallback("rerank_captions", rerank_captions_triton, rerank_captions_ref, v, c, cand, k,
+                               check=check)
+    return rerank_captions_ref(video_feats, caption_feats, candidates, k, check=check)
 
 
 @torch.library.custom_op("rest_fast::rerank_captions", mutates_args=(), device_types="cuda")
-def _rerank_op(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    return _dispatch(video_feats, caption_feats, candidates, k)
+def _rerank_op(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int,
+               check: bool = True) -> tuple[Tensor, Tensor]:
+    return _dispatch(video_feats, caption_feats, candidates, k, check)
 
 
 @_rerank_op.register_kernel("cpu")
 def _rerank_op_cpu(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
-                   k: int) -> tuple[Tensor, Tensor]:
-    return _dispatch(video_feats, caption_feats, candidates, k)
+                   k: int, check: bool = True) -> tuple[Tensor, Tensor]:
+    return _dispatch(video_feats, caption_feats, candidates, k, check)
 
 
 @_rerank_op.register_fake
 def _rerank_op_fake(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
-                    k: int) -> tuple[Tensor, Tensor]:
+                    k: int, check: bool = True) -> tuple[Tensor, Tensor]:
     N = candidates.shape[0]
     return video_feats.new_empty(N, k, dtype=torch.float32), video_feats.new_empty(N, k, dtype=torch.int32)
 
 
 def rerank_captions(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor,
-                    k: int) -> tuple[Tensor, Tensor]:
+                    k: int, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """Top-``k`` distinct candidate captions per video, by dot product.
 
     Args:
@@ -214,6 +224,10 @@ def rerank_captions(video_feats: Tensor, caption_feats: Tensor, candidates: Tens
         caption_feats: ``[C, d]`` same family, same device.
         candidates: int32 ``[N, L]`` caption ids per video, ``-1`` = empty slot; ids may repeat.
         k: captions to keep per video (REST uses 3).
+        check: validate the values (every id in ``[-1, C)``, features finite): a full scan of ``caption_feats``
+            and host syncs on every call. ``False`` skips them for a caller that validated once for many calls
+            (the trainer's retrieval update, one call per block); shapes, dtypes and devices are always checked.
+            With ``check=False`` an out-of-range id is undefined behaviour (an out-of-bounds read on CUDA).
 
     Returns:
         ``(scores, ids)``: float32 ``[N, k]`` descending and int32 ``[N, k]``; equal scores by id ascending;
@@ -228,4 +242,4 @@ def rerank_captions(video_feats: Tensor, caption_feats: Tensor, candidates: Tens
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be a positive int, got {k!r}")
     # No autograd: re-ranking selects ids; nothing is differentiated through it.
-    return _rerank_op(video_feats.detach(), caption_feats.detach(), candidates, k)
+    return _rerank_op(video_feats.detach(), caption_feats.detach(), candidates, k, bool(check))

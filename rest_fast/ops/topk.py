@@ -59,6 +59,7 @@ import math
 import torch
 from torch import Tensor
 
+from rest_fast.ops._device import on_input_device
 from rest_fast.ops._dispatch import (
     interpreter_safe,
     kernels_unavailable,
@@ -292,10 +293,10 @@ def _plan(N: int, k: int, sample_fraction: float) -> tuple[int, int, int, int]:
 
 
 def _memory_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(256 << 20, min(free // 4, 8 << 30))
-    return 256 << 20
+    # a quarter of free + cached-free device memory, between 256 MiB and 8 GiB (rest_fast.ops.memory)
+    from rest_fast.ops.memory import device_memory_budget
+
+    return device_memory_budget(device, cpu=256 << 20, cap=8 << 30)
 
 
 def _tiles(device_type: str, dtype: torch.dtype, D: int) -> dict:
@@ -375,6 +376,7 @@ def _max_rows(cap: int) -> int:
     return max(1, (2**31 - 1) // max(1, cap))
 
 
+@on_input_device
 def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None = None,
                            sample_fraction: float = 0.5, cap: int | None = None,
                            memory_budget: int | None = None) -> tuple[Tensor, Tensor]:

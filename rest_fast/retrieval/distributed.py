@@ -9,7 +9,8 @@ Two strategies, chosen by memory (``strategy="auto"``):
 
 * ``"gather_keys"`` — all-gather the keys (``N·d`` elements per rank), then a local
   :func:`~rest_fast.ops.topk_similarity`. One collective, no merge; needs the whole key set on every rank.
-  Chosen when ``N·d·itemsize`` fits in the memory budget (a quarter of free GPU memory, or 2 GiB on CPU).
+  Chosen when ``N·d·itemsize`` fits in the memory budget (a quarter of free plus cached-free GPU memory, at
+  least 256 MiB, or 2 GiB on CPU; the smallest over ranks, so all ranks choose alike).
 * ``"shard_keys"`` — keys never move. For each source rank in turn, its queries are broadcast in chunks,
   every rank computes the chunk's top-k over its shard (global indices), and the partial lists
   (``world × chunk × k``) are gathered to the source rank, which merges them exactly with the packed-key order
@@ -47,10 +48,10 @@ def _comm_device(group, fallback: torch.device) -> torch.device:
 
 
 def _default_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 4
-    return 2 << 30
+    # a quarter of free + cached-free device memory, at least 256 MiB (rest_fast.ops.memory); 2 GiB on CPU
+    from rest_fast.ops.memory import device_memory_budget
+
+    return device_memory_budget(device, cpu=2 << 30)
 
 
 def choose_strategy(n_keys: int, d: int, itemsize: int, budget: int) -> str:
@@ -149,9 +150,11 @@ def distributed_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor |
     dev = queries.device
     cdev = _comm_device(group, dev)
 
-    # Shapes of every rank: [M_r, N_r, d, uses exclude].
+    # Shapes of every rank: [M_r, N_r, d, uses exclude, memory budget]. The budget is agreed on (the smallest)
+    # because it picks the strategy and the query chunk, which every rank must take alike.
+    own_budget = memory_budget or _default_budget(dev)
     info = torch.tensor([queries.shape[0], keys.shape[0], queries.shape[-1], int(exclude is not None and
-                        bool((exclude >= 0).any()))], dtype=torch.int64, device=cdev)
+                        bool((exclude >= 0).any())), own_budget], dtype=torch.int64, device=cdev)
     infos = [torch.empty_like(info) for _ in range(world)]
     dist.all_gather(infos, info, group=group)
     m_all = [int(t[0]) for t in infos]
@@ -168,7 +171,7 @@ def distributed_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor |
         raise ValueError(msg or "distributed_topk: invalid arguments on another rank (see its error)")
 
     d = d_all[0]
-    budget = memory_budget or _default_budget(dev)
+    budget = min(int(t[4]) for t in infos)
     if strategy == "auto":
         strategy = choose_strategy(n_total, d, keys.element_size(), budget)
     ex = exclude.to(torch.int64) if exclude is not None else None

@@ -198,8 +198,8 @@ def validate_config(cfg: TrainConfig, *, check_paths: bool = False) -> TrainConf
     if not math.isfinite(cfg.decode_timeout_s) or cfg.decode_timeout_s < 0:
         raise bad(f"decode_timeout_s must be >= 0 (0 = no limit), got {cfg.decode_timeout_s}")
     # the names of rest_fast.data.select.DECODERS (not imported: this module stays torch-free)
-    if str(cfg.decoder).strip().lower() not in ("auto", "dali", "pyav"):
-        raise bad(f"decoder must be one of auto, dali, pyav; got {cfg.decoder!r}")
+    if str(cfg.decoder).strip().lower() not in ("auto", "dali", "pyav", "nvjpeg"):
+        raise bad(f"decoder must be one of auto, dali, pyav, nvjpeg; got {cfg.decoder!r}")
     if not 0 < cfg.lr:
         raise bad(f"lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.lr_min <= cfg.lr:

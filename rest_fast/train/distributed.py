@@ -78,12 +78,22 @@ def setup(device: str = "auto", timeout_s: float = 3600.0) -> DistEnv:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        from datetime import timedelta
-
-        if timeout_s <= 0:
-            raise ValueError(f"nccl_timeout must be > 0 seconds, got {timeout_s}")
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(**process_group_options(dev, timeout_s))
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def process_group_options(dev: torch.device, timeout_s: float) -> dict:
+    """Keyword arguments of ``init_process_group`` for a rank computing on ``dev``: NCCL bound to the rank's own
+    GPU (``device_id``: communicators are created on that device, never on whatever device is current), gloo on
+    CPU."""
+    from datetime import timedelta
+
+    if timeout_s <= 0:
+        raise ValueError(f"nccl_timeout must be > 0 seconds, got {timeout_s}")
+    opts = {"backend": "nccl" if dev.type == "cuda" else "gloo", "timeout": timedelta(seconds=timeout_s)}
+    if dev.type == "cuda":
+        opts["device_id"] = dev
+    return opts
 
 
 def cleanup(env: DistEnv) -> None:

@@ -150,9 +150,12 @@ class Inputs:
         for p in index.missing:  # a prepared dir lists the videos prepare could not decode, with why
             self.bad_files.add(p, getattr(index, "bad_reasons", {}).get(p, "missing file"))
         from rest_fast.data.select import choose_decoder
+        from rest_fast.data.shards import PreparedIndex
         from rest_fast.data.workers import resolve_num_workers
 
-        self.decoder = choose_decoder(cfg.decoder, env.device)
+        # auto probes the videos before it picks NVDEC (a prepared dir is JPEG frames: nvJPEG takes any)
+        self.decoder = choose_decoder(cfg.decoder, env.device,
+                                      videos=None if isinstance(index, PreparedIndex) else self.paths)
         self.num_workers = resolve_num_workers(cfg.num_workers)
         if env.is_main:
             print(f"decoder: {self.decoder.name} ({self.decoder.reason}); {self.num_workers} worker process(es) "

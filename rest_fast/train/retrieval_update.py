@@ -92,7 +92,8 @@ def _check_table(video_feats: torch.Tensor, caption_feats: torch.Tensor, n_capti
 def _rerank(video_feats: torch.Tensor, caption_feats: torch.Tensor, cands: torch.Tensor, k: int):
     from rest_fast.ops import rerank_captions
 
-    scores, ids = rerank_captions(video_feats, caption_feats, cands, k)
+    # check=False: _check_table validated the features once for this update, and the cache's ids are in range
+    scores, ids = rerank_captions(video_feats, caption_feats, cands, k, check=False)
     return scores.float(), ids.to(torch.int64)
 
 

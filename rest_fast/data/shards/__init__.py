@@ -81,17 +81,22 @@ _LOADER_SPECIFIC = ("stream", "shuffle_buffer", "colour_on_device", "persistent_
 
 
 def make_clip_loader(index, decoder: str = "pyav", **kwargs):
-    """The loader for ``index`` and ``decoder`` (``"pyav"`` or ``"dali"``, as resolved by
-    :func:`rest_fast.data.select.choose_decoder`): :class:`ShardClipLoader` / :class:`DALIShardLoader` (nvJPEG)
-    for a :class:`PreparedIndex`, :class:`rest_fast.data.PyAVClipLoader` /
-    :class:`rest_fast.data.DALIClipLoader` (NVDEC) otherwise. All take the same keyword arguments; the
+    """The loader for ``index`` and ``decoder`` (``"pyav"``, ``"dali"`` or ``"nvjpeg"``, as resolved by
+    :func:`rest_fast.data.select.choose_decoder`): :class:`ShardClipLoader` / :class:`DALIShardLoader` (nvJPEG) /
+    :class:`~rest_fast.data.shards.nvjpeg.NvJpegShardLoader` (torchvision nvJPEG) for a :class:`PreparedIndex`,
+    :class:`rest_fast.data.PyAVClipLoader` (``pyav``, ``nvjpeg``) / :class:`rest_fast.data.DALIClipLoader` (NVDEC)
+    otherwise. All take the same keyword arguments; the
     options in ``_LOADER_SPECIFIC`` are dropped for the loaders that do not have them."""
     import inspect
 
-    if decoder not in ("pyav", "dali"):
-        raise ValueError(f"decoder must be 'pyav' or 'dali' here (resolve 'auto' with choose_decoder), got {decoder!r}")
+    if decoder not in ("pyav", "dali", "nvjpeg"):
+        raise ValueError("decoder must be 'pyav', 'dali' or 'nvjpeg' here (resolve 'auto' with choose_decoder), "
+                         f"got {decoder!r}")
     if isinstance(index, PreparedIndex):
-        cls = ShardClipLoader if decoder == "pyav" else __getattr__("DALIShardLoader")
+        if decoder == "nvjpeg":
+            from rest_fast.data.shards.nvjpeg import NvJpegShardLoader as cls
+        else:
+            cls = ShardClipLoader if decoder == "pyav" else __getattr__("DALIShardLoader")
     elif decoder == "dali":
         from rest_fast.data.dali import DALIClipLoader as cls
     else:

@@ -247,11 +247,11 @@ class DALIShardLoader(_LoaderBase):
             if len(batch) == self.batch_size or not self.drop_last:
                 yield batch
 
-    def _batches(self):
+    def _batches(self, batches=None):
         if self.stream:
             yield from self._stream_batches(self.sampler.epoch)
             return
-        for items in self._loader:
+        for items in (self._loader if batches is None else batches):
             for s in items:
                 for path, reason in s["bad"]:
                     self.bad_files.add(path, reason)
@@ -273,6 +273,8 @@ class DALIShardLoader(_LoaderBase):
 
     def __iter__(self):
         self._check_bad()
+        # workers forked before the DALI pipeline's threads exist (see rest_fast.data.dali.DALIClipLoader.__iter__)
+        batches = None if self.stream else iter(self._loader)
         if self._prefetcher is None:
             pipe = build_shard_pipeline(batch_size=self.batch_size * self.num_frames, size=self.size,
                                         decoder_device=self.decoder_device, device_id=self.device_id,
@@ -283,7 +285,7 @@ class DALIShardLoader(_LoaderBase):
             n = len(outs[0]) // self.num_frames
             return dali_to_torch(outs[0], self.device_id, (n, self.num_frames, self.size, self.size, 3))
 
-        for samples, u8 in self._prefetcher.run(self._batches(), self._feed, fetch):
+        for samples, u8 in self._prefetcher.run(self._batches(batches), self._feed, fetch):
             u8 = augment.apply_colour_batch(u8.to(self.device, non_blocking=True), [s["params"] for s in samples])
             clips = normalize_clips(u8, self.mean, self.std, self.device, self.dtype)
             yield ClipBatch(clips, torch.tensor([s["label"] for s in samples], dtype=torch.int64).to(self.device),
