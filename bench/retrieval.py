@@ -256,6 +256,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed rounds on CPU (after one warm-up round)")
     p.add_argument("--with-ref", action="store_true", help="also time the pure-torch reference top-k")
     p.add_argument("--full", action="store_true", help="REST shape: N=240K, d=512, k=2000, fp16; L=8000")
+    p.add_argument("--quick", action="store_true", help="small shapes, seconds on CPU (smoke run)")
     p.add_argument("--rerank-n", type=int, default=None, help="videos for re-ranking")
     p.add_argument("--rerank-l", type=int, default=None, help="candidate slots per video")
     p.add_argument("--rerank-c", type=int, default=None, help="distinct captions")
@@ -269,7 +270,9 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is available")
     cuda = args.device == "cuda"
-    if args.full:
+    if args.quick:
+        defaults = dict(n=2000, k=50, dtype="fp16", rerank_n=64, rerank_l=200, rerank_c=1024)
+    elif args.full:
         defaults = dict(n=240_000, k=2000, dtype="fp16", rerank_n=240_000, rerank_l=8000, rerank_c=480_000)
     elif cuda:
         defaults = dict(n=65_536, k=1000, dtype="fp16", rerank_n=32_768, rerank_l=8000, rerank_c=131_072)
