@@ -6,9 +6,9 @@ the registry may not serve and which must not travel anyway. So the closure is w
 one ``pip install --dry-run --no-deps --report`` per level (metadata only, nothing large is downloaded),
 evaluating each ``Requires-Dist`` marker for the target (CPython ``--python-version``, Linux x86_64), and
 stopping at what the target has (the base packages and their closure, walked only to know the names). The
-wanted packages' direct dependencies are carried even when the target has them (pytest's pygments, ...):
-a few small wheels that make the wheelhouse install on a barer machine too. Prints ``name==version`` lines,
-one per wheel to fetch.
+direct dependencies of ``--carry-deps-of`` packages (the test tools: pytest's pygments, pluggy, ...) are
+carried even when the target has them: a few small wheels that make the tests install on a barer machine
+too. Prints ``name==version`` lines, one per wheel to fetch.
 
     python bench/wheelhouse_plan.py --python-version 3.12 --base "torch==2.11.0 transformers==5.17.0" \\
         --platform manylinux_2_28_x86_64 pytest av open_clip_torch
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="", help="what the target has (space-separated requirements)")
     ap.add_argument("--python-version", required=True, help="the target's Python, e.g. 3.12 or 3.12.3")
     ap.add_argument("--platform", action="append", default=[], help="wheel platform tags (pip --platform)")
+    ap.add_argument("--carry-deps-of", default="", help="packages whose direct dependencies are always carried")
     args = ap.parse_args(argv)
     env = target_env(args.python_version)
     short = env["python_version"]
@@ -118,9 +119,12 @@ def main(argv=None) -> int:
     base_names = {canonicalize_name(Requirement(b).name) for b in base}
     have = closure(base, env, pip_args) if base else {}  # what the target has: the base and its closure
     want = closure(args.packages, env, pip_args, stop=base_names | set(have))
-    direct = {canonicalize_name(Requirement(line).name)
-              for p in args.packages for line in want[canonicalize_name(Requirement(p).name)].get("requires_dist") or []
-              if applies(Requirement(line).marker, env, set(Requirement(p).extras))}
+    direct = set()
+    for p in args.carry_deps_of.split():
+        for line in want[canonicalize_name(p)].get("requires_dist") or []:
+            dep = Requirement(line)
+            if applies(dep.marker, env, set()):
+                direct.add(canonicalize_name(dep.name))
     for name in sorted(set(want) - ((set(have) | base_names) - direct) - base_names):
         print(f"{want[name]['name']}=={want[name]['version']}")
     return 0

@@ -91,3 +91,13 @@ def test_default_plan_fits_the_device_window_most_important_first():
     readme = (ROOT / "README.md").read_text()
     for name, cap in steps:
         assert re.search(rf"\|\s*`{re.escape(name)}`\s*\|\s*{cap}\s*\|", readme), f"README lacks {name} ({cap} s)"
+
+
+@pytest.mark.parametrize("plan", ["gpu_suite.plan", "gpu_suite_extra.plan"])
+def test_plans_declare_known_requirements(plan):
+    for line in (ROOT / "bench" / plan).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            _name, cap, req, cmd = line.split(None, 3)
+            assert int(cap) > 0 and cmd
+            for r in req.split(","):
+                assert r in ("-", "cuda") or r.startswith(("module:", "file:")), line
