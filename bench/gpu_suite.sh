@@ -89,13 +89,13 @@ missing_requirement() {
 run_step() {
     local name=$1 cap=$2 req=$3 cmd=$4 slog="$RESULTS/step-$1.log" missing limit left t0 rc secs note
     selected "$name" || return 0
+    limit=$(( cap * SCALE ))  # the cap column of the table is this step's applied limit
     missing=$(missing_requirement "$req")
-    if [[ "$missing" == "unknown requirement"* ]]; then row "$name" FAILED 0 "$cap" "$missing"; return; fi
-    if [ -n "$missing" ]; then say "=== $name: SKIPPED"; row "$name" SKIPPED 0 "$cap" "$missing"; return; fi
-    limit=$(( cap * SCALE ))
+    if [[ "$missing" == "unknown requirement"* ]]; then row "$name" FAILED 0 "$limit" "$missing"; return; fi
+    if [ -n "$missing" ]; then say "=== $name: SKIPPED"; row "$name" SKIPPED 0 "$limit" "$missing"; return; fi
     if [ -n "${SUITE_TOTAL_CAP:-}" ]; then
         left=$(( SUITE_TOTAL_CAP - ($(date +%s) - T_START) ))
-        if [ "$left" -lt 1 ]; then row "$name" NOT-RUN 0 "$cap" "SUITE_TOTAL_CAP=${SUITE_TOTAL_CAP} s spent"; return; fi
+        if [ "$left" -lt 1 ]; then row "$name" NOT-RUN 0 "$limit" "SUITE_TOTAL_CAP=${SUITE_TOTAL_CAP} s spent"; return; fi
         [ "$left" -lt "$limit" ] && limit=$left
     fi
     : > "$RESULTS/$name.txt"
@@ -109,11 +109,11 @@ run_step() {
         note=$(grep -E "passed|failed|skipped|installed:" "$slog" | tail -1)
         [ -n "$note" ] || note=$(grep -vE '^\s*$' "$RESULTS/$name.txt" 2>/dev/null | tail -1)
         note=$(echo "$note" | cut -c1-100)
-        row "$name" ok "$secs" "$cap" "$note"
+        row "$name" ok "$secs" "$limit" "$note"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        row "$name" TIMEOUT "$secs" "$cap" "killed at its cap of ${limit} s"
+        row "$name" TIMEOUT "$secs" "$limit" "killed at its cap"
     else
-        row "$name" FAILED "$secs" "$cap" "exit $rc: $(grep -vE '^\s*$' "$slog" | tail -1 | cut -c1-90)"
+        row "$name" FAILED "$secs" "$limit" "exit $rc: $(grep -vE '^\s*$' "$slog" | tail -1 | cut -c1-90)"
     fi
 }
 
