@@ -135,11 +135,12 @@ if [ "${SUITE_DEVICE:-cuda}" = cpu ]; then  # dry run of the plan: GPU tests col
     say "SUITE_DEVICE=cpu: dry run of the plan on CPU (GPU tests skip themselves, benches run --quick)"
 fi
 say "plan: $PLAN${SUITE_EXTRA_STEPS:+ + $SUITE_EXTRA_STEPS}; results: $RESULTS"
+write_summary
 if ! has_module nvidia.dali; then
     say "DALI: nvidia-dali is not installed and cannot travel (its wheel is ~500 MB, far over the 60 MiB" \
         "wheelhouse): the DALI decoders are NOT measured on this machine"
+    row dali SKIPPED 0 0 "nvidia-dali not installed, cannot travel (~500 MB wheel): DALI is NOT measured"
 fi
-write_summary
 
 # --- the plan -------------------------------------------------------------------------------------------------
 # Read every step first (a step must not eat the plan from stdin), then run them in order.
