@@ -110,7 +110,7 @@ run_step() {
         [ -n "$note" ] || note=$(grep -vE '^\s*$' "$RESULTS/$name.txt" 2>/dev/null | tail -1)
         note=$(echo "$note" | cut -c1-100)
         row "$name" ok "$secs" "$limit" "$note"
-    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    elif { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && [ "$secs" -ge $(( limit - 1 )) ]; then  # not an OOM kill
         row "$name" TIMEOUT "$secs" "$limit" "killed at its cap"
     else
         row "$name" FAILED "$secs" "$limit" "exit $rc: $(grep -vE '^\s*$' "$slog" | tail -1 | cut -c1-90)"
