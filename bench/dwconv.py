@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Table, copy_bandwidth_gbs, hardware_name, time_fn  # noqa: E402
+from harness import Table, copy_bandwidth_gbs, fused_path, hardware_name, time_fn  # noqa: E402
 
 from rest_fast.ops import temporal_dwconv3d, temporal_dwconv3d_ref  # noqa: E402
 
@@ -100,9 +100,11 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, compile_ref: bool =
             nbytes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * unit
             times = {}
             for name, fn in provs.items():
-                case = _case_fn(fn, mode, x, w, b, dy)
-                case()  # warm-up: autotune / compile / cudnn algorithm choice
-                times[name] = time_fn(case, device=device)
+                # The triton row must have run the fused kernels (benches run strict: no silent fallback).
+                with fused_path("temporal_dwconv3d", device, expect=name == "triton"):
+                    case = _case_fn(fn, mode, x, w, b, dy)
+                    case()  # warm-up: autotune / compile / cudnn algorithm choice
+                    times[name] = time_fn(case, device=device)
             best_torch = min(times[p].median_ms for p in times if p in TORCH_PROVIDERS)
             names = list(times) if "triton" in times else ["triton", *times]
             for name in names:

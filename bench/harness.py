@@ -1,26 +1,38 @@
 """Shared benchmark harness: timing, hardware description, tables, result rows.
 
-Every bench script measures its baseline in the same run and reports ratios against it. On CUDA
-times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed between reps); on CPU from
-``torch.utils.benchmark`` (which handles threads and warm-up). Medians with p20/p80.
+Every bench script measures its baseline in the same run and reports ratios against it. :func:`time_fn`
+warms up, times one repeat to size the run, then takes at least :data:`MIN_REPS` timed repeats (more for
+short steps, to fill ``min_time_s``): on CUDA with CUDA events, L2 flushed between repeats, one host sync
+at the end (as ``triton.testing.do_bench``, which took a single repeat of a 100+ ms step); on CPU with
+``time.perf_counter``. Medians with p20/p80 and min/max.
+
+Benches run strict (``REST_FAST_STRICT=1`` unless set otherwise): a fused op that would fall back to its
+reference raises, and :func:`fused_path` checks that a row labelled as a fused op ran its Triton kernels.
+Result rows go to ``bench/results/`` or to ``$REST_FAST_BENCH_RESULTS`` (the GPU suite's results folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
+import math
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("REST_FAST_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+# Timed repeats a measurement takes at least (after warm-up), unless its caller caps max_reps lower.
+MIN_REPS = 5
+# Benches measure the fused paths, never a silent fallback to the references.
+os.environ.setdefault("REST_FAST_STRICT", "1")
 
 
 @dataclass
@@ -28,31 +40,94 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    min_ms: float = math.nan
+    max_ms: float = math.nan
+    reps: int = 0
+
+
+def summarize(samples_ms: Sequence[float]) -> Timing:
+    """Median / p20 / p80 / min / max of per-repeat times (ms), and how many repeats there were."""
+    v = sorted(samples_ms)
+
+    def q(p: float) -> float:
+        return v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]
+
+    return Timing(statistics.median(v), q(0.2), q(0.8), v[0], v[-1], len(v))
+
+
+def repeats_for(estimate_ms: float, *, min_time_s: float = 0.5, max_reps: int = 50,
+                min_reps: int = MIN_REPS) -> int:
+    """Timed repeats for a step of ``estimate_ms``: enough to fill ``min_time_s``, at least ``min_reps``
+    (``max_reps`` below it wins: a caller's explicit cap on a very slow baseline), at most ``max_reps``."""
+    want = math.ceil(min_time_s * 1e3 / max(estimate_ms, 1e-6))
+    return max(min(min_reps, max_reps), min(max_reps, want))
+
+
+# A timer runs ``fn`` n times and returns the n per-repeat times in ms.
+Timer = Callable[[Callable[[], object], int], list[float]]
+
+
+def cpu_timer(fn: Callable[[], object], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def cuda_timer(device: torch.device) -> Timer:
+    """CUDA events around each repeat, L2 flushed before each (a 256 MiB write), one sync at the end so
+    the queue stays full and host launch latency is not counted."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+
+    def run(fn: Callable[[], object], n: int) -> list[float]:
+        with torch.cuda.device(device):
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            torch.cuda.synchronize()
+            for s, e in zip(starts, ends):
+                flush.zero_()
+                s.record()
+                fn()
+                e.record()
+            torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    return run
 
 
 def time_fn(fn: Callable[[], object], *, device: str | torch.device = "cpu", warmup: int = 2,
-            min_time_s: float = 0.5, max_reps: int = 50) -> Timing:
-    """Median / p20 / p80 wall time of ``fn()`` in milliseconds on ``device``."""
+            min_time_s: float = 0.5, max_reps: int = 50, min_reps: int = MIN_REPS,
+            timer: Timer | None = None) -> Timing:
+    """Per-repeat wall time of ``fn()`` in ms on ``device``: ``warmup`` untimed calls, one timed repeat
+    that sizes the run (:func:`repeats_for`), then the rest; the sizing repeat counts as a sample.
+    ``timer`` replaces the device's timer (tests)."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-
-        q = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return Timing(*map(float, q))
+    if timer is None:
+        timer = cuda_timer(dev) if dev.type == "cuda" else cpu_timer
     for _ in range(warmup):
         fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < 3 or time.perf_counter() - start < min_time_s):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
+    samples = timer(fn, 1)
+    n = repeats_for(samples[0], min_time_s=min_time_s, max_reps=max_reps, min_reps=min_reps)
+    if n > 1:
+        samples += timer(fn, n - 1)
+    return summarize(samples)
 
-    def q(p: float) -> float:
-        return samples[min(len(samples) - 1, int(p * (len(samples) - 1) + 0.5))]
 
-    return Timing(statistics.median(samples), q(0.2), q(0.8))
+@contextlib.contextmanager
+def fused_path(op: str, device: str | torch.device, *, expect: bool | None = None) -> Iterator[None]:
+    """Assert that ``op``'s Triton launcher ran inside the block, for a row labelled as the fused op.
+
+    ``expect`` defaults to "on CUDA" (on CPU the fused ops serve their references or native code by design).
+    """
+    from rest_fast.ops._dispatch import launch_count
+
+    before = launch_count(op)
+    yield
+    if (torch.device(device).type == "cuda" if expect is None else expect) and launch_count(op) == before:
+        raise AssertionError(f"the row is labelled as the fused {op}, but its Triton kernels did not run "
+                             "(see `rest-fast info` for the op's path)")
 
 
 def copy_bandwidth_gbs(device: str | torch.device, nbytes: int = 256 << 20) -> float:

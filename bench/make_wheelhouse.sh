@@ -1,41 +1,50 @@
 #!/usr/bin/env bash
-# Build wheelhouse/ for bench/gpu_suite.sh: the optional packages a bare GPU machine lacks (torch, triton and
-# transformers are assumed there), as binary wheels for ITS Python and platform, at most 60 MiB in all so it
-# can be carried with the working tree (the folder is git-ignored). Needs network (PyPI) here, none there.
+# Build wheelhouse/ for bench/gpu_suite.sh: what the GPU image lacks, as binary wheels for ITS Python and
+# platform with their dependencies resolved there, at most 60 MiB so it travels with the working tree (the folder
+# is git-ignored). Needs the package registry here, nothing there (bench/install_wheelhouse.sh installs it).
 #
-#   bash bench/make_wheelhouse.sh                 # for CPython 3.12, manylinux x86_64 (the lent H200 machines)
-#   PYVER=3.11 bash bench/make_wheelhouse.sh      # another Python
-#   LIMIT_MB=60 PACKAGES="pytest av" bash bench/make_wheelhouse.sh
+#   bash bench/make_wheelhouse.sh                 # the lent GPU image: CPython 3.12.3, manylinux x86_64
+#   PYVER=3.11.7 BASE="torch==2.14.1 ..." DEST=/tmp/wh bash bench/make_wheelhouse.sh   # another target
 #
-# Default set: pytest (+ pluggy, iniconfig) for the GPU tests, pybind11 for the native caption cache, av (PyAV)
-# for the decode/shard benches, pillow, hypothesis (+ attrs, sortedcontainers), webdataset (+ braceexpand).
-# open_clip, faiss and DALI are left out: too large for the budget (DALI alone is ~500 MB) and no GPU step
-# needs them; the suite skips what depends on them, with the reason.
+# The GPU image has torch 2.11.0, triton 3.6.0, transformers 5.17.0, torchvision 0.26.0 (BASE), and pytest,
+# pygments, hypothesis, pybind11, timm, tensorboard; it lacks open_clip_torch, av, nvidia-dali, faiss and
+# webdataset. The wheelhouse carries PACKAGES (pytest, hypothesis, pybind11, av, open_clip_torch, webdataset)
+# with the closure of their dependencies for that Python, minus BASE and its closure (bench/wheelhouse_plan.py),
+# plus the direct dependencies of CARRY_DEPS_OF (the test tools: pytest's pygments, ...) even where the image
+# has them, so the tests also install on a barer machine.
+# nvidia-dali (~500 MB) and faiss-gpu cannot travel: the suite says DALI is not measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYVER=${PYVER:-3.12}
+PYVER=${PYVER:-3.12.3}
+BASE=${BASE:-"torch==2.11.0 triton==3.6.0 transformers==5.17.0 torchvision==0.26.0"}
+PACKAGES=${PACKAGES:-"pytest hypothesis pybind11 av open_clip_torch webdataset"}
+PLATFORMS=${PLATFORMS:-"manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 linux_x86_64"}
+CARRY_DEPS_OF=${CARRY_DEPS_OF:-"pytest hypothesis"}
 LIMIT_MB=${LIMIT_MB:-60}
-PACKAGES=${PACKAGES:-"pytest pluggy iniconfig packaging pybind11 av pillow hypothesis attrs sortedcontainers webdataset braceexpand"}
 DEST=${DEST:-wheelhouse}
-mkdir -p "$DEST"
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+short=$(echo "$PYVER" | cut -d. -f1,2)
+plat=(); for p in $PLATFORMS; do plat+=(--platform "$p"); done
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# One package at a time: a package with no wheel for that Python is reported and left out, not fatal.
-for p in $PACKAGES; do
-    if python -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            -d "$tmp" -q "$p" > "$tmp/$p.log" 2>&1; then
-        echo "ok       $p"
-    else
-        echo "no wheel $p (python $PYVER): $(tail -1 "$tmp/$p.log")"
-    fi
-done
-rm -f "$tmp"/*.log
-size=$(du -cm "$tmp"/*.whl 2>/dev/null | tail -1 | cut -f1)
-if [ "${size:-0}" -gt "$LIMIT_MB" ]; then
+
+echo "resolving for CPython $PYVER (metadata only): $PACKAGES, minus what has $BASE"
+# shellcheck disable=SC2086
+"$PY" bench/wheelhouse_plan.py --python-version "$PYVER" --base "$BASE" --carry-deps-of "$CARRY_DEPS_OF" \
+    "${plat[@]}" $PACKAGES > "$tmp/plan.txt"
+echo "wheels to fetch: $(tr '\n' ' ' < "$tmp/plan.txt")"
+"$PY" -m pip download --no-deps --only-binary=:all: --python-version "$short" --implementation cp \
+    --abi "cp${short/./}" --abi abi3 --abi none "${plat[@]}" -d "$tmp/wheels" -q -r "$tmp/plan.txt" \
+    2> >(grep -v "is ignored" >&2)
+size=$(( ( $(cat "$tmp"/wheels/*.whl | wc -c) + 1048575 ) / 1048576 ))  # MiB, rounded up once
+if [ "$size" -gt "$LIMIT_MB" ]; then
     echo "error: the wheels take ${size} MiB, over the ${LIMIT_MB} MiB limit; drop a package (PACKAGES=...)" >&2
+    du -m "$tmp"/wheels/*.whl | sort -rn | head -5 >&2
     exit 2
 fi
-# Replace only the wheels we write; anything else in $DEST is left alone.
-mv -f "$tmp"/*.whl "$DEST"/
-echo "$DEST/: $(ls "$DEST"/*.whl | wc -l) wheels, ${size} MiB (python $PYVER); carry it with the tree"
+mkdir -p "$DEST"
+# Replace only the files we write; anything else in $DEST is left alone.
+mv -f "$tmp"/wheels/*.whl "$DEST"/
+cp "$tmp/plan.txt" "$DEST/requirements.txt"
+printf '%s\n' $PACKAGES > "$DEST/packages.txt"
+echo "$DEST/: $(wc -l < "$DEST/requirements.txt") wheels, ${size} MiB (CPython $PYVER); carry it with the tree"

@@ -46,8 +46,10 @@ def test_dwconv3d_cuda_forward_backward(dtype, shape, ksize, residual):
     b = torch.randn(C, device="cuda", generator=g).to(dtype).requires_grad_()
     dy = torch.randn(shape, device="cuda", generator=g).to(dtype)
 
+    launched = _dispatch.launch_count("temporal_dwconv3d")
     y = temporal_dwconv3d(x, w, b, residual=residual)
     dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    assert _dispatch.launch_count("temporal_dwconv3d") == launched + 2  # the fused forward and backward ran
 
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     y64 = temporal_dwconv3d_ref(x64, w64, b64, residual=residual)
@@ -81,7 +83,9 @@ def test_topk_similarity_cuda(dtype, M, N, d, k):
     keys[1::7] = keys[0::7][: keys[1::7].shape[0]]  # exact ties
     queries = keys[:M].clone()
     exclude = torch.arange(M, device="cuda")  # self-match, as in video-video retrieval
+    launched = _dispatch.launch_count("topk_similarity")
     s, i = topk_similarity(queries, keys, k, exclude=exclude)
+    assert _dispatch.launch_count("topk_similarity") == launched + 1
     rs, ri = topk_similarity_ref(queries.cpu(), keys.cpu(), k, exclude=exclude.cpu())
     err = topk_mismatch(queries.cpu(), keys.cpu(), s.cpu(), i.cpu(), rs, ri, exclude=exclude.cpu(), tol=1e-4)
     assert err is None, err
@@ -97,7 +101,9 @@ def test_rerank_captions_cuda(dtype):
     cand[:, L // 2:] = cand[:, : L - L // 2]  # heavy duplication
     cand[::5, 7:] = -1  # rows with few candidates
     cand[3] = -1  # an empty row
+    launched = _dispatch.launch_count("rerank_captions")
     s, ids = rerank_captions(videos, captions, cand, k)
+    assert _dispatch.launch_count("rerank_captions") == launched + 1
     rs, rids = rerank_captions_ref(videos.cpu(), captions.cpu(), cand.cpu(), k)
     torch.testing.assert_close(s.cpu(), rs, rtol=1e-4, atol=1e-4)
     # Re-score the returned ids exactly and check they are distinct per row.
@@ -134,6 +140,9 @@ def test_interpreter_left_set_warns_once_and_uses_the_reference(monkeypatch):
     monkeypatch.setattr(_dispatch, "_WARNED", set())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.randn(8, 32, device="cuda")
+    with pytest.raises(_dispatch.StrictFallbackError, match="TRITON_INTERPRET=1"):  # GPU tests run strict
+        topk_similarity(q, q, 3)
+    monkeypatch.setenv("REST_FAST_STRICT", "0")
     with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
         s, i = topk_similarity(q, q, 3)
     rs, ri = topk_similarity_ref(q, q, 3)

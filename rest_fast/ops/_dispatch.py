@@ -6,6 +6,12 @@ to compile or launch (the op then stays on the reference for the process), or ``
 set (the interpreter would copy every CUDA tensor to the host and back). CPU tensors run the interpreted
 kernels under ``TRITON_INTERPRET=1`` (how the tests exercise the real kernels) and the reference
 otherwise. :func:`op_paths` says which path each op takes; ``rest-fast info`` prints it.
+
+Strict mode (``REST_FAST_STRICT=1``, read at call time): every one of those fallbacks raises
+:class:`StrictFallbackError` instead of warning, and so does a CPU call under ``TRITON_INTERPRET=1`` whose
+kernels failed to import. The GPU tests and the benches run strict, so a kernel test cannot pass by
+comparing the reference with itself. :func:`launch_count` counts the Triton launcher calls that returned,
+per op, so a bench row labelled as a fused op can check that the fused path ran.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import importlib
 import os
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -29,6 +36,22 @@ KERNEL_RUN_ERRORS: dict[str, str] = {}
 # op name -> (kernel module, what its CPU path is when the interpreter is off)
 OPS: dict[str, tuple[str, str]] = {}
 _WARNED: set[tuple[str, str]] = set()
+# op name -> Triton launcher calls that returned (compiled on CUDA, interpreted on CPU) in this process.
+LAUNCHES: Counter[str] = Counter()
+
+
+class StrictFallbackError(RuntimeError):
+    """Raised under ``REST_FAST_STRICT=1`` where an op would otherwise fall back to its reference."""
+
+
+def strict() -> bool:
+    """True when ``REST_FAST_STRICT=1``: fallbacks raise :class:`StrictFallbackError` instead of warning."""
+    return os.environ.get("REST_FAST_STRICT", "0") == "1"
+
+
+def launch_count(op: str) -> int:
+    """How many times ``op``'s Triton launcher returned in this process (read before and after a call)."""
+    return LAUNCHES[op]
 
 
 def register_op(name: str, kernels: str, cpu_path: str | Callable[[], str] = "pure-torch reference") -> None:
@@ -72,7 +95,10 @@ def kernels_unavailable(name: str) -> RuntimeError:
 
 
 def warn_fallback(op: str, reason: str) -> None:
-    """Warn once per (op, reason) that CUDA tensors are served by the pure-torch reference."""
+    """Warn once per (op, reason) that CUDA tensors are served by the pure-torch reference (strict: raise)."""
+    if strict():
+        raise StrictFallbackError(f"rest_fast.ops.{op}: REST_FAST_STRICT=1 and the op would fall back to "
+                                  f"the pure-torch reference: {reason}")
     if (op, reason) in _WARNED:
         return
     _WARNED.add((op, reason))
@@ -95,7 +121,13 @@ def triton_path(op: str, kernels: str, *tensors: torch.Tensor | None) -> bool:
     """The dispatch decision of ``op`` for these tensors; warns once when CUDA tensors fall back."""
     devices = {t.device.type for t in tensors if t is not None}
     if devices == {"cpu"}:
-        return triton_interpret() and load_kernels(kernels) is not None
+        if not triton_interpret():
+            return False
+        if load_kernels(kernels) is None:
+            if strict():  # the interpreted kernels were asked for and cannot run
+                warn_fallback(op, f"the Triton kernels failed to import ({KERNEL_IMPORT_ERRORS.get(kernels)})")
+            return False
+        return True
     if devices != {"cuda"}:
         return False
     reason = _cuda_reason(op, kernels)
@@ -115,17 +147,24 @@ def _raised_in_triton(e: BaseException) -> bool:
 def run_or_fallback(op: str, fast: Callable[..., Any], reference: Callable[..., Any], *args: Any,
                     **kwargs: Any) -> Any:
     """Run the Triton launcher; on CUDA, an error raised inside Triton (compile, ptxas, launch) sends this
-    and every later call of ``op`` to the reference, with one warning naming the error. Errors raised
-    elsewhere (bad input, out of memory) propagate."""
+    and every later call of ``op`` to the reference, with one warning naming the error (strict mode:
+    :class:`StrictFallbackError` from the error). Errors raised elsewhere (bad input, out of memory)
+    propagate. A launcher call that returns counts in :data:`LAUNCHES`."""
     try:
-        return fast(*args, **kwargs)
+        out = fast(*args, **kwargs)
     except Exception as e:
         on_cuda = any(getattr(getattr(a, "device", None), "type", None) == "cuda" for a in args)
         if not (on_cuda and _raised_in_triton(e)):
             raise
-        KERNEL_RUN_ERRORS[op] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        if strict():
+            raise StrictFallbackError(f"rest_fast.ops.{op}: REST_FAST_STRICT=1 and a Triton kernel failed "
+                                      f"({error})") from e
+        KERNEL_RUN_ERRORS[op] = error
         warn_fallback(op, f"a Triton kernel failed ({KERNEL_RUN_ERRORS[op]})")
         return reference(*args, **kwargs)
+    LAUNCHES[op] += 1
+    return out
 
 
 def interpreter_safe(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
