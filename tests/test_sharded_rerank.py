@@ -73,7 +73,7 @@ def _check(rank: int, world: int, group) -> None:
             assert int(i[5, 0]) == min(7 + world, 100)  # the tie across owners goes to the lower id
     # the candidates as a function of the row range (built per chunk)
     s, i, _ = sharded_rerank(videos[lo:hi], lambda a, b: mine[a:b].numpy(), shard, 3, budget_bytes=budget,
-                             group=group)
+                             group=group, width=L)
     rs, ri = rerank_captions_ref(videos[lo:hi], table, mine, 3)
     assert torch.equal(i, ri.long())
 

@@ -160,18 +160,20 @@ def _serve(feats: Tensor, loc: Tensor, caption_feats: Tensor, k: int, ids: Shard
 
 def sharded_rerank(video_feats: Tensor, candidates: Tensor | np.ndarray | Callable[[int, int], Tensor | np.ndarray],
                    caption_feats: Tensor, k: int, *, group=None, budget_bytes: int = 64 << 20,
-                   rerank: Callable | None = None) -> tuple[Tensor, Tensor, dict]:
+                   width: int | None = None, rerank: Callable | None = None) -> tuple[Tensor, Tensor, dict]:
     """Top-``k`` distinct candidate captions of this rank's videos over a caption table sharded by rank.
 
     Args:
         video_feats: ``[n_r, d]`` this rank's video features (float32 / float16 / bfloat16).
         candidates: int ``[n_r, L]`` *global* caption ids (:class:`ShardedIds`) per video, ``-1`` = empty, repeats
             allowed; or a function ``(lo, hi) -> [hi - lo, L]`` giving rows ``lo..hi-1`` (built chunk by chunk, so
-            the whole matrix never exists). ``L`` may differ between calls and ranks.
+            the whole matrix never exists; called once per chunk, in order). ``L`` may differ between calls and
+            ranks.
         caption_feats: ``[C_r, d]`` features of this rank's captions (local row ``j`` = global id ``j·P + rank``).
         k: captions kept per video.
         group: process group (default: the world; none initialised = one process).
         budget_bytes: bytes of chunk buffers per rank (:func:`chunk_videos`); every rank should pass the same.
+        width: the largest ``L`` the candidate function returns (sizes the chunks; needed with a function).
         rerank: the local re-rank (default :func:`rest_fast.ops.rerank_captions`).
 
     Returns:
@@ -194,8 +196,8 @@ def sharded_rerank(video_feats: Tensor, candidates: Tensor | np.ndarray | Callab
             raise ValueError(f"candidates must be [n_r, L] = [{n}, L], got {tuple(full.shape)}")
         rows_of = lambda lo, hi: full[lo:hi]  # noqa: E731
         width = int(full.shape[1])
-    else:
-        width = int(torch.as_tensor(rows_of(0, min(n, 1))).shape[1]) if n else 0
+    elif width is None:
+        raise ValueError("sharded_rerank: pass width= (the largest L) with a candidate function")
 
     m = chunk_videos(budget_bytes, max(width, 1), d, video_feats.element_size(), world, k)
     chunks = -(-n // m)
