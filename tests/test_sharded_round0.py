@@ -62,3 +62,42 @@ def test_round0_is_the_same_at_world_sizes_1_2_3(tmp_path):
         assert rounds[0]["tam_pseudo_top1"] == [json.loads(x) for x in (single / "metrics.jsonl").read_text()
                                                 .splitlines() if json.loads(x).get("kind") == "round"][0][
                                                     "tam_pseudo_top1"]
+
+
+def _table(features: Path, world: int, rounds: int) -> np.ndarray:
+    """The whole caption-feature table rebuilt from the per-rank files of ``world`` ranks (id j·P + r at row j of r)."""
+    parts = [np.concatenate([np.load(features / f"caption_rows_{t:02d}.rank{r:03d}_of{world:03d}.npy")
+                             for t in range(rounds + 1)]) for r in range(world)]
+    out = np.zeros((sum(p.shape[0] for p in parts), parts[0].shape[1]), dtype=parts[0].dtype)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_reshards_the_caption_features(tmp_path):
+    """Issue 20 item 6: a run made with 2 ranks resumes with 3; the caption features are re-sharded from the saved
+    per-rank files (the same bytes, no re-embedding), and the run completes."""
+    from test_train_e2e import SMALL, _check_complete_run
+
+    run = tmp_path / "run"
+    args = [*SMALL, "eval_batch_size=6"]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+
+    def torchrun(world: int, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+               "-m", "rest_fast", "train", f"--out={run}", *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+    p = torchrun(2, *args, "epochs=1")
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    rnd = json.loads((run / "state.json").read_text())["round"]
+    before = _table(run / "features", 2, rnd)
+    p = torchrun(3, "--resume", "auto", "epochs=2")
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "caption features re-sharded from 2 to 3 ranks" in p.stdout
+    np.testing.assert_array_equal(_table(run / "features", 3, rnd), before)
+    final = json.loads((run / "state.json").read_text())["round"]
+    assert final > rnd  # the resumed run made a round of its own, with the re-sharded table
+    _check_complete_run(run, rounds=final, epochs=2, n_videos=12)

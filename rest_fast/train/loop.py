@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rest_fast.atomic_io import atomic_open
 from rest_fast.errors import UserError
 from rest_fast.run.config import TrainConfig, identity_differences, load_run_config
 from rest_fast.run.rundir import (
@@ -454,18 +455,7 @@ class Trainer:
         self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)))
         if env.is_main:
             self.cache.save(str(self.run_dir.cache_path(r)))
-            ids, scores = self.cache.get(np.arange(self.n, dtype=np.int64))
-            recs = []
-            for i in range(self.n):
-                rec = {"video": str(self.inputs.rel(i)), "index": i,
-                       "captions": [self.cache.text(int(c)) for c in ids[i] if c >= 0],
-                       "scores": [round(float(s), 6) for s, c in zip(scores[i], ids[i]) if c >= 0]}
-                if generated is not None:
-                    rec["generated"] = generated[i]
-                if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
-                    rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
-                recs.append(rec)
-            atomic_write_jsonl(self.run_dir.captions_path(r), recs)
+            self._write_captions(r, generated)
             record = {"kind": "round", "round": r, "epoch": epoch, "seconds": round(seconds, 3), **stats, **tam}
             self.run_dir.append_metric(record)
             prev = self.run_dir.read_state() or {}
@@ -481,6 +471,25 @@ class Trainer:
                   f"{stats['cache_size']} captions in cache"
                   f"{acc} [{seconds:.1f} s]", flush=True)
         barrier(env)
+
+    def _write_captions(self, r: int, generated: list[str] | None, chunk: int = 4096) -> None:
+        """``captions/round_XX.jsonl``, one record per video in video order, streamed ``chunk`` videos at a time
+        (rank 0 never holds all records; issue 20, item 5)."""
+        with atomic_open(self.run_dir.captions_path(r), "w", encoding="utf-8") as f:
+            for lo in range(0, self.n, chunk):
+                ids, scores = self.cache.get(np.arange(lo, min(self.n, lo + chunk), dtype=np.int64))
+                lines = []
+                for j in range(ids.shape[0]):
+                    i = lo + j
+                    rec = {"video": str(self.inputs.rel(i)), "index": i,
+                           "captions": [self.cache.text(int(c)) for c in ids[j] if c >= 0],
+                           "scores": [round(float(s), 6) for s, c in zip(scores[j], ids[j]) if c >= 0]}
+                    if generated is not None:
+                        rec["generated"] = generated[i]
+                    if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
+                        rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
+                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.write("".join(lines))
 
     def _clip_tam(self, generated: list[str] | None) -> dict:
         """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot).
