@@ -1,7 +1,9 @@
 """Exact re-rank over a caption table sharded by rank (rest_fast.retrieval.sharded_rerank) against the
 single-process rerank_captions, with gloo on CPU at world sizes 1, 2 and 3: uneven video and caption shards, a rank
 with no videos, videos whose candidates all live on other ranks, a tie across owners, repeats and empty slots,
-several chunks per rank (small budget), a candidate function instead of a matrix."""
+several chunks per rank (small budget), a candidate function instead of a matrix; and the trainer's retrieval update
+(round 0 with initial captions, then a round with pending captions) with caption features sharded over 3 ranks
+against the same update in one process."""
 
 from __future__ import annotations
 
@@ -78,6 +80,61 @@ def _check(rank: int, world: int, group) -> None:
     assert torch.equal(i, ri.long())
 
 
+class _PerTextEncoder:
+    """CLIP-text stand-in: a unit vector that depends on the text alone (not on the batch)."""
+
+    dim = 16
+
+    def encode_text(self, texts):
+        import zlib
+
+        rows = [torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+def _trainer_update(env, n: int = 23, m: int = 6, h: int = 4, k: int = 3):
+    """Round 0 (initial captions) and round 1 (a pending caption per video) of the trainer's retrieval update with
+    the caption features of ``env``'s rank only; returns the slots after each round and the stats."""
+    import numpy as np
+
+    from rest_fast.cache import CaptionCache
+    from rest_fast.train.features import CaptionFeatures
+    from rest_fast.train.retrieval_update import retrieval_update
+
+    rng = np.random.default_rng(7)
+    g = torch.Generator().manual_seed(7)
+    video = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=1).half()
+    flat = [f"caption {j}" for j in rng.integers(0, 40, size=n * m)]  # captions repeat within and across videos
+    nb = np.stack([rng.choice(np.delete(np.arange(n), i), h, replace=False) for i in range(n)]).astype(np.int32)
+    rows = nb[env.shard(n)] if env.distributed else nb  # the trainer passes only this rank's rows
+    enc = _PerTextEncoder()
+    cache = CaptionCache(n, k)
+    initial = np.asarray(cache.intern(flat), dtype=np.int32).reshape(n, m)
+    feats = CaptionFeatures(16, torch.device("cpu"), rank=env.rank, world_size=env.world_size)
+    out = []
+    for r in range(2):
+        if r == 1:
+            cache.add_pending(np.arange(n), cache.intern([f"generated {i % 9}" for i in range(n)]))
+        feats.update(cache, enc, env, batch_size=5)
+        stats = retrieval_update(cache, video, feats.valid, rows, k, env, initial_ids=initial if r == 0 else None,
+                                 budget_bytes=3000)
+        out.append((*cache.get(np.arange(n)), stats))
+    return out
+
+
+def _check_trainer_update(rank: int) -> None:
+    from rest_fast.train.distributed import DistEnv
+
+    one = _trainer_update(DistEnv(0, 1, 0, torch.device("cpu")))
+    three = _trainer_update(DistEnv(rank, 3, rank, torch.device("cpu")))
+    for (ids1, s1, st1), (ids3, s3, st3) in zip(one, three):
+        assert (ids1 == ids3).all(), (rank, ids1, ids3)
+        fin = ids1 >= 0
+        assert abs(s1[fin] - s3[fin]).max() <= 1e-5
+        assert st1["distinct_captions"] == st3["distinct_captions"] and st3["rerank_bytes_sent"] > 0
+        assert st3["rerank_chunks"] > 1  # the budget cut the rank's videos into several chunks
+
+
 def _worker(rank: int, port: int) -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     torch.set_num_threads(1)
@@ -90,6 +147,7 @@ def _worker(rank: int, port: int) -> None:
             if r >= 0:
                 _check(r, world, group)
             dist.barrier()
+        _check_trainer_update(rank)  # the trainer's round 0 and round 1 with sharded caption features, 3 ranks
     finally:
         dist.destroy_process_group()
 
