@@ -120,12 +120,14 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
     Args:
         cache: the ``CaptionCache`` (every rank holds an identical replica; all are updated).
         video_feats: float [N, D] L2-normalised CLIP video features (fp16 in the trainer; CPU or ``env.device``).
-        caption_feats: float [C, D] CLIP text features of every interned caption id (on ``env.device``).
+        caption_feats: float [C, D] CLIP text features of every interned caption id (on ``env.device``); under
+            torchrun this rank's shard only: the rows of ids ``c`` with ``c mod P == rank`` (``CaptionFeatures``).
         neighbours: int [N, H] neighbour indices (self excluded), or only this rank's rows ``env.shard(N)``.
         k: K, the slots per video.
         initial_ids: int32 [N, M] initial caption ids, given for the first update only (see module doc).
         block: at most this many videos re-ranked per call (default: as many as ``budget_bytes`` allows).
-        budget_bytes: at most this many bytes of int32 candidates per call (bounds host and device memory). Each
+        budget_bytes: at most this many bytes of int32 candidates per call (bounds host and device memory; under
+            torchrun the chunk buffers of ``sharded_rerank``). Each
             ``rerank_captions`` call validates the whole caption table, so few large calls keep that check small
             against the call's own reads (at K400 scale: 16M candidate rows read per call vs a 4M-row table).
         progress: optional wrapper of the block loop (a tqdm bar).
