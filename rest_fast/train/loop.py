@@ -469,7 +469,7 @@ class Trainer:
             print(f"round {r}/{cfg.caption_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
                   f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
                   f"{stats['cache_size']} captions in cache"
-                  f"{acc} [{seconds:.1f} s]", flush=True)
+                  f"{acc}{_sent(stats)} [{seconds:.1f} s]", flush=True)
         barrier(env)
 
     def _write_captions(self, r: int, generated: list[str] | None, chunk: int = 4096) -> None:
@@ -717,6 +717,13 @@ class Trainer:
             write_report(self.run_dir.root, max_videos=self.cfg.report_videos, frames_of=self.inputs.frame_strip)
         except Exception as exc:  # noqa: BLE001 - a plotting failure must not kill a training run
             print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
+
+
+def _sent(stats: dict) -> str:
+    """The re-rank's bytes sent by rank 0 this round, when the caption table is sharded (issue 20)."""
+    if "rerank_bytes_sent" not in stats:
+        return ""
+    return f", re-rank sent {stats['rerank_bytes_sent']:,} bytes from rank 0"
 
 
 def _saved_world_size(features: Path, rnd: int) -> int | None:
