@@ -4,6 +4,7 @@ cache update, on synthetic features, before (the code path of the base commit) a
     python bench/round.py                          # N=240K videos, H=20, both kinds of round, ~minutes on 2 cores
     python bench/round.py --n 20000 --h 10 --quick # smoke run
     python bench/round.py --kind round0 --n 60000 --h 50
+    torchrun --standalone --nproc-per-node 4 bench/round.py --kind round0   # sharded rehearsal (gloo, CPU)
 
 Each (implementation, kind) runs in its own subprocess, so its peak resident memory (``ru_maxrss``) is its own.
 Times are process CPU seconds (all threads; robust when the machine is shared) and wall seconds; ratios use CPU time.
@@ -19,6 +20,11 @@ first update (all initial captions embedded, then re-ranked with their neighbour
 filled, one new pending caption per video: N new rows embedded, then re-ranked). The text encoder is a stand-in that
 returns random unit vectors (the CLIP text tower is not what is measured). Re-ranking runs on the CPU reference path
 (TRITON_INTERPRET=0), as the trainer does on CPU.
+
+Under ``torchrun`` (``WORLD_SIZE`` set) every rank builds the same workload, holds only its shard of the caption-feature
+table (``CaptionFeatures(rank=, world_size=)``) and runs the sharded retrieval update (owner-computes re-rank over gloo,
+issue 20); each rank reports its peak RSS, the caption-table rows it holds, the bytes it sent and its times, and rank 0
+prints one row per rank. Only "after" runs there.
 
 Time of the re-rank scales with N·H (it reads every candidate's feature row); the table and caches with N; the
 neighbour graph with N·H. The README/closing note extrapolates from the measured size to N=240K, H=2000.
@@ -80,13 +86,15 @@ class _StandInEncoder:
         return torch.nn.functional.normalize(x, dim=1)
 
 
-def worker(args) -> dict:
+def worker(args, env=None) -> dict:
     os.environ["TRITON_INTERPRET"] = "0"
     import numpy as np
     import torch
 
     from rest_fast.cache import CaptionCache
     from rest_fast.train.distributed import DistEnv
+
+    env = env or DistEnv(0, 1, 0, torch.device("cpu"))
 
     if args.impl == "before":
         ru = _module_from_git(args.base, "rest_fast/train/retrieval_update.py", "_before_retrieval_update")
@@ -97,8 +105,7 @@ def worker(args) -> dict:
         ru = importlib.import_module("rest_fast.train.retrieval_update")
         fe = importlib.import_module("rest_fast.train.features")
         dtype = torch.float16
-        feats_kw = {"dtype": torch.float16}
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
+        feats_kw = {"dtype": torch.float16, "rank": env.rank, "world_size": env.world_size}
     rng = np.random.default_rng(0)
     n, h, d, k, m, dist_ = args.n, args.h, args.d, args.k, args.m, args.distinct
     # low intrinsic dimension (as CLIP features): a random 32-dim subspace plus a little noise
@@ -143,7 +150,48 @@ def worker(args) -> dict:
             "table_rows": int(table.feats.shape[0]), "embed_s": t1 - t0, "rerank_s": t2 - t1, "total_s": t2 - t0,
             "embed_cpu_s": c1 - c0, "rerank_cpu_s": c2 - c1, "cpu_s": c2 - c0,
             "rss_before_gb": rss0, "peak_gb": _peak_gb(), "mean_score": stats["mean_score"],
-            "candidates_scored": int(stats.get("candidates_scored", -1))}
+            "candidates_scored": int(stats.get("candidates_scored", -1)), "rank": env.rank, "world": env.world_size,
+            "rows_held": int(table.valid.shape[0]), "bytes_sent": int(stats.get("rerank_bytes_sent", 0))}
+
+
+def sharded(args) -> None:
+    """One rank of ``torchrun --nproc-per-node P bench/round.py``: the sharded update, one table row per rank."""
+    import torch
+    import torch.distributed as dist
+
+    from rest_fast.train.distributed import DistEnv
+
+    dist.init_process_group("gloo")
+    env = DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), torch.device("cpu"))
+    args.impl = "after"
+    kinds = ["round0", "round"] if args.kind == "both" else [args.kind]
+    rows = []
+    for kind in kinds:
+        args.kind = kind
+        r = worker(args, env)
+        parts = [None] * env.world_size
+        dist.all_gather_object(parts, r)
+        rows += parts
+    dist.destroy_process_group()
+    if env.rank != 0:
+        return
+    from harness import Table, hardware_name
+
+    table = Table("round_sharded", ["kind", "ranks", "rank", "shape", "captions", "rows held", "peak GB",
+                                    "bytes sent", "embed cpu s", "re-rank cpu s", "wall s", "load"])
+    load = f"{os.getloadavg()[0]:.1f}"
+    for r in rows:
+        table.add(kind=r["kind"], ranks=r["world"], rank=r["rank"],
+                  shape=f"N={r['n']} H={r['h']} D={args.d} K={args.k} M={args.m}", captions=r["captions"],
+                  **{"rows held": r["rows_held"], "peak GB": r["peak_gb"], "bytes sent": r["bytes_sent"],
+                     "embed cpu s": r["embed_cpu_s"], "re-rank cpu s": r["rerank_cpu_s"], "wall s": r["total_s"]},
+                  load=load)
+        print(f"{r['kind']} rank {r['rank']}/{r['world']}: peak RSS {r['peak_gb']:.2f} GB, {r['rows_held']} caption rows "
+              f"held of {r['captions']}, {r['bytes_sent'] / 2**20:.1f} MiB sent, {r['total_s']:.1f} s wall",
+              flush=True)
+    print(table.format())
+    if not args.no_save:
+        print(f"appended to {table.save(hardware_name('cpu'), {'device': 'cpu'})}")
 
 
 def main() -> None:
@@ -168,6 +216,9 @@ def main() -> None:
                                    check=True).stdout.strip()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if "WORLD_SIZE" in os.environ:
+        sharded(args)
         return
     from harness import Table, hardware_name
 

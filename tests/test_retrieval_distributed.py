@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         ex[::4] = -1
         for k in (1, 20, 40, 89):  # 40 and 89 exceed rank 0's shard (33 keys): small-shard path
             rs, ri = topk_similarity_ref(q, x, k, exclude=ex)
-            for strategy in ("gather_keys", "shard_keys", "auto"):
+            for strategy in ("gather_keys", "shard_keys", "ring", "auto"):
                 s, i = distributed_topk(q, keys, k, exclude=ex, strategy=strategy, query_chunk=16)
                 msg = topk_mismatch(q, x, s, i, rs, ri, exclude=ex)
                 assert msg is None, f"rank {rank} k={k} {strategy}: {msg}"
@@ -87,4 +87,75 @@ def test_single_process_falls_back():
 
 def test_choose_strategy():
     assert choose_strategy(240_000, 512, 2, 1 << 30) == "gather_keys"
-    assert choose_strategy(240_000, 512, 2, 100 << 20) == "shard_keys"
+    assert choose_strategy(240_000, 512, 2, 100 << 20) == "ring"
+
+
+def _ring_check(rank: int, world: int, group, x: torch.Tensor) -> None:
+    """Uneven key and query shards, a rank with no keys and no queries (world 3), chunks of 4 keys."""
+    cuts = {1: [0, 90], 2: [0, 37, 90], 3: [0, 50, 50, 90]}[world]
+    lo, hi = cuts[rank], cuts[rank + 1]
+    q, keys = x[lo:hi], x[lo:hi]
+    ex = torch.arange(lo, hi)
+    ex[::3] = -1
+    d = x.shape[1]
+    for k in (1, 7, 30):
+        budget = 2 * (hi - lo) * k * 8 * 3 + 4 * 2 * d * 4 * 2  # 4 key rows per chunk on the fullest rank
+        s, i = distributed_topk(q, keys, k, exclude=ex, strategy="ring", memory_budget=budget, group=group)
+        assert s.shape == i.shape == (hi - lo, k)
+        if hi > lo:
+            rs, ri = topk_similarity_ref(q, x, k, exclude=ex)
+            assert topk_mismatch(q, x, s, i, rs, ri, exclude=ex) is None, (rank, world, k)
+            assert torch.equal(i, ri), (rank, world, k)  # same ids: ties go to the lower global index
+
+
+def _graph_check(rank: int, root: str, x: torch.Tensor) -> None:
+    """The trainer's neighbour graph at 3 ranks: each rank saves and memory-maps only its own rows."""
+    import numpy as np
+
+    from rest_fast.retrieval import NeighbourGraph
+    from rest_fast.train.distributed import DistEnv
+    from rest_fast.train.neighbours import neighbour_graph, rank_graph_dir, read_rank_graphs
+
+    env = DistEnv(rank=rank, world_size=3, local_rank=rank, device=torch.device("cpu"))
+    rows = neighbour_graph(x, 9, env, cache_dir=root)
+    lo, hi = int(env.shard(90)[0]), int(env.shard(90)[-1]) + 1
+    ref = NeighbourGraph.build(x, 9)
+    np.testing.assert_array_equal(rows, ref.indices[lo:hi].numpy())
+    part = NeighbourGraph.load(rank_graph_dir(f"{root}/neighbours", rank, 3))
+    assert part.n == hi - lo  # only this rank's rows on disk
+    meta = rank_graph_dir(f"{root}/neighbours", rank, 3) / "meta.json"
+    before = meta.stat().st_mtime_ns
+    again = neighbour_graph(x, 9, env, cache_dir=root)  # resumed: loaded (memory-mapped), not rebuilt
+    assert meta.stat().st_mtime_ns == before
+    np.testing.assert_array_equal(again, rows)
+    dist.barrier()
+    if rank == 0:
+        assert torch.equal(read_rank_graphs(f"{root}/neighbours", 3).indices, ref.indices)
+
+
+def _ring_worker(rank: int, port: int, root: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "0"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    try:
+        x = _data()
+        # world sizes 1 and 2 as sub-groups of the 3 processes ({0, 2}: group ranks differ from global ranks)
+        for world, group in {1: dist.new_group([0]), 2: dist.new_group([0, 2]), 3: None}.items():
+            r = dist.get_rank(group)
+            if r >= 0:
+                _ring_check(r, world, group, x)
+            dist.barrier()
+        _graph_check(rank, root, x)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ring_topk_world_sizes_1_2_3(tmp_path):
+    for attempt in (1, 2):  # a worker killed by a signal is retried once (test_distributed_topk_gloo_two_processes)
+        try:
+            mp.spawn(_ring_worker, args=(_free_port(), str(tmp_path)), nprocs=3, join=True)
+            return
+        except mp.ProcessExitedException as e:
+            if attempt == 2:
+                raise
+            warnings.warn(f"gloo worker died of a signal ({e}); retrying once", RuntimeWarning, stacklevel=1)

@@ -154,3 +154,52 @@ def test_caption_features_grow_by_at_most_a_quarter_and_save_new_rows(tmp_path):
     assert torch.equal(back.valid, feats.valid) and back.saved == total
     back.load_rows(files, max_rows=1600)
     assert len(back) == 1600 and torch.equal(back.valid, feats.valid[:1600])
+
+
+class _PerTextEncoder:
+    """Features that depend on the text alone (not on the batch), so shards can be compared with one process."""
+
+    dim = 8
+
+    def encode_text(self, texts):
+        import zlib
+
+        rows = [torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+def test_sharded_caption_features_hold_their_ids_and_reshard_exactly(tmp_path):
+    """Issue 20 items 2 and 6: rank r of P holds only ids c with c mod P == r (row c // P); the per-rank round files
+    of one world size re-shard into another's rows byte for byte."""
+    cache = CaptionCache(4, 2)
+    enc = _PerTextEncoder()
+    full = CaptionFeatures(8, torch.device("cpu"))
+    shards = [CaptionFeatures(8, torch.device("cpu"), rank=r, world_size=2) for r in range(2)]
+
+    def name(t, r, w):
+        return tmp_path / f"rows_{t}.rank{r}_of{w}.npy"
+
+    sizes = [50, 7, 33]
+    for t, extra in enumerate(sizes):
+        cache.intern([f"round {t} caption {i}" for i in range(extra)])
+        full.update(cache, enc, ENV1, batch_size=16)
+        for r, sh in enumerate(shards):
+            assert sh.update(cache, enc, ENV1, batch_size=16) == extra  # ids added (all ranks')
+            sh.save_new(name(t, r, 2))
+    total = len(cache)
+    for r, sh in enumerate(shards):
+        assert len(sh) == total and sh.valid.shape[0] == len(range(r, total, 2))
+        assert torch.equal(sh.valid, full.valid[r::2])
+    for w in (1, 3):
+        for r in range(w):
+            back = CaptionFeatures(8, torch.device("cpu"), rank=r, world_size=w)
+            counts = back.load_resharded([[name(t, r0, 2) for r0 in range(2)] for t in range(3)], 2, total, chunk=5)
+            assert counts == np.cumsum(sizes).tolist() and len(back) == total
+            assert torch.equal(back.valid, full.valid[r::w])
+            back.save_round_files(counts, lambda t, r=r, w=w: name(t, r, w))
+            again = CaptionFeatures(8, torch.device("cpu"), rank=r, world_size=w)
+            again.load_rows([name(t, r, w) for t in range(3)], max_rows=total)
+            assert torch.equal(again.valid, full.valid[r::w]) and len(again) == total
+    short = CaptionFeatures(8, torch.device("cpu"), rank=0, world_size=3)
+    with pytest.raises(ValueError, match="hold"):
+        short.load_resharded([[name(t, r0, 2) for r0 in range(2)] for t in range(2)], 2, total)

@@ -151,3 +151,17 @@ def test_fallback_without_native_extension():
     env = {**os.environ, "REST_FAST_NO_NATIVE": "1", "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_topk_cpu_does_not_import_the_dispatching_module():
+    """The shared input check lives below both paths (rest_fast.ops._topk_check): no topk <-> topk_cpu cycle."""
+    from pathlib import Path
+
+    from test_layering import _imports
+
+    import rest_fast.ops as ops
+
+    here = Path(ops.__file__).parent
+    for name in ("topk_cpu.py", "_topk_check.py"):
+        mods = [m for _, m in _imports(here / name)]
+        assert "rest_fast.ops.topk" not in mods and "rest_fast.ops" not in mods, (name, mods)

@@ -42,3 +42,16 @@ def test_report_shows_every_class_in_turn():
     assert _videos_to_show(recs, 100) == list(range(8))
     assert _videos_to_show(recs, 0) == []
     assert _videos_to_show([{"video": "x"}] * 3, 2) == [0, 1]  # unlabelled: the first n
+    assert _videos_to_show(iter(recs), 5) == [0, 1, 4, 5, 7]  # a file read streaming gives the same choice
+
+
+def test_report_reads_round_files_streaming(tmp_path):
+    """Only the shown videos' records are kept from a round file (issue 20: rank 0 never holds a whole round)."""
+    import json
+
+    from rest_fast.train.report import _iter_jsonl, _records_of
+
+    p = tmp_path / "round_00.jsonl"
+    p.write_text("".join(json.dumps({"index": i}) + "\n" for i in range(50)) + "{torn", encoding="utf-8")
+    assert _records_of(p, {3, 40, 77}) == {3: {"index": 3}, 40: {"index": 40}}
+    assert sum(1 for _ in _iter_jsonl(p)) == 50 and list(_iter_jsonl(tmp_path / "missing.jsonl")) == []

@@ -59,6 +59,7 @@ import math
 import torch
 from torch import Tensor
 
+from rest_fast.ops import topk_cpu
 from rest_fast.ops._device import on_input_device
 from rest_fast.ops._dispatch import (
     interpreter_safe,
@@ -69,6 +70,7 @@ from rest_fast.ops._dispatch import (
     run_or_fallback,
     triton_path,
 )
+from rest_fast.ops._topk_check import TOPK_DTYPES, check_topk_inputs
 
 __all__ = [
     "topk_similarity",
@@ -81,7 +83,7 @@ __all__ = [
     "topk_mismatch",
 ]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = TOPK_DTYPES
 _REF_DTYPES = _DTYPES + (torch.float64,)
 _LOW32 = 0xFFFFFFFF
 _KEY_MIN = torch.iinfo(torch.int64).min
@@ -111,51 +113,6 @@ def unpack_scores(keys: Tensor) -> Tensor:
 def unpack_indices(keys: Tensor) -> Tensor:
     """Inverse of :func:`pack_keys` for the index part (int64)."""
     return _LOW32 - (keys & _LOW32)
-
-
-# ----------------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_inputs(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None,
-                  dtypes: tuple[torch.dtype, ...] = _DTYPES) -> Tensor | None:
-    """Validate the contract; return ``exclude`` as int64 (or None). Raises naming the argument."""
-    for name, t in (("queries", queries), ("keys", keys)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D ([rows, d]), got shape {tuple(t.shape)}")
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
-    if queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"queries has d={queries.shape[1]} but keys has d={keys.shape[1]}")
-    if queries.device != keys.device:
-        raise ValueError(f"keys is on {keys.device} but queries is on {queries.device}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    M, N = queries.shape[0], keys.shape[0]
-    if exclude is not None:
-        if not isinstance(exclude, Tensor):
-            raise TypeError(f"exclude must be a torch.Tensor or None, got {type(exclude).__name__}")
-        if exclude.shape != (M,):
-            raise ValueError(f"exclude must be [M] = [{M}], got shape {tuple(exclude.shape)}")
-        if exclude.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"exclude must be int64 (or int32), got {exclude.dtype}")
-        if exclude.device != queries.device:
-            raise ValueError(f"exclude is on {exclude.device} but queries is on {queries.device}")
-        exclude = exclude.to(torch.int64)
-        if M and (int(exclude.min()) < -1 or int(exclude.max()) >= N):
-            raise ValueError(f"exclude values must be -1 (none) or key indices in [0, {N}), "
-                             f"got range [{int(exclude.min())}, {int(exclude.max())}]")
-    eligible = N - (int((exclude >= 0).any()) if (exclude is not None and M) else 0)
-    if k > eligible:
-        raise ValueError(f"k={k} exceeds the number of eligible keys per query ({eligible}: N={N}"
-                         f"{' minus the excluded key' if eligible < N else ''})")
-    for name, t in (("queries", queries), ("keys", keys)):
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-    return exclude
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,7 +177,7 @@ def topk_similarity_ref(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
     from group maxima of the first block, then the pool's k-th key); each key block's scores are compared with ``τ`` and only the survivors are
     packed and pooled; the pool is cut back to ``k`` (one ``topk`` on packed keys) when it reaches ``2k``.
     """
-    exclude = _check_inputs(queries, keys, k, exclude, _REF_DTYPES)
+    exclude = check_topk_inputs(queries, keys, k, exclude, _REF_DTYPES)
     M, N = queries.shape[0], keys.shape[0]
     device = queries.device
     out_s = torch.empty(M, k, dtype=torch.float32, device=device)
@@ -386,7 +343,7 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
     buffer width (tests use a tiny one to exercise the overflow path); ``memory_budget`` (bytes) bounds the
     per-chunk buffers. See the module docstring for the algorithm.
     """
-    exclude = _check_inputs(queries, keys, k, exclude)
+    exclude = check_topk_inputs(queries, keys, k, exclude)
     kern = _kernels()
     if kern is None:
         raise kernels_unavailable("topk")
@@ -454,8 +411,6 @@ def topk_similarity_triton(queries: Tensor, keys: Tensor, k: int, *, exclude: Te
 
 
 def _cpu_path() -> str:
-    from rest_fast.ops import topk_cpu  # imports this module: resolved at call time
-
     if topk_cpu.NATIVE_AVAILABLE:
         return "BLAS GEMM blocks + C++ selection (rest_fast._C.TopkSelector); float64: pure-torch reference"
     return f"pure-torch reference (native selection unavailable: {topk_cpu.NATIVE_ERROR})"
@@ -472,8 +427,6 @@ def _dispatch(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None) -> 
         q, kk, ex = interpreter_safe(queries, keys, exclude)
         return run_or_fallback("topk_similarity", topk_similarity_triton, topk_similarity_ref, q, kk, k, exclude=ex)
     if low and queries.device.type == "cpu" and keys.device.type == "cpu":
-        from rest_fast.ops import topk_cpu  # imports this module: resolved at call time
-
         if topk_cpu.NATIVE_AVAILABLE:
             return topk_cpu.topk_similarity_cpu(queries, keys, k, exclude=exclude)
     return topk_similarity_ref(queries, keys, k, exclude=exclude)
@@ -521,7 +474,7 @@ def topk_similarity(queries: Tensor, keys: Tensor, k: int, *,
     ``torch.ops.rest_fast.topk_similarity`` (a single opaque node under ``torch.compile``).
     """
     if not (isinstance(queries, Tensor) and isinstance(keys, Tensor)):
-        _check_inputs(queries, keys, k, exclude)  # raises the TypeError naming the argument
+        check_topk_inputs(queries, keys, k, exclude)  # raises the TypeError naming the argument
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be a positive int, got {k!r}")
     # No autograd: scores of a selection are not differentiated through (CLIP features are frozen).

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from rest_fast._native import load_native
-from rest_fast.ops.topk import _check_inputs
+from rest_fast.ops._topk_check import check_topk_inputs
 
 __all__ = ["topk_similarity_cpu", "NATIVE_AVAILABLE", "NATIVE_ERROR", "DEFAULT_GEMM", "degraded_reason"]
 
@@ -107,7 +107,7 @@ def topk_similarity_cpu(queries: Tensor, keys: Tensor, k: int, *, exclude: Tenso
     """
     if not NATIVE_AVAILABLE:
         raise RuntimeError(f"native top-k selection unavailable: {NATIVE_ERROR}")
-    exclude = _check_inputs(queries, keys, k, exclude)
+    exclude = check_topk_inputs(queries, keys, k, exclude)
     if queries.device.type != "cpu":
         raise ValueError(f"topk_similarity_cpu needs CPU tensors, got {queries.device}")
     M, N = queries.shape[0], keys.shape[0]

@@ -11,6 +11,13 @@ Two strategies, chosen by memory (``strategy="auto"``):
   :func:`~rest_fast.ops.topk_similarity`. One collective, no merge; needs the whole key set on every rank.
   Chosen when ``N·d·itemsize`` fits in the memory budget (a quarter of free plus cached-free GPU memory, at
   least 256 MiB, or 2 GiB on CPU; the smallest over ranks, so all ranks choose alike).
+* ``"ring"`` — keys stream around the ranks in chunks: at each step every rank scores its queries against the
+  chunk in hand, merges that chunk's top-k into a running top-k (packed keys, exact), passes the chunk to rank
+  ``r + 1`` and takes the next from ``r - 1``; after ``world`` steps every rank has seen every key once. Memory per
+  rank: its own shard, two chunk buffers of at most ``memory_budget / 4`` bytes each (the smallest budget of any
+  rank decides the chunk, so all ranks step together), and ``M_r × 2k`` running keys. Bytes received per rank:
+  ``(N - N_r) · d · itemsize``. Chosen by ``"auto"`` when the keys do not fit the budget; all ranks compute at every
+  step (no rank waits for a broadcast from another).
 * ``"shard_keys"`` — keys never move. For each source rank in turn, its queries are broadcast in chunks,
   every rank computes the chunk's top-k over its shard (global indices), and the partial lists
   (``world × chunk × k``) are gathered to the source rank, which merges them exactly with the packed-key order
@@ -37,7 +44,7 @@ from rest_fast.ops.topk import _KEY_MIN, pack_keys, topk_similarity, unpack_indi
 
 __all__ = ["distributed_topk", "choose_strategy"]
 
-Strategy = Literal["auto", "gather_keys", "shard_keys"]
+Strategy = Literal["auto", "gather_keys", "ring", "shard_keys"]
 
 
 def _comm_device(group, fallback: torch.device) -> torch.device:
@@ -55,8 +62,8 @@ def _default_budget(device: torch.device) -> int:
 
 
 def choose_strategy(n_keys: int, d: int, itemsize: int, budget: int) -> str:
-    """``"gather_keys"`` when all ``n_keys × d`` keys fit in ``budget`` bytes, else ``"shard_keys"``."""
-    return "gather_keys" if n_keys * d * itemsize <= budget else "shard_keys"
+    """``"gather_keys"`` when all ``n_keys × d`` keys fit in ``budget`` bytes, else ``"ring"`` (streamed)."""
+    return "gather_keys" if n_keys * d * itemsize <= budget else "ring"
 
 
 def _local_error(queries: Tensor, keys: Tensor, k: int, exclude: Tensor | None, n_total: int,
@@ -122,6 +129,55 @@ def _merge(parts_s: Tensor, parts_i: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return unpack_scores(best), unpack_indices(best)
 
 
+def _ring_chunk(budget: int, d: int, itemsize: int, m: int, k: int, group, cdev: torch.device) -> int:
+    """Key rows per streamed chunk: two chunk buffers (in hand, arriving) in half the budget, after the running
+    ``[m, 2k]`` keys; the smallest over the ranks (every rank must cut the same chunks)."""
+    room = max(0, budget // 2 - m * k * 8 * 3)
+    rows = torch.tensor([max(1, room // max(1, 2 * d * itemsize))], dtype=torch.int64, device=cdev)
+    dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=group)
+    return int(rows)
+
+
+def _ring_topk(queries: Tensor, keys: Tensor, k: int, ex: Tensor | None, n_all: list[int], budget: int, group,
+               cdev: torch.device) -> tuple[Tensor, Tensor]:
+    """The ``"ring"`` strategy (module docstring): chunk ``c`` of every shard passes every rank once."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dev, m, d = queries.device, queries.shape[0], queries.shape[1]
+    offsets = [sum(n_all[:r]) for r in range(world)]
+    kc = _ring_chunk(budget, d, keys.element_size(), m, k, group, cdev)
+    xq = ex if ex is not None else torch.full((m,), -1, dtype=torch.int64, device=dev)
+    best = torch.full((m, k), _KEY_MIN, dtype=torch.int64, device=dev)
+    nxt, prv = _peer(group, (rank + 1) % world), _peer(group, (rank - 1) % world)
+    for c0 in range(0, max(n_all), kc):
+        origin = rank
+        hand = keys[c0:c0 + kc].to(cdev).contiguous()  # chunk c of this rank's own shard
+        for step in range(world):
+            rows = hand.shape[0]
+            if rows and m:
+                ps, pi = _shard_topk(queries, hand.to(dev), k, xq, offsets[origin] + c0)
+                part = torch.where(pi >= 0, pack_keys(ps, pi.clamp_min(0)), _KEY_MIN)
+                best = torch.topk(torch.cat([best, part], 1), k, dim=1, sorted=True).values
+            if step == world - 1:
+                break
+            origin = (origin - 1) % world
+            incoming = torch.empty((max(0, min(kc, n_all[origin] - c0)), d), dtype=keys.dtype, device=cdev)
+            reqs = []
+            if rows:
+                reqs.append(dist.isend(hand, nxt, group=group))
+            if incoming.shape[0]:
+                reqs.append(dist.irecv(incoming, prv, group=group))
+            for r in reqs:
+                r.wait()
+            hand = incoming
+    empty = best == _KEY_MIN
+    return (torch.where(empty, float("-inf"), unpack_scores(best)),
+            torch.where(empty, -1, unpack_indices(best)))
+
+
+def _peer(group, rank: int) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
 def distributed_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor | None = None, group=None,
                      strategy: Strategy = "auto", memory_budget: int | None = None,
                      query_chunk: int | None = None) -> tuple[Tensor, Tensor]:
@@ -134,8 +190,9 @@ def distributed_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor |
         exclude: optional int64 ``[M_r]`` *global* key index to skip per query (``-1`` = none).
         group: process group (default: the world). Without an initialised process group (or with one
             rank) this is :func:`~rest_fast.ops.topk_similarity`.
-        strategy: ``"auto"`` (by memory), ``"gather_keys"`` or ``"shard_keys"`` (module docstring).
-        memory_budget: bytes allowed for gathered keys (``"auto"``) and per-chunk partial results.
+        strategy: ``"auto"`` (by memory), ``"gather_keys"``, ``"ring"`` or ``"shard_keys"`` (module docstring).
+        memory_budget: bytes allowed for gathered keys (``"auto"``), streamed key chunks (``"ring"``) and per-chunk
+            partial results.
         query_chunk: queries broadcast per step in ``"shard_keys"`` (default: from the budget).
 
     Returns:
@@ -144,8 +201,8 @@ def distributed_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor |
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return topk_similarity(queries, keys, k, exclude=exclude)
-    if strategy not in ("auto", "gather_keys", "shard_keys"):
-        raise ValueError(f"strategy must be 'auto', 'gather_keys' or 'shard_keys', got {strategy!r}")
+    if strategy not in ("auto", "gather_keys", "ring", "shard_keys"):
+        raise ValueError(f"strategy must be 'auto', 'gather_keys', 'ring' or 'shard_keys', got {strategy!r}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     dev = queries.device
     cdev = _comm_device(group, dev)
@@ -179,6 +236,9 @@ def distributed_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor |
     if strategy == "gather_keys":
         all_keys = _all_gather_rows(keys, n_all, group, cdev).to(dev)
         return topk_similarity(queries, all_keys, k, exclude=ex)
+
+    if strategy == "ring":
+        return _ring_topk(queries, keys, k, ex, n_all, budget, group, cdev)
 
     # shard_keys
     mc = query_chunk or max(1, min(max(m_all), budget // max(1, world * k * 12 + d * 4)))

@@ -108,19 +108,29 @@ class CaptionFeatures:
     * Growth: to ``max(needed, 1.25 × capacity)`` rows (:data:`GROWTH`), so at most 25 % stays unused; the one copy a
       growth makes is of the old rows into the new buffer. :meth:`reserve` sizes the table ahead (the trainer reserves
       N more rows before each round, so a round grows it at most once).
-    * New rows are written in place: each rank embeds its shard of the new captions and the shards are broadcast
-      straight into their rows of the table (:func:`rest_fast.train.distributed.gather_rows_into`), no concatenated copy.
+    * New rows are written in place (each rank embeds the new captions it owns, see below), no concatenated copy.
     * On disk only new rows are written each round (:meth:`save_new`); :meth:`load_rows` streams the round files back
       into place.
+    * Sharded over ranks (``world_size > 1``, the trainer under torchrun): rank ``r`` holds only the captions it owns,
+      ids ``j·P + r`` at row ``j`` (the layout of :class:`rest_fast.retrieval.sharded_rerank.ShardedIds`), embeds only
+      those when they are new and writes only those; no rank ever holds the whole table (issue 20, item 2). The
+      re-rank reads it through :func:`rest_fast.retrieval.sharded_rerank.sharded_rerank`. ``len()`` and
+      :meth:`reserve` count caption ids (all ranks'); :attr:`valid` is this rank's rows.
     """
 
-    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype = torch.float16, *, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.dim = int(dim)
         self.device = device
         self.dtype = dtype
+        self.rank, self.world_size = int(rank), int(world_size)
         self.feats = torch.zeros((0, self.dim), dtype=dtype, device=device)
-        self.count = 0
-        self.saved = 0  # rows [0, saved) are on disk
+        self.count = 0  # caption ids [0, count) are embedded (each on its owner rank)
+        self.saved = 0  # ids [0, saved) are on disk
+
+    def local_rows(self, ids: int) -> int:
+        """How many of the caption ids ``[0, ids)`` this rank owns (its rows for them)."""
+        return max(0, -(-(ids - self.rank) // self.world_size))
 
     def __len__(self) -> int:
         return self.count
@@ -131,19 +141,22 @@ class CaptionFeatures:
 
     @property
     def valid(self) -> torch.Tensor:
-        return self.feats[: self.count]
+        """This rank's rows of the ids embedded so far (all of them in one process)."""
+        return self.feats[: self.local_rows(self.count)]
 
     def reserve(self, n: int) -> None:
-        """Make room for ``n`` rows in all (one allocation and one copy of the valid rows, when it grows)."""
-        if n <= self.capacity:
+        """Make room for ``n`` caption ids in all (one allocation and one copy of the valid rows, when it grows)."""
+        rows = self.local_rows(n)
+        if rows <= self.capacity:
             return
-        new = torch.empty((n, self.dim), dtype=self.dtype, device=self.device)
-        new[: self.count].copy_(self.feats[: self.count])
+        have = self.local_rows(self.count)
+        new = torch.empty((rows, self.dim), dtype=self.dtype, device=self.device)
+        new[:have].copy_(self.feats[:have])
         self.feats = new  # the old buffer is released here: old + new coexist only during the copy
 
     def _grow(self, n: int) -> None:
-        if n > self.capacity:
-            self.reserve(max(n, int(self.capacity * GROWTH), 1024))
+        if self.local_rows(n) > self.capacity:
+            self.reserve(max(n, int(self.capacity * self.world_size * GROWTH), 1024))
 
     @torch.no_grad()
     def update(self, cache, clip, env: DistEnv, *, batch_size: int = 256, amp: bool = True,
@@ -151,35 +164,34 @@ class CaptionFeatures:
         """Embed the captions interned since the last update; return how many were embedded.
 
         Ids are dense and assigned in intern order, so the new ids are exactly ``[len(self), len(cache))``
-        (the same set ``cache.new_since`` reports); they are sharded over ranks and gathered into place.
+        (the same set ``cache.new_since`` reports). In one process all of them are embedded; sharded, each rank embeds
+        the ones it owns (``id mod P == rank``) into its own rows, and nothing is exchanged. Returns the number of new
+        ids (all ranks').
         """
-        from rest_fast.train.distributed import gather_rows_into
-
         total = len(cache)
         if total <= self.count:
             return 0
-        new_ids = np.arange(self.count, total, dtype=np.int64)
-        mine = new_ids[shard_range(len(new_ids), env.rank, env.world_size)]
         self._grow(total)
-        lo = int(mine[0]) if len(mine) else total  # caption id == row
-        chunks = range(0, len(mine), batch_size)
+        lo, hi = self.local_rows(self.count), self.local_rows(total)  # this rank's new rows
+        chunks = range(lo, hi, batch_size)
         for c0 in (progress(chunks) if progress else chunks):
-            texts = list(cache.texts(mine[c0: c0 + batch_size].astype(np.int32)))
+            rows = self.feats[c0: min(hi, c0 + batch_size)]
+            ids = np.arange(c0, c0 + rows.shape[0], dtype=np.int64) * self.world_size + self.rank
+            texts = list(cache.texts(ids.astype(np.int32)))
             with autocast(env.device, amp):
                 f = clip.encode_text(texts)
-            rows = self.feats[lo + c0: lo + c0 + len(texts)]
             if f.shape != rows.shape:
                 raise RuntimeError(f"the text encoder returned {tuple(f.shape)} for {len(texts)} captions")
             rows.copy_(f.detach())  # rounded to fp16 once, here
-        gather_rows_into(env, self.feats[self.count: total])
+        new = total - self.count
         self.count = total
-        return len(new_ids)
+        return new
 
     def save_new(self, path: str | Path) -> tuple[int, int]:
-        """Write rows ``[saved, len)`` — those added since the last save — to ``path``; returns that row range."""
-        lo, hi = self.saved, self.count
+        """Write this rank's rows of the ids added since the last save to ``path``; returns that row range."""
+        lo, hi = self.local_rows(self.saved), self.local_rows(self.count)
         atomic_save_numpy(path, self.feats[lo:hi].cpu().numpy())
-        self.saved = hi
+        self.saved = self.count
         return lo, hi
 
     def save(self, path: str | Path) -> None:
@@ -190,7 +202,8 @@ class CaptionFeatures:
         """Replace the table by the rows of ``paths`` in order (round files of :meth:`save_new`, or one full file).
 
         Files are memory-mapped and copied into place ``chunk`` rows at a time (no full-table host copy); at most
-        ``max_rows`` rows are kept (a snapshot may predate later captions).
+        ``max_rows`` caption ids are kept (a snapshot may predate later captions). Sharded, ``paths`` are this rank's
+        files and hold only its rows.
         """
         arrays = []
         for path in paths:
@@ -200,10 +213,10 @@ class CaptionFeatures:
             arrays.append(arr)
         n = sum(a.shape[0] for a in arrays)
         if max_rows is not None:
-            n = min(n, max_rows)
+            n = min(n, self.local_rows(max_rows))
         self.feats = torch.empty((0, self.dim), dtype=self.dtype, device=self.device)
         self.count = 0
-        self.reserve(n)
+        self.reserve(n * self.world_size)
         pos = 0
         for arr in arrays:
             take = min(arr.shape[0], n - pos)
@@ -212,7 +225,53 @@ class CaptionFeatures:
                 block = torch.from_numpy(np.array(arr[c0:c1]))  # a writable copy of one chunk
                 self.feats[pos + c0: pos + c1].copy_(block)
             pos += take
-        self.count = self.saved = n
+        # the ids covered: all of [0, max_rows) when every row of this rank's is here, else up to its last row
+        full = max_rows is not None and n == self.local_rows(max_rows)
+        self.count = self.saved = max_rows if full else n * self.world_size
+
+    def load_resharded(self, parts: list[list[Path]], old_world: int, total: int, *, chunk: int = 1 << 16) -> list[int]:
+        """This rank's rows, read from the per-rank round files of a run made with ``old_world`` ranks (issue 20,
+        item 6: a resume on another world size re-shards instead of re-embedding; the rows are the saved bytes).
+
+        ``parts[t][r0]``: old rank ``r0``'s file of round ``t`` (its rows of the ids added that round). ``total``:
+        the caption ids to keep (``len(cache)``). Returns the caption count after each round (``count_t``), from
+        which :meth:`save_round_files` writes this world size's files. Raises ``ValueError`` when rows are missing.
+        """
+        self.feats = torch.empty((0, self.dim), dtype=self.dtype, device=self.device)
+        self.count = 0
+        self.reserve(total)
+        base = [0] * old_world  # old local row where each old rank's file of this round starts
+        filled, counts = 0, []
+        for files in parts:
+            if len(files) != old_world:
+                raise ValueError(f"expected {old_world} per-rank caption-feature files per round, got {len(files)}")
+            for r0, path in enumerate(files):
+                arr = np.load(path, mmap_mode="r")
+                if arr.ndim != 2 or arr.shape[1] != self.dim:
+                    raise ValueError(f"{path}: expected [n, {self.dim}] caption features, got {arr.shape}")
+                for c0 in range(0, arr.shape[0], chunk):
+                    c1 = min(arr.shape[0], c0 + chunk)
+                    ids = np.arange(base[r0] + c0, base[r0] + c1, dtype=np.int64) * old_world + r0
+                    keep = (ids % self.world_size == self.rank) & (ids < total)
+                    if keep.any():
+                        block = torch.from_numpy(np.array(arr[c0:c1][keep]))
+                        self.feats[torch.from_numpy(ids[keep] // self.world_size).to(self.device)] = \
+                            block.to(self.device, self.dtype)
+                        filled += int(keep.sum())
+                base[r0] += arr.shape[0]
+            counts.append(min(total, sum(base)))
+        if filled != self.local_rows(total):
+            raise ValueError(f"the {old_world}-rank caption-feature files hold {filled} of this rank's "
+                             f"{self.local_rows(total)} rows")
+        self.count = self.saved = total
+        return counts
+
+    def save_round_files(self, counts: list[int], name_of) -> None:
+        """Write this rank's rows round by round (``counts[t]`` = caption ids after round ``t``) to ``name_of(t)``."""
+        prev = 0
+        for t, c in enumerate(counts):
+            atomic_save_numpy(name_of(t), self.feats[self.local_rows(prev): self.local_rows(c)].cpu().numpy())
+            prev = c
 
     def load(self, path: str | Path, max_rows: int | None = None) -> None:
         """Load one saved file (at most ``max_rows`` rows)."""

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rest_fast.atomic_io import atomic_open
 from rest_fast.errors import UserError
 from rest_fast.run.config import TrainConfig, identity_differences, load_run_config
 from rest_fast.run.rundir import (
@@ -135,8 +136,9 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
             ckpt = fallback
             if ckpt is None:
                 # no intact weights: self-training restarts after round 0 (kept if its files are there)
-                has_round0 = run.cache_path(0).is_file() and any(
-                    run.path("features", f).is_file() for f in (_caption_rows_name(0), "captions_00.npy"))
+                has_round0 = run.cache_path(0).is_file() and (any(
+                    run.path("features", f).is_file() for f in (_caption_rows_name(0), "captions_00.npy")) or any(
+                    run.path("features").glob("caption_rows_00.rank000_of*.npy")))
                 state = {**state, "epoch": 0, "round": 0, "checkpoint": None} if has_round0 else None
                 return cfg, root, state, None
     if ckpt is not None:
@@ -388,7 +390,9 @@ class Trainer:
         # this rank's rows of the graph only (all rows in one process)
         self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"),
                                           include_self=cfg.neighbours_include_self)
-        self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device, dtype=torch.float16)
+        # sharded by caption id under torchrun: no rank holds the whole table (issue 20, item 2)
+        self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device, dtype=torch.float16, rank=env.rank,
+                                          world_size=env.world_size)
         self._check_bad_files()
         log(env, f"features: {self.n} videos x {self.video_feats.shape[1]} dims, neighbour graph H={self.h} "
                  f"({time.time() - t0:.1f} s)")
@@ -457,36 +461,46 @@ class Trainer:
         """Persist round ``r`` (cache, caption features, captions file, metrics), then the state."""
         cfg, env = self.cfg, self.env
         tam = self._clip_tam(generated)
+        # this round's rows only; under torchrun each rank writes its own shard
+        self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)))
         if env.is_main:
             self.cache.save(str(self.run_dir.cache_path(r)))
-            self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r)))  # this round's rows only
-            ids, scores = self.cache.get(np.arange(self.n, dtype=np.int64))
-            recs = []
-            for i in range(self.n):
-                rec = {"video": str(self.inputs.rel(i)), "index": i,
-                       "captions": [self.cache.text(int(c)) for c in ids[i] if c >= 0],
-                       "scores": [round(float(s), 6) for s, c in zip(scores[i], ids[i]) if c >= 0]}
-                if generated is not None:
-                    rec["generated"] = generated[i]
-                if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
-                    rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
-                recs.append(rec)
-            atomic_write_jsonl(self.run_dir.captions_path(r), recs)
+            self._write_captions(r, generated)
             record = {"kind": "round", "round": r, "epoch": epoch, "seconds": round(seconds, 3), **stats, **tam}
             self.metrics.write(record)
             self.metrics.captions(r, recs)  # a table of sample captions on the dashboards
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
-                                      "caption_features": f"features/{_caption_rows_name(r)}"})
+                                      "caption_features": f"features/{_caption_rows_name(r, 0, env.world_size)}",
+                                      "world_size": env.world_size})
             acc = "".join(f", {name} {tam[key]:.1%}" for key, name in (
                 ("tam_top1", "CLIP-TAM top-1 generated"), ("tam_pseudo_top1", "pseudo"),
                 ("tam_initial_top1", "frame captioner")) if key in tam)
             print(f"round {r}/{cfg.caption_rounds} (after epoch {epoch}): {stats['distinct_captions']} distinct captions in "
                   f"slots, mean video-text score {stats['mean_score']:.4f}, {stats['new_captions']} new / "
                   f"{stats['cache_size']} captions in cache"
-                  f"{acc} [{seconds:.1f} s]", flush=True)
+                  f"{acc}{_sent(stats)} [{seconds:.1f} s]", flush=True)
         barrier(env)
+
+    def _write_captions(self, r: int, generated: list[str] | None, chunk: int = 4096) -> None:
+        """``captions/round_XX.jsonl``, one record per video in video order, streamed ``chunk`` videos at a time
+        (rank 0 never holds all records; issue 20, item 5)."""
+        with atomic_open(self.run_dir.captions_path(r), "w", encoding="utf-8") as f:
+            for lo in range(0, self.n, chunk):
+                ids, scores = self.cache.get(np.arange(lo, min(self.n, lo + chunk), dtype=np.int64))
+                lines = []
+                for j in range(ids.shape[0]):
+                    i = lo + j
+                    rec = {"video": str(self.inputs.rel(i)), "index": i,
+                           "captions": [self.cache.text(int(c)) for c in ids[j] if c >= 0],
+                           "scores": [round(float(s), 6) for s, c in zip(scores[j], ids[j]) if c >= 0]}
+                    if generated is not None:
+                        rec["generated"] = generated[i]
+                    if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
+                        rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
+                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.write("".join(lines))
 
     def _clip_tam(self, generated: list[str] | None) -> dict:
         """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot).
@@ -495,7 +509,7 @@ class Trainer:
         sharded over the ranks this round), so rank 0 only looks rows up and takes one [N, D] × [D, classes]
         product: no re-encoding of 2N captions on one rank while the others wait.
         """
-        if self.inputs.labels is None or not self.env.is_main:
+        if self.inputs.labels is None or not (self.env.is_main or self.env.distributed):
             return {}
         from rest_fast.run.clip_tam import embed_classes, nearest_classes
 
@@ -523,17 +537,25 @@ class Trainer:
         labels = np.asarray(self.inputs.labels)[have]
         out = {"tam_videos": int(have.size)}
         topk = min(5, len(self.inputs.class_names))
+        tf = self.text_feats
+        P = tf.world_size
         for name, rows in (("tam", gen), ("tam_pseudo", top), ("tam_initial", initial)):
             if rows is None:
                 continue
-            dev = self.text_feats.device
-            feats = self.text_feats.feats[torch.from_numpy(np.maximum(rows, 0)).to(dev)].float()
-            if (rows < 0).any():  # a video without a caption is scored as the empty caption, as before
-                feats[torch.from_numpy(rows < 0).to(dev)] = self.clip.encode_text([""]).float().to(dev)
+            # each rank scores the captions whose features it holds (id mod P), rank 0 the videos without one;
+            # the correct counts are summed (issue 20, item 5): no rank gathers captions or features
+            sel = np.flatnonzero(np.where(rows >= 0, rows % P == tf.rank, tf.rank == 0))
+            dev = tf.device
+            feats = tf.feats[torch.from_numpy(np.maximum(rows[sel], 0) // P).to(dev)].float()
+            if (rows[sel] < 0).any():  # a video without a caption is scored as the empty caption, as before
+                feats[torch.from_numpy(rows[sel] < 0).to(dev)] = self.clip.encode_text([""]).float().to(dev)
             pred, _ = nearest_classes(feats, self._class_emb.to(dev), topk)
             pred = pred.cpu().numpy()
-            out[f"{name}_top1"] = float((pred[:, 0] == labels).mean())
-            out[f"{name}_top5"] = float((pred == labels[:, None]).any(axis=1).mean())
+            hits = torch.tensor([int((pred[:, 0] == labels[sel]).sum()), int((pred == labels[sel, None]).any(axis=1).sum())],
+                                dtype=torch.float64, device=dev if dev.type == "cuda" else "cpu")
+            hits = dist_utils.all_reduce_sum(self.env, hits).cpu()
+            out[f"{name}_top1"] = float(hits[0]) / have.size
+            out[f"{name}_top5"] = float(hits[1]) / have.size
         return out
 
     def _initial_middle_captions(self) -> list[str] | None:
@@ -633,9 +655,20 @@ class Trainer:
         from rest_fast.cache import CaptionCache
 
         self.cache = CaptionCache.load(str(self.run_dir.cache_path(rnd)))
-        rows = [self.run_dir.path("features", _caption_rows_name(r)) for r in range(rnd + 1)]
+        env = self.env
+        rows = [self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)) for r in range(rnd + 1)]
+        legacy = self.run_dir.path("features", f"captions_{rnd:02d}.npy")
+        old = _saved_world_size(self.run_dir.path("features"), rnd)
         if all(p.exists() for p in rows):
             self.text_feats.load_rows(rows, max_rows=len(self.cache))
+        elif old is not None:  # saved by another world size: re-shard its files (issue 20, item 6)
+            feats = self.run_dir.path("features")
+            parts = [[feats / _caption_rows_name(t, r0, old) for r0 in range(old)] for t in range(rnd + 1)]
+            counts = self.text_feats.load_resharded(parts, old, len(self.cache))
+            self.text_feats.save_round_files(counts, lambda t: feats / _caption_rows_name(t, env.rank, env.world_size))
+            log(env, f"caption features re-sharded from {old} to {env.world_size} ranks")
+        elif env.distributed or not legacy.exists():
+            pass  # nothing usable on disk: the update below embeds this rank's captions again
         else:  # a run made before round files held only their new rows: one full table per round
             self.text_feats.load(self.run_dir.path("features", f"captions_{rnd:02d}.npy"), max_rows=len(self.cache))
         self.text_feats.update(self.cache, self.clip, self.env, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp)
@@ -700,9 +733,29 @@ class Trainer:
             print(f"warning: report not written ({type(exc).__name__}: {exc})", flush=True)
 
 
-def _caption_rows_name(r: int) -> str:
-    """File of the caption-feature rows added in round ``r`` (rows of rounds 0..r, in order, make the table)."""
-    return f"caption_rows_{r:02d}.npy"
+def _sent(stats: dict) -> str:
+    """The re-rank's bytes sent by rank 0 this round, when the caption table is sharded (issue 20)."""
+    if "rerank_bytes_sent" not in stats:
+        return ""
+    return f", re-rank sent {stats['rerank_bytes_sent']:,} bytes from rank 0"
+
+
+def _saved_world_size(features: Path, rnd: int) -> int | None:
+    """The world size whose per-rank caption-feature files of rounds ``0..rnd`` are all in ``features``, if any."""
+    found = [1] if (features / _caption_rows_name(0)).is_file() else []
+    found += sorted(int(p.name.split("_of")[1].split(".")[0]) for p in features.glob("caption_rows_00.rank000_of*.npy"))
+    for w in found:
+        if all((features / _caption_rows_name(t, r, w)).is_file() for t in range(rnd + 1) for r in range(w)):
+            return w
+    return None
+
+
+def _caption_rows_name(r: int, rank: int = 0, world_size: int = 1) -> str:
+    """File of the caption-feature rows added in round ``r`` (rows of rounds 0..r, in order, make the table); under
+    torchrun each rank's own rows (ids ``c`` with ``c mod world_size == rank``)."""
+    if world_size == 1:
+        return f"caption_rows_{r:02d}.npy"
+    return f"caption_rows_{r:02d}.rank{rank:03d}_of{world_size:03d}.npy"
 
 
 def ddp_options(env: DistEnv) -> dict:

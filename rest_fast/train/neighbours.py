@@ -11,8 +11,10 @@ graph is 240K × 2000 int32 = 1.9 GB, a rank's block an eighth of it on 8 GPUs.
 One process: ``NeighbourGraph.load_or_build`` (a loaded graph stays memory-mapped). Under torchrun: every rank
 searches with its own block of videos as queries over the keys of all ranks
 (``rest_fast.retrieval.distributed_topk``; each rank's key shard is its block, so global key indices are video
-indices), rank 0 alone gathers the rows and saves the graph; on a resume every rank memory-maps the saved graph and
-copies its block (rank 0 only says whether the saved graph matches: a boolean, never the graph, is broadcast).
+indices; keys stream around the ranks when they do not all fit the memory budget), and saves *its own rows* as a
+graph of its own under ``neighbours/world{P}_rank{r}/`` (:func:`rank_graph_dir`); on a resume each rank
+memory-maps its own part when it was built from the same features, ``h`` and world size (all ranks agree, or all
+rebuild). No rank ever holds the whole graph (at 10M videos × 2000 neighbours it is 80 GB of int32).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.train.distributed import DistEnv, barrier, broadcast_object, gather_rows_to_main
+from rest_fast.train.distributed import DistEnv, all_gather_objects, barrier
 
 
 def neighbour_graph(video_feats: torch.Tensor, h: int, env: DistEnv, *, cache_dir: str | Path,
@@ -56,24 +58,33 @@ def neighbour_graph(video_feats: torch.Tensor, h: int, env: DistEnv, *, cache_di
 
     digest = feature_hash(video_feats)
     mine = env.shard(n)
-    hit = False
-    if env.is_main:
-        try:
-            g = NeighbourGraph.load(path)
-            hit = g.feature_hash == digest and g.k == h and g.exclude_self and g.n == n
-        except (FileNotFoundError, ValueError, KeyError):
-            hit = False
-    if broadcast_object(env, hit):
-        g = NeighbourGraph.load(path)  # memory-mapped: only this rank's rows are read
-        return np.array(g.indices.numpy()[mine[0]: mine[-1] + 1] if len(mine) else np.zeros((0, h)), dtype=np.int32)
+    part = rank_graph_dir(path, env.rank, env.world_size)
+    try:
+        g = NeighbourGraph.load(part)  # memory-mapped: only this rank's rows, read when used
+        hit = g.feature_hash == digest and g.k == h and g.exclude_self and g.n == len(mine)
+    except (FileNotFoundError, ValueError, KeyError):
+        hit = False
+    if all(all_gather_objects(env, hit)):
+        return np.ascontiguousarray(g.indices.numpy(), dtype=np.int32)
     idx_t = torch.from_numpy(mine)
     local = video_feats[idx_t].to(env.device)
     scores, idx = distributed_topk(local, local, h, exclude=idx_t.to(env.device))
-    all_idx = gather_rows_to_main(env, idx.to(torch.int32))
-    all_scores = gather_rows_to_main(env, scores.float())
-    if env.is_main:
-        NeighbourGraph(indices=all_idx.cpu(), scores=all_scores.cpu(), k=h, exclude_self=True,
-                       feature_hash=digest).save(path)
-        del all_idx, all_scores
+    NeighbourGraph(indices=idx.to(torch.int32).cpu(), scores=scores.float().cpu(), k=h, exclude_self=True,
+                   feature_hash=digest).save(part)
     barrier(env)
     return np.ascontiguousarray(idx.to(torch.int32).cpu().numpy())
+
+
+def rank_graph_dir(path: str | Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` keeps its rows of the graph (rows ``shard_range(N, rank, world_size)``)."""
+    return Path(path) / f"world{world_size:03d}_rank{rank:03d}"
+
+
+def read_rank_graphs(path: str | Path, world_size: int):
+    """The per-rank parts under ``path`` joined in rank order, as one ``NeighbourGraph`` (tests, tools: it holds
+    every row)."""
+    from rest_fast.retrieval import NeighbourGraph
+
+    parts = [NeighbourGraph.load(rank_graph_dir(path, r, world_size)) for r in range(world_size)]
+    return NeighbourGraph(indices=torch.cat([p.indices for p in parts]), scores=torch.cat([p.scores for p in parts]),
+                          k=parts[0].k, exclude_self=parts[0].exclude_self, feature_hash=parts[0].feature_hash)

@@ -35,13 +35,35 @@ def _savefig(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _rounds(run: Path) -> dict[int, list[dict]]:
+def _round_files(run: Path) -> dict[int, Path]:
     out = {}
     for p in sorted((run / "captions").glob("round_*.jsonl")):
         m = re.fullmatch(r"round_(\d+)", p.stem)
         if m:
-            out[int(m.group(1))] = read_jsonl(p)
+            out[int(m.group(1))] = p
     return out
+
+
+def _iter_jsonl(path: Path):
+    """The records of a JSONL file one at a time (as :func:`read_jsonl`: torn or malformed lines skipped)."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def _records_of(path: Path, keep: set[int]) -> dict[int, dict]:
+    """Records ``i in keep`` of a JSONL file, read streaming: the report never holds a whole round (issue 20)."""
+    return {i: rec for i, rec in enumerate(_iter_jsonl(path)) if i in keep}
 
 
 def plot_metrics(run: Path, metrics: list[dict]) -> list[Path]:
@@ -130,15 +152,7 @@ def _plot_accuracy(run: Path, rounds: list[dict], plt) -> Path:
 
 
 def _num_classes(run: Path) -> int:
-    p = run / "captions" / "round_00.jsonl"
-    if not p.exists():
-        return 0
-    return len({r["label"] for r in read_jsonl(p) if "label" in r})
-
-
-def _initial(run: Path) -> list[list[str]]:
-    p = run / "captions" / "initial.jsonl"
-    return [r.get("captions", []) for r in read_jsonl(p)] if p.exists() else []
+    return len({r["label"] for r in _iter_jsonl(run / "captions" / "round_00.jsonl") if "label" in r})
 
 
 def _mark(caption: str, phrase: str | None) -> str:
@@ -173,15 +187,24 @@ def _frames_in_strip(strip: Path) -> int:
         return max(1, round(img.width / img.height))
 
 
-def _videos_to_show(records: list[dict], n: int) -> list[int]:
+def _videos_to_show(records, n: int) -> list[int]:
     """Indices of the ``n`` videos the report shows: taken in turn from each class when the records carry labels
-    (so a labelled set shows every class, not the first class's ``n`` videos), else the first ``n``."""
-    if not records or "label" not in records[0]:
-        return list(range(min(n, len(records))))
+    (so a labelled set shows every class, not the first class's ``n`` videos), else the first ``n``. ``records``
+    may be any iterable (a file read streaming): at most ``n`` indices per class are kept."""
     by_label: dict[str, list[int]] = {}
+    labelled = None
+    count = 0
     for i, rec in enumerate(records):
-        by_label.setdefault(str(rec.get("label")), []).append(i)
+        count += 1
+        if labelled is None:
+            labelled = "label" in rec
+        q = by_label.setdefault(str(rec.get("label")) if labelled else "", [])
+        if len(q) < n:
+            q.append(i)
+    if not labelled:
+        return list(range(min(n, count)))
     queues = list(by_label.values())
+    records = range(count)
     shown: list[int] = []
     depth = 0
     while len(shown) < min(n, len(records)):
@@ -200,7 +223,7 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
     run = Path(run_dir)
     metrics = read_jsonl(run / "metrics.jsonl")
     plots = plot_metrics(run, metrics)
-    rounds = _rounds(run)
+    round_files = _round_files(run)
     round_recs = sorted((r for r in metrics if r.get("kind") == "round"), key=lambda r: r["round"])
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>REST run report</title><style>",
@@ -234,12 +257,16 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
         parts.append("</table>")
     for p in sorted(plots, key=lambda p: p.name != "accuracy.png"):  # the accuracy plot first
         parts.append(f"<img src='plots/{e(p.name)}' style='max-width:100%;height:260px'>")
-    if rounds:
+    if round_files:
+        first_file = round_files[min(round_files)]
+        shown = _videos_to_show(_iter_jsonl(first_file), max_videos)
+        total = sum(1 for _ in _iter_jsonl(first_file))
+        rounds = {r: _records_of(p, set(shown)) for r, p in round_files.items()}
         first = rounds[min(rounds)]
-        shown = _videos_to_show(first, max_videos)
-        parts.append(f"<h2 id='videos'>Caption evolution ({len(shown)} of {len(first)} videos)</h2>")
+        parts.append(f"<h2 id='videos'>Caption evolution ({len(shown)} of {total} videos)</h2>")
         frames_dir = run / "plots" / "frames"
-        initial = _initial(run)
+        initial = {i: rec.get("captions", []) for i, rec in
+                   _records_of(run / "captions" / "initial.jsonl", set(shown)).items()}
         for i in shown:
             rec0 = first[i]
             strip = frames_dir / f"video_{i:05d}.png"
@@ -255,7 +282,7 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
             phrase = rec0["label"].replace("_", " ").lower() if "label" in rec0 else None
             if strip.exists():
                 parts.append(f"<img src='plots/frames/{e(strip.name)}'>")
-            if i < len(initial) and initial[i]:
+            if initial.get(i):
                 caps0 = initial[i]
                 n_frames = _frames_in_strip(strip) or len(caps0)
                 per = max(1, len(caps0) // max(1, n_frames))
@@ -264,7 +291,7 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
                 parts.append(f"<table class='frames'><tr><th>initial frame captions</th>{cells}</tr></table>")
             parts.append("<table><tr><th>round</th><th>generated this round</th><th>pseudo-captions (score)</th></tr>")
             for r, recs in sorted(rounds.items()):
-                if i >= len(recs):
+                if i not in recs:
                     continue
                 rec = recs[i]
                 caps = "<br>".join(f"{_mark(c, phrase)} <span class='score'>{s:.3f}</span>"

@@ -17,6 +17,10 @@ that may retrieve it. Only *distinct* ids are scored: each video's T×P initial 
 (frames of one clip get the same caption again and again), and every block's candidate rows are de-duplicated per
 row on the compute device before the re-rank (one int32 sort per row, against a D-wide feature read per duplicate).
 
+Under torchrun the caption-feature table is sharded (``CaptionFeatures(rank=, world_size=)``: caption id ``c`` lives on
+rank ``c mod P``) and the re-rank is :func:`rest_fast.retrieval.sharded_rerank.sharded_rerank` (owner computes, exact:
+the same ids and scores as one process); its bytes sent per rank are returned as ``rerank_bytes_sent``.
+
 Memory and checks: a rank re-ranks only its block of videos and needs only their neighbour rows (``neighbours`` may
 be the whole [N, H] graph or just the rank's rows); blocks are sized by a byte budget on the candidate matrix; the
 caption-feature table is validated (finite, right width) once per update here, not per block.
@@ -117,18 +121,23 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
     Args:
         cache: the ``CaptionCache`` (every rank holds an identical replica; all are updated).
         video_feats: float [N, D] L2-normalised CLIP video features (fp16 in the trainer; CPU or ``env.device``).
-        caption_feats: float [C, D] CLIP text features of every interned caption id (on ``env.device``).
+        caption_feats: float [C, D] CLIP text features of every interned caption id (on ``env.device``); under
+            torchrun this rank's shard only: the rows of ids ``c`` with ``c mod P == rank`` (``CaptionFeatures``).
         neighbours: int [N, H] neighbour indices (self excluded), or only this rank's rows ``env.shard(N)``.
         k: K, the slots per video.
         initial_ids: int32 [N, M] initial caption ids, given for the first update only (see module doc).
         block: at most this many videos re-ranked per call (default: as many as ``budget_bytes`` allows).
-        budget_bytes: at most this many bytes of int32 candidates per call (bounds host and device memory). Each
+        budget_bytes: at most this many bytes of int32 candidates per call (bounds host and device memory; under
+            torchrun the chunk buffers of ``sharded_rerank``). Each
             ``rerank_captions`` call validates the whole caption table, so few large calls keep that check small
             against the call's own reads (at K400 scale: 16M candidate rows read per call vs a 4M-row table).
         progress: optional wrapper of the block loop (a tqdm bar).
     Sharded by video over ranks; results are gathered so every replica sets the same rows.
     """
     n = int(video_feats.shape[0])
+    if env.distributed:
+        return _sharded_update(cache, video_feats, caption_feats, neighbours, k, env, initial_ids=initial_ids,
+                               budget_bytes=budget_bytes)
     _check_table(video_feats, caption_feats, len(cache))
     mine = env.shard(n)
     rows, row0 = _local_rows(neighbours, n, mine)
@@ -163,6 +172,10 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
     scores = gather_rows(env, scores.to(env.device) if env.device.type == "cuda" else scores).cpu()
     ids = gather_rows(env, ids.to(env.device) if env.device.type == "cuda" else ids).cpu()
     cache.set(np.arange(n, dtype=np.int64), ids.numpy().astype(np.int32), scores.numpy().astype(np.float32))
+    return _summary(scores, ids, considered, scored)
+
+
+def _summary(scores: torch.Tensor, ids: torch.Tensor, considered: int, scored: int) -> dict:
     filled = ids >= 0
     return {
         "mean_score": float(scores[filled].mean()) if bool(filled.any()) else float("nan"),
@@ -172,3 +185,51 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
         "candidates_considered": considered,  # this rank's candidate ids before de-duplication (−1 excluded)
         "candidates_scored": scored,  # this rank's candidate slots sent to the re-rank
     }
+
+
+def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tensor, neighbours: np.ndarray, k: int,
+                    env: DistEnv, *, initial_ids: np.ndarray | None, budget_bytes: int) -> dict:
+    """:func:`retrieval_update` with this rank's shard of the caption features (rows of the ids ``c`` with
+    ``c mod P == rank``): candidate rows are built chunk by chunk as in one process and re-ranked by
+    :func:`rest_fast.retrieval.sharded_rerank.sharded_rerank`; ``budget_bytes`` bounds its chunk buffers."""
+    from rest_fast.retrieval.sharded_rerank import sharded_rerank
+
+    n, P = int(video_feats.shape[0]), env.world_size
+    own = len(range(env.rank, len(cache), P))
+    if caption_feats.shape[0] < own:
+        raise ValueError(f"caption_feats has {caption_feats.shape[0]} rows but this rank owns {own} of the "
+                         f"{len(cache)} captions")
+    _check_table(video_feats, caption_feats, own)
+    mine = env.shard(n)
+    rows, row0 = _local_rows(neighbours, n, mine)
+    dev = env.device
+    per_video = None
+    if initial_ids is not None:
+        per_video = (np.asarray(initial_ids) >= 0).sum(1).astype(np.int64)
+        initial_ids = distinct_rows(initial_ids)
+    width = (rows.shape[1] + 1) * ((k + 1) + (initial_ids.shape[1] if initial_ids is not None else 0))
+    counts = [0, 0]  # candidates considered, scored
+
+    def candidate_rows(lo: int, hi: int) -> torch.Tensor:
+        vids = mine[lo:hi]
+        nb = np.ascontiguousarray(rows[vids - row0], dtype=np.int32)
+        cands = np.asarray(cache.candidates(vids.astype(np.int64), nb))
+        counts[0] += int((cands >= 0).sum())
+        if initial_ids is None:
+            c = torch.from_numpy(np.ascontiguousarray(cands, dtype=np.int32))
+        else:
+            extra = initial_candidates(initial_ids, rows, vids - row0, self_ids=vids)
+            c = _distinct_rows_t(torch.from_numpy(np.concatenate([cands, extra], axis=1)))
+            counts[0] += int(per_video[vids].sum() + np.where(nb >= 0, per_video[np.maximum(nb, 0)], 0).sum())
+        counts[1] += int(c.shape[0] * c.shape[1])
+        return c
+
+    lo = int(mine[0]) if len(mine) else 0
+    vfeats = video_feats[lo: lo + len(mine)].to(dev)
+    s, i, comm = sharded_rerank(vfeats, candidate_rows, caption_feats, k, budget_bytes=budget_bytes, width=width,
+                                rerank=_rerank)
+    scores = gather_rows(env, s.to(env.device) if env.device.type == "cuda" else s.cpu()).cpu()
+    ids = gather_rows(env, i.to(env.device) if env.device.type == "cuda" else i.cpu()).cpu()
+    cache.set(np.arange(n, dtype=np.int64), ids.numpy().astype(np.int32), scores.numpy().astype(np.float32))
+    return {**_summary(scores, ids, counts[0], counts[1]), "rerank_bytes_sent": int(comm["bytes_sent"]),
+            "rerank_chunks": int(comm["chunks"])}
