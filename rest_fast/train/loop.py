@@ -465,10 +465,10 @@ class Trainer:
         self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)))
         if env.is_main:
             self.cache.save(str(self.run_dir.cache_path(r)))
-            self._write_captions(r, generated)
+            sample = self._write_captions(r, generated)
             record = {"kind": "round", "round": r, "epoch": epoch, "seconds": round(seconds, 3), **stats, **tam}
             self.metrics.write(record)
-            self.metrics.captions(r, recs)  # a table of sample captions on the dashboards
+            self.metrics.captions(r, sample)  # a table of sample captions on the dashboards
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
                                       "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
@@ -483,9 +483,11 @@ class Trainer:
                   f"{acc}{_sent(stats)} [{seconds:.1f} s]", flush=True)
         barrier(env)
 
-    def _write_captions(self, r: int, generated: list[str] | None, chunk: int = 4096) -> None:
+    def _write_captions(self, r: int, generated: list[str] | None, chunk: int = 4096, sample: int = 16) -> list[dict]:
         """``captions/round_XX.jsonl``, one record per video in video order, streamed ``chunk`` videos at a time
-        (rank 0 never holds all records; issue 20, item 5)."""
+        (rank 0 never holds all records; issue 20, item 5). Returns the first ``sample`` records (the dashboards'
+        table of sample captions)."""
+        first: list[dict] = []
         with atomic_open(self.run_dir.captions_path(r), "w", encoding="utf-8") as f:
             for lo in range(0, self.n, chunk):
                 ids, scores = self.cache.get(np.arange(lo, min(self.n, lo + chunk), dtype=np.int64))
@@ -500,7 +502,10 @@ class Trainer:
                     if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
                         rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
                     lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+                    if len(first) < sample:
+                        first.append(rec)
                 f.write("".join(lines))
+        return first
 
     def _clip_tam(self, generated: list[str] | None) -> dict:
         """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot).
