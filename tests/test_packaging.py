@@ -26,7 +26,7 @@ PYPROJECT = PKG.parent / "pyproject.toml"
 
 # import name -> distribution name on PyPI, for every third-party package rest_fast imports
 DISTRIBUTION = {
-    "torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "transformers": "transformers",
+    "torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "safetensors": "safetensors", "transformers": "transformers",
     "open_clip": "open_clip_torch", "av": "av", "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib",
     "PIL": "pillow", "threadpoolctl": "threadpoolctl", "triton": "triton",
     "nvidia": "nvidia-dali-cuda130", "sentence_transformers": "sentence-transformers",
