@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from rest_fast.errors import UserError
+from rest_fast.run.precision import amp_of, check_config_precision, reconcile_amp
 
 
 class ConfigError(UserError):
@@ -79,6 +80,7 @@ class TrainConfig:
 
     # --- optimisation ------------------------------------------------------------------------
     batch_size: int = _f(64, "global batch size (split over the processes)", group="optim")
+    accum_steps: int = _f(1, "micro-batches per optimiser step (gradient accumulation); batch_size stays the global batch", group="optim", runtime=True)
     lr: float = _f(2e-5, "peak learning rate (cosine schedule)", group="optim")
     lr_min: float = _f(2e-8, "final learning rate of the cosine schedule", group="optim")
     warmup_steps: int = _f(0, "linear warm-up steps before the cosine decay", group="optim")
@@ -98,10 +100,12 @@ class TrainConfig:
     seed: int = _f(0, "seed: caption sampling, shuffling, augmentation draws and dropout derive from it", group="run")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' (torchrun uses LOCAL_RANK)", group="run", runtime=True)
     amp: bool = _f(True, "bf16 autocast on CUDA (false: fp32 model and CLIP weights on CUDA too)", group="run", runtime=True)
+    precision: str = _f("bf16", "bf16 | fp16 | fp32 on CUDA (fp16 adds a gradient scaler); amp is its alias: true = bf16, false = fp32", group="run", runtime=True)
     nccl_timeout: float = _f(3600.0, "seconds a collective may wait under torchrun before the run fails (covers rank-0 round work)", group="run", runtime=True)
     threads: int = _f(0, "CPU intra-op threads per process (0 = torch's default)", group="run", runtime=True)
     log_every: int = _f(10, "steps between loss records in metrics.jsonl", group="run", runtime=True)
     keep_checkpoints: int = _f(2, "epoch checkpoints kept on disk (the newest ones)", group="run", runtime=True)
+    save_every_minutes: float = _f(30.0, "also checkpoint mid-epoch after this many minutes of training (the newest one is kept; resume continues from the next micro-batch); 0 = only at epoch ends", group="run", runtime=True)
     report_videos: int = _f(24, "videos shown in report.html", group="run", runtime=True)
     progress: bool = _f(True, "tqdm progress bars", group="run", runtime=True)
 
@@ -216,6 +220,15 @@ def validate_config(cfg: TrainConfig, *, check_paths: bool = False) -> TrainConf
     if cfg.grad_clip < 0:
         raise bad(f"grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     cfg.adapter_layers_value()
+    if cfg.accum_steps < 1:
+        raise bad(f"accum_steps must be >= 1, got {cfg.accum_steps}")
+    if not math.isfinite(cfg.save_every_minutes) or cfg.save_every_minutes < 0:
+        raise bad(f"save_every_minutes must be >= 0 (0 = only at epoch ends), got {cfg.save_every_minutes}")
+    try:  # a config built directly (TrainConfig(amp=False)): amp and precision made to agree
+        cfg.precision = check_config_precision(cfg.amp, cfg.precision)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    cfg.amp = amp_of(cfg.precision)
     if check_paths:
         if cfg.data is not None and not os.path.exists(cfg.data):
             raise bad(f"data={cfg.data} does not exist")
@@ -338,6 +351,10 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
             values[key] = _coerce(key, value, types_[key])
         except (ValueError, yaml.YAMLError) as exc:
             raise ConfigError(str(exc).splitlines()[0]) from None
+    try:  # `amp` is `precision`'s alias: the key this layer gives decides the other one
+        reconcile_amp(values, {k.replace("-", "_") for k in overrides})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return TrainConfig(**values)
 
 

@@ -84,13 +84,14 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     from rest_fast.models import GARModel
     from rest_fast.train.distributed import precision
 
-    prec = precision(env.device, cfg.amp)
+    prec = precision(env.device, cfg.precision)
     try:
         model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames,
                                          adapter_layers=cfg.adapter_layers_value())
     except OSError as exc:  # transformers' "couldn't connect ... nor find them in the cached files", a bad folder
         raise _model_error("BLIP", blip_source, exc) from None
     model.autocast = prec.autocast  # amp=false: fp32 on CUDA too
+    model.autocast_dtype = prec.autocast_dtype  # precision=fp16: cards without bf16
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(env.device)
     vis = model.blip.config.vision_config
@@ -231,22 +232,37 @@ class Inputs:
         return -(-per_rank // self.per_rank_batch())
 
     def per_rank_batch(self) -> int:
+        """Clips per optimiser step on this rank."""
         return max(1, self.cfg.batch_size // self.env.world_size)
 
-    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Augmented self-training batches of epoch ``epoch``: ``(video indices int64 [B], clips [B,T,3,S,S])``.
+    def micro_batch(self) -> int:
+        """Clips per loader batch: the rank's step batch over ``accum_steps`` (gradient accumulation)."""
+        return max(1, self.per_rank_batch() // self.cfg.accum_steps)
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented self-training micro-batches of epoch ``epoch``: ``(video indices int64 [b], clips [b,T,3,S,S])``,
+        ``accum_steps`` of them per optimiser step; from optimiser step ``start_step`` on (a mid-epoch resume).
 
         The indices are the entries actually read (a bad entry's replacement), so the captions sampled for
         them belong to the clip shown.
         """
+        from rest_fast.data.loader import _EpochSampler
+
         loader = self._loader("train", self.index, train=self.cfg.augment, size=self.cfg.image_size, mean=self.blip_mean,
-                              std=self.blip_std, batch_size=self.per_rank_batch(), shuffle=True, rank=self.env.rank,
+                              std=self.blip_std, batch_size=self.micro_batch(), shuffle=True, rank=self.env.rank,
                               world_size=self.env.world_size)
         loader.set_epoch(epoch)
+        skip = start_step * self.cfg.accum_steps  # micro-batches already trained on
+        sampler = getattr(loader, "sampler", None)
+        if skip and isinstance(sampler, _EpochSampler):  # start the epoch's order there: nothing is decoded twice
+            sampler.start, skip = start_step * self.per_rank_batch(), 0
         try:
-            for batch in loader:
-                yield batch.index, batch.clips
+            for k, batch in enumerate(loader):
+                if k >= skip:  # a loader with its own order (streamed shards): read past the trained part
+                    yield batch.index, batch.clips
         finally:
+            if isinstance(sampler, _EpochSampler):
+                sampler.start = 0
             self._absorb("train", loader)
 
     def frame_strip(self, i: int, size: int = 96) -> np.ndarray:

@@ -53,43 +53,80 @@ def _check_window(window: torch.Tensor, env: DistEnv, *, epoch: int, step: int) 
 
 
 def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable,
-                     cache, *, epoch: int, seed: int, env: DistEnv, amp: bool = True, grad_clip: float = 0.0,
+                     cache, *, epoch: int, seed: int, env: DistEnv, amp: bool | str = True, grad_clip: float = 0.0,
                      log_every: int = 10, on_log: Callable[[dict], None] | None = None,
-                     progress: Callable | None = None) -> dict:
-    """One epoch over ``batches`` = ``(video_indices int64 [B], clips float [B,T,3,S,S])``; returns epoch stats.
+                     progress: Callable | None = None, accum_steps: int = 1, scaler=None, start_step: int = 0,
+                     resume: dict | None = None, on_step_end: Callable[[int, Callable[[], dict]], bool] | None = None) -> dict:
+    """One epoch over ``batches`` = ``(video_indices int64 [b], clips float [b,T,3,S,S])``; returns epoch stats.
+
+    ``accum_steps`` consecutive items of ``batches`` make one optimiser step (gradient accumulation,
+    :mod:`rest_fast.train.accumulate`); ``amp``: ``True``/``False`` or a precision name (``"bf16"``, ``"fp16"``,
+    ``"fp32"``); ``scaler``: a :class:`rest_fast.run.precision.StepScaler` (fp16's gradient scaler; ``None`` = none).
 
     ``on_log(record)`` receives ``{"step", "loss", "lr"}`` every ``log_every`` steps (loss averaged over
     ranks and the window's steps; every rank takes part in that reduction, only rank 0's callback should write).
 
+    Mid-epoch resume: ``batches`` starts at optimiser step ``start_step`` of the epoch, ``resume`` holds the
+    counters saved with it (``{"window": [...], "total": [...]}``) and ``"rng"`` (restored once the first step's
+    batches are fetched, where an uninterrupted epoch stood when the checkpoint was taken). ``on_step_end(steps
+    done in the epoch, counters)`` runs after every optimiser step (``counters()`` gives the counters to save);
+    it returning True ends the epoch there (``stats["stopped"]``: a checkpoint was written, the run stops).
+
     No host sync inside a step: captions are sampled and tokenised on the host, clips copied non-blocking, the loss
     summed on the device; the sum is read (and checked finite) only every ``log_every`` steps and at the end.
     """
+    from rest_fast.train.accumulate import accumulate_gradients, group_micro_batches
+
     loss_module.train()
     params = [p for p in loss_module.parameters() if p.requires_grad]
     dev = env.device
     window = torch.zeros(2, dtype=torch.float64, device=dev)  # [loss sum, steps] since the last log
     total = torch.zeros(2, dtype=torch.float64, device=dev)
+    if resume:
+        window.copy_(torch.tensor(resume["window"], dtype=torch.float64))
+        total.copy_(torch.tensor(resume["total"], dtype=torch.float64))
     one = torch.ones((), dtype=torch.float64, device=dev)
-    step = -1
-    for step, (idx, clips) in enumerate(progress(batches) if progress else batches):
+    groups = group_micro_batches(batches, accum_steps)
+    step = start_step - 1
+    stopped = False
+
+    def counters() -> dict:
+        return {"window": _to_host(window), "total": _to_host(total)}
+
+    for step, micro in enumerate(progress(groups) if progress else groups, start=start_step):
+        if step == start_step and resume and resume.get("rng") is not None:
+            from rest_fast.run.rundir import restore_rng
+
+            restore_rng(resume["rng"])
+        idx = torch.cat([i for i, _ in micro]) if len(micro) > 1 else micro[0][0]
         ids = cache.sample(idx.numpy().astype(np.int64), derive_seed(seed, epoch, step))
         captions = list(cache.texts(np.asarray(ids, dtype=np.int32)))
-        with autocast(dev, amp):
-            loss = loss_module(clips.to(dev, non_blocking=True), captions)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
-        optimizer.step()
+        loss = accumulate_gradients(loss_module, micro, captions, device=dev, autocast=lambda: autocast(dev, amp),
+                                    scale=scaler.scale if scaler is not None else (lambda t: t))
+        if scaler is not None:
+            scaler.step(optimizer, params, grad_clip)
+        else:
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
+            optimizer.step()
         scheduler.step()
-        window[0] += loss.detach().to(torch.float64)
+        window[0] += loss.to(torch.float64)
         window[1] += one
         if (step + 1) % log_every == 0:
             total += window
             avg, _ = _check_window(window, env, epoch=epoch, step=step)
             if on_log is not None:
-                on_log({"step_in_epoch": step + 1, "loss": avg, "lr": optimizer.param_groups[0]["lr"]})
+                rec = {"step_in_epoch": step + 1, "loss": avg, "lr": optimizer.param_groups[0]["lr"]}
+                if scaler is not None and scaler.enabled:  # fp16: optimiser steps skipped for inf/NaN gradients
+                    rec["skipped_steps"] = int(_to_host(scaler.skipped.reshape(1))[0])
+                on_log(rec)
             window.zero_()
+        if on_step_end is not None and on_step_end(step + 1, counters):
+            stopped = True
+            break
+    if stopped:  # the counters went into the checkpoint; the epoch's stats are the resumed run's to report
+        return {"loss": float("nan"), "steps": step + 1 - start_step, "stopped": True}
     total += window
     mean, _ = _check_window(total, env, epoch=epoch, step=step)
-    return {"loss": mean, "steps": step + 1}
+    return {"loss": mean, "steps": step + 1 - start_step}
