@@ -114,7 +114,7 @@ class StepScaler:
         use = normalise_precision(precision) == "fp16" and self.device.type == "cuda"
         self.enabled = use if enabled is None else bool(enabled)
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale, enabled=self.enabled)
-        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=self.device if self.enabled else "cpu")
 
     def scale(self, loss):
         return self.scaler.scale(loss) if self.enabled else loss

@@ -25,6 +25,9 @@ import torch
 from rest_fast.errors import UserError
 
 
+_SYNCED_ONCE = "_rest_fast_synced_once"  # set on a DDP module after its first (fully synchronised) step
+
+
 def micro_batch_size(per_rank_batch: int, accum_steps: int, world_size: int = 1) -> int:
     """Clips per micro-batch; a one-line :class:`UserError` when the rank's batch does not split evenly."""
     if accum_steps < 1:
@@ -61,6 +64,12 @@ def accumulate_gradients(loss_module: torch.nn.Module, micro: list[tuple[torch.T
     if n != len(captions):
         raise ValueError(f"{len(captions)} captions for {n} clips")
     no_sync = getattr(loss_module, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
+    if no_sync is not None and not getattr(loss_module, _SYNCED_ONCE, False):
+        # a static-graph DDP records its graph on the first iteration, which must not skip the all-reduce (PyTorch
+        # asserts). All-reducing each micro-batch's running sum is still exact (the mean over ranks of a
+        # rank-constant term is that term), so the first step only costs extra all-reduces.
+        no_sync = None
+        setattr(loss_module, _SYNCED_ONCE, True)
     total = None
     start = 0
     for j, (idx, clips) in enumerate(micro):
