@@ -76,7 +76,10 @@ class _EpochSampler(Sampler):
         self.start = 0  # entries of this rank's order to skip (a run resumed mid-epoch); the trainer resets it
 
     def __len__(self) -> int:
-        return max(0, math.ceil(self.n / self.world_size) - self.start)
+        return max(0, self._per_rank() - self.start)
+
+    def _per_rank(self) -> int:
+        return math.ceil(self.n / self.world_size)
 
     def __iter__(self):
         if self.shuffle:
@@ -84,7 +87,7 @@ class _EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        total = len(self) * self.world_size
+        total = self._per_rank() * self.world_size
         order = (order * math.ceil(total / max(1, len(order))))[:total]
         return iter([(self.epoch, i) for i in order[self.rank::self.world_size][self.start:]])
 
