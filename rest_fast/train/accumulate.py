@@ -24,7 +24,6 @@ import torch
 
 from rest_fast.errors import UserError
 
-
 _SYNCED_ONCE = "_rest_fast_synced_once"  # set on a DDP module after its first (fully synchronised) step
 
 

@@ -197,10 +197,11 @@ class Inputs:
                 self.bad_files.add(path, reason, count - seen)
                 self._absorbed[(key, path)] = count
 
-    def eval_batches(self, kind: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, kind: str, start: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's block of videos in order, un-augmented: ``(global indices int64 [B], clips [B,T,3,S,S])``.
 
         ``kind``: ``"clip"`` (CLIP's size and normalisation) or ``"blip"`` (S, BLIP's normalisation).
+        ``start``: begin at this global video of the block (a resumed round 0; a one-off loader), not its first.
         """
         if kind not in ("clip", "blip"):
             raise ValueError(f"kind must be 'clip' or 'blip', got {kind!r}")
@@ -208,10 +209,15 @@ class Inputs:
         if len(mine) == 0:
             return
         lo, hi = int(mine[0]), int(mine[-1]) + 1
+        key = kind
+        if start is not None and start > lo:
+            lo, key = min(int(start), hi), f"{kind}@{start}"
+            if lo == hi:
+                return
         sub = self.index[lo:hi]
         size, mean, std = ((self.clip_size, self.clip_mean, self.clip_std) if kind == "clip"
                            else (self.cfg.image_size, self.blip_mean, self.blip_std))
-        loader = self._loader(kind, sub, train=False, size=size, mean=mean, std=std,
+        loader = self._loader(key, sub, train=False, size=size, mean=mean, std=std,
                               batch_size=self.cfg.eval_batch_size)
         pos = lo
         try:
@@ -221,7 +227,9 @@ class Inputs:
                 yield torch.arange(pos, pos + b, dtype=torch.int64), batch.clips
                 pos += b
         finally:
-            self._absorb(kind, loader)
+            self._absorb(key, loader)
+            if key != kind:  # the one-off loader of a resumed pass: its workers end with it
+                self._loaders.pop(key, None)
 
     def eval_steps(self) -> int:
         """Batches this rank's :meth:`eval_batches` yields (for progress bars)."""

@@ -397,8 +397,8 @@ class Trainer(TrainingStateMixin):
     def round_zero(self) -> None:
         """Initial captions (T x P per video) and the first retrieval update; snapshot round 0."""
         from rest_fast.cache import CaptionCache
+        from rest_fast.train import round0_chunks
         from rest_fast.train.generate_round import caption_round
-        from rest_fast.train.initial_captions import initial_captions
 
         cfg, env = self.cfg, self.env
         t0 = time.time()
@@ -417,14 +417,18 @@ class Trainer(TrainingStateMixin):
             if len(recs) == self.n:
                 initial = [r["captions"] for r in recs]
         initial = broadcast_object(env, initial)
-        if initial is None:
-            initial = initial_captions(
-                self.model, self.inputs.eval_batches("blip"), list(cfg.prompts), env, train_prompt=cfg.train_prompt,
-                num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length, amp=cfg.precision,
-                progress=_progress(cfg, env, "initial captions", self.inputs.eval_steps()))
+        if initial is None:  # in chunks: a kill loses at most one, a stop signal none (rest_fast.train.round0_chunks)
+            parts = round0_chunks.parts_dir(self.run_dir.root)
+            initial = round0_chunks.chunked_initial_captions(
+                self.model, lambda start: self.inputs.eval_batches("blip", start=start), self.n, env, folder=parts,
+                key=key, batch_size=cfg.eval_batch_size, control=self.control, signals=self.signals,
+                run_root=self.run_dir.root, progress=_progress(cfg, env, "initial captions", self.inputs.eval_steps()),
+                prompts=list(cfg.prompts), train_prompt=cfg.train_prompt, num_beams=cfg.num_beams,
+                max_length=cfg.max_length, min_length=cfg.min_length, amp=cfg.precision)
             if env.is_main:
                 atomic_write_jsonl(path, [{"video": str(self.inputs.rel(i)), "captions": c} for i, c in enumerate(initial)])
                 atomic_write_json(meta, {"key": key, "num_videos": self.n})
+            round0_chunks.drop_parts(parts, env)
         m = len(cfg.prompts) * cfg.num_frames
         self.cache = CaptionCache(self.n, cfg.k)
         flat = [c for caps in initial for c in caps]
