@@ -117,9 +117,12 @@ def test_micro_batches_must_split_the_rank_batch_evenly():
     assert [len(g) for g in group_micro_batches(range(7), 3)] == [3, 3, 1]
 
 
-def test_ddp_all_reduces_once_per_optimiser_step(tmp_path):
-    """One-process gloo DDP with the trainer's options (static graph, bucket views): the communication hook runs
-    on the last micro-batch of each step only, and the gradients still equal the plain step's."""
+@pytest.mark.parametrize("static_graph", [False, True])
+def test_ddp_all_reduces_once_per_optimiser_step(tmp_path, static_graph):
+    """One-process gloo DDP with the trainer's options (bucket views; no static graph when accumulating): the
+    communication hook runs on the last micro-batch of each step only, and the gradients still equal the plain
+    step's. A static-graph DDP (the trainer's choice without accumulation) syncs every micro-batch of its first
+    step (PyTorch cannot record the graph under no_sync), then once per step."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -132,7 +135,9 @@ def test_ddp_all_reduces_once_per_optimiser_step(tmp_path):
         blip, tok = _fresh_blip()
         torch.manual_seed(0)
         model = GARModel(blip, tok, num_frames=2, adapter_layers="all")
-        ddp = DDP(CaptionLoss(model, "a video of", 0.2), **ddp_options(env))
+        options = ddp_options(env, accum_steps=2)
+        assert options["static_graph"] is False and ddp_options(env)["static_graph"] is True
+        ddp = DDP(CaptionLoss(model, "a video of", 0.2), **{**options, "static_graph": static_graph})
         calls = []
 
         def hook(state, bucket):
@@ -151,9 +156,9 @@ def test_ddp_all_reduces_once_per_optimiser_step(tmp_path):
             accumulate_gradients(ddp, [(idx[:2], clips[:2]), (idx[2:], clips[2:])], caps, device=env.device,
                                  autocast=lambda: torch.autocast("cpu", enabled=False))
             buckets = sorted(set(calls))
-            # the static graph is recorded on the first step, which must sync every micro-batch (PyTorch asserts);
-            # from the second step on each bucket is all-reduced once: the first micro-batch ran under no_sync
-            assert buckets and sorted(calls) == sorted(buckets * (2 if step == 0 else 1)), (step, calls)
+            # each bucket is all-reduced once: the first micro-batch ran under no_sync (a static graph is recorded on
+            # the first step, which must sync every micro-batch: PyTorch asserts otherwise)
+            assert buckets and sorted(calls) == sorted(buckets * (2 if static_graph and step == 0 else 1)), (step, calls)
         acc = [p.grad.clone() for p in ddp.parameters() if p.grad is not None]
         ddp.zero_grad(set_to_none=True)
         ddp(clips, caps).backward()

@@ -88,6 +88,40 @@ def test_sigterm_in_round0_and_mid_epoch_then_resume_is_identical(tmp_path):
         assert (run / "captions" / name).read_text() == (ref / "captions" / name).read_text(), name
 
 
+@pytest.mark.slow
+def test_torchrun_two_ranks_stop_and_resume_identically(tmp_path):
+    """torchrun x2 (gloo), accumulating: both ranks stop together in round 0 and mid-epoch (each rank exits 75,
+    the agent 1), and the resumed run ends where the uninterrupted one does, bit for bit."""
+    from safetensors.torch import load_file
+
+    args = [a for a in ARGS if not a.startswith("batch_size")] + ["batch_size=4", "eval_batch_size=2"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rest_fast", "train"]
+
+    def run(out: Path, extra: list[str], hook: str | None = None) -> subprocess.CompletedProcess:
+        env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+        env.pop("REST_FAST_TEST_SIGNAL", None)
+        if hook:
+            env["REST_FAST_TEST_SIGNAL"] = hook
+        return subprocess.run([sys.executable, *torchrun, f"--out={out}", *extra, *args], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert run(ref, []).returncode == 0
+    p = run(out, [], hook="round0:2")
+    assert p.returncode != 0 and p.stderr.count("stopped by SIGTERM during round 0") == 1, p.stderr[-3000:]
+    assert "exitcode: 75" in p.stderr
+    p = run(out, ["--resume", "auto", "save_every_minutes=0.00001"], hook="step:4")
+    assert p.stderr.count("stopped by SIGTERM in epoch 2 after step 1") == 1, p.stderr[-3000:]
+    p = run(out, ["--resume", "auto"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _losses(out) == _losses(ref)
+    w_ref = load_file(str(ref / "checkpoints" / "epoch_0002" / "model.safetensors"))
+    w_run = load_file(str(out / "checkpoints" / "epoch_0002" / "model.safetensors"))
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+    for name in ["initial.jsonl", *(f"round_{r:02d}.jsonl" for r in range(3))]:
+        assert (out / "captions" / name).read_text() == (ref / "captions" / name).read_text(), name
+
+
 def test_second_signal_exits_at_once():
     with StopSignals() as sig:
         os.kill(os.getpid(), signal.SIGUSR1)

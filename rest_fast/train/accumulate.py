@@ -63,10 +63,11 @@ def accumulate_gradients(loss_module: torch.nn.Module, micro: list[tuple[torch.T
     if n != len(captions):
         raise ValueError(f"{len(captions)} captions for {n} clips")
     no_sync = getattr(loss_module, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
-    if no_sync is not None and not getattr(loss_module, _SYNCED_ONCE, False):
+    if no_sync is not None and getattr(loss_module, "static_graph", False) and not getattr(loss_module, _SYNCED_ONCE, False):
         # a static-graph DDP records its graph on the first iteration, which must not skip the all-reduce (PyTorch
-        # asserts). All-reducing each micro-batch's running sum is still exact (the mean over ranks of a
-        # rank-constant term is that term), so the first step only costs extra all-reduces.
+        # asserts). All-reducing each micro-batch's running sum is still exact in value (the mean over ranks of a
+        # rank-constant term is that term), only rounded differently: the trainer uses no static graph when it
+        # accumulates (see loop.ddp_options).
         no_sync = None
         setattr(loss_module, _SYNCED_ONCE, True)
     total = None

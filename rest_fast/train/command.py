@@ -154,7 +154,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"rest-fast train: error: {exc}", file=sys.stderr)
         return 2
     except Preempted as exc:  # a checkpoint was written: exit 75 tells a job script to resubmit with --resume auto
-        print(f"rest-fast train: {exc}", file=sys.stderr, flush=True)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
+            print(f"rest-fast train: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     return 0
 

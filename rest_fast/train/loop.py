@@ -572,7 +572,7 @@ class Trainer(TrainingStateMixin):
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.train_module = DDP(self.loss_module, **ddp_options(env))
+            self.train_module = DDP(self.loss_module, **ddp_options(env, cfg.accum_steps))
         else:
             self.train_module = self.loss_module
 
@@ -722,16 +722,18 @@ def _caption_rows_name(r: int) -> str:
     return f"caption_rows_{r:02d}.npy"
 
 
-def ddp_options(env: DistEnv) -> dict:
+def ddp_options(env: DistEnv, accum_steps: int = 1) -> dict:
     """DDP arguments of the self-training module.
 
     ``gradient_as_bucket_view``: gradients are views into the all-reduce buckets (no second copy of the gradients,
     no bucket↔grad copies). ``static_graph``: every step uses the same parameters in the same order (the loss runs
     the whole captioner; no branch skips a layer), which lets DDP overlap and skip the unused-parameter search, and
-    is valid with non-reentrant activation checkpointing.
+    is valid with non-reentrant activation checkpointing. Not with gradient accumulation (``accum_steps > 1``): a
+    static graph's first step cannot run under ``no_sync``, so that step would all-reduce every micro-batch — exact
+    in value, but rounded differently from the other steps, and a run resumed mid-epoch would not repeat it bit for bit.
     """
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return {"device_ids": ids, "gradient_as_bucket_view": True, "static_graph": True}
+    return {"device_ids": ids, "gradient_as_bucket_view": True, "static_graph": accum_steps == 1}
 
 
 def _discard_failed_start(root: Path) -> None:
