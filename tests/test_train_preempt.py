@@ -67,6 +67,11 @@ def test_sigterm_in_round0_and_mid_epoch_then_resume_is_identical(tmp_path):
     assert [c.name for c in sorted((run / "captions" / "initial_parts").glob("videos_*"))] == [
         "videos_00000000_00000008.jsonl"]
     assert not (run / "state.json").exists()
+    # 1b. resume; two signals after step 2: the second exits at once (128 + SIGTERM), nothing half-written
+    p = _train([f"--out={run}", "--resume", "auto", *ARGS], hook="step:2:SIGTERM:2")
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr[-3000:]
+    assert json.loads((run / "state.json").read_text())["checkpoint"] is None  # round 0 done, no epoch yet
+    assert not list((run / "checkpoints").iterdir())
     # 2. resume; mid-epoch checkpoints every step (save_every_minutes is a runtime key); SIGTERM after step 7
     #    (epoch 2, step 1): the checkpoint of that step is written, the older mid-epoch ones are gone
     p = _train([f"--out={run}", "--resume", "auto", *ARGS, "save_every_minutes=0.00001"], hook="step:7")
@@ -160,6 +165,10 @@ def test_test_hook_signals_only_at_its_point(monkeypatch):
         maybe_signal_self("step", k)
         maybe_signal_self("round0", k)
     assert sent == [signal.SIGUSR1]
+    monkeypatch.setenv("REST_FAST_TEST_SIGNAL", "round0:2:SIGTERM:2")
+    for k in range(1, 4):
+        maybe_signal_self("round0", k)
+    assert sent == [signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM]
 
 
 def test_mid_epoch_checkpoint_names_sort_between_epochs(tmp_path):

@@ -12,9 +12,10 @@
   is kept until the epoch's own checkpoint replaces it.
 * Under torchrun every rank takes part in each decision (one small all-reduce on a CPU gloo group per optimiser
   step, no device sync), so all ranks stop or save at the same step.
-* ``REST_FAST_TEST_SIGNAL=KIND:N[:SIG]`` (tests only): the process sends itself ``SIG`` (default SIGTERM) when it
-  reaches point ``N`` of ``KIND`` (``step``: after the N-th optimiser step of the run; ``chunk``: after the N-th
-  round-0 chunk), so kill-and-resume tests are deterministic instead of racing a timer.
+* ``REST_FAST_TEST_SIGNAL=KIND:N[:SIG[:COUNT]]`` (tests only): the process sends itself ``SIG`` (default SIGTERM;
+  ``COUNT`` times, default once) when it reaches point ``N`` of ``KIND`` (``step``: after the N-th optimiser step of
+  the run; ``round0``: after this rank's N-th eval batch of round 0's initial captions), so kill-and-resume tests
+  are deterministic instead of racing a timer.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def maybe_signal_self(kind: str, count: int) -> None:
     if len(parts) < 2 or parts[0] != kind or not parts[1].isdigit() or int(parts[1]) != count:
         return
     sig = getattr(signal, parts[2]) if len(parts) > 2 else signal.SIGTERM
-    os.kill(os.getpid(), sig)
+    for _ in range(int(parts[3]) if len(parts) > 3 else 1):  # 2: the second signal, which exits at once
+        os.kill(os.getpid(), sig)
 
 
 def mid_epoch_name(epochs_done: int, step_in_epoch: int) -> str:
