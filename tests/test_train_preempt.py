@@ -60,10 +60,16 @@ def test_sigterm_in_round0_and_mid_epoch_then_resume_is_identical(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
 
     run = tmp_path / "run"
-    # 1. SIGTERM after round 0's second eval batch: the 8 captioned videos are saved as a chunk; exit 75
-    p = _train([f"--out={run}", *ARGS], hook="round0:2")
+    # 0. SIGTERM after the second eval batch of the CLIP video features: 8 videos' features saved as a chunk
+    p = _train([f"--out={run}", *ARGS], hook="features:2")
     assert p.returncode == PREEMPTED_EXIT_CODE, p.stderr[-3000:]
-    assert "stopped by SIGTERM during round 0" in p.stderr and "--resume auto" in p.stderr
+    assert "stopped by SIGTERM during round 0 (CLIP video features of 8" in p.stderr and "--resume auto" in p.stderr
+    assert [c.name for c in (run / "features" / "video_parts").glob("videos_*")] == ["videos_00000000_00000008.npy"]
+    # 1. resume; SIGTERM after round 0's second caption batch: the 8 captioned videos are saved as a chunk
+    p = _train([f"--out={run}", "--resume", "auto", *ARGS], hook="round0:2")
+    assert p.returncode == PREEMPTED_EXIT_CODE, p.stderr[-3000:]
+    assert "stopped by SIGTERM during round 0 (initial captions of 8" in p.stderr
+    assert not (run / "features" / "video_parts").exists()  # the features are cached whole: chunks dropped
     assert [c.name for c in sorted((run / "captions" / "initial_parts").glob("videos_*"))] == [
         "videos_00000000_00000008.jsonl"]
     assert not (run / "state.json").exists()
@@ -207,18 +213,27 @@ def test_sampler_starts_mid_epoch_in_the_same_order():
 
 
 def test_round0_chunks_continue_from_the_block_start(tmp_path):
-    from rest_fast.train.round0_chunks import done_prefix, prepare_parts, write_chunk
+    import numpy as np
+
+    from rest_fast.train.round0_chunks import CaptionChunks, FeatureChunks, done_prefix, prepare_parts
 
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     folder = tmp_path / "parts"
     prepare_parts(folder, "k1", env)
-    write_chunk(folder, 0, [["a"], ["b"]])
-    write_chunk(folder, 2, [["c"]])
-    write_chunk(folder, 5, [["x"]])  # not continuing the prefix: ignored
-    assert done_prefix(folder, 0, 6, 6) == [["a"], ["b"], ["c"]]
-    assert done_prefix(folder, 0, 2, 6) == [["a"], ["b"]]
-    assert done_prefix(folder, 3, 6, 6) == []
+    caps, feats = CaptionChunks(folder), FeatureChunks(folder)
+    caps.write(0, [["a"], ["b"]])
+    caps.write(2, [["c"]])
+    caps.write(5, [["x"]])  # not continuing the prefix: ignored
+    assert done_prefix(caps, 0, 6) == [["a"], ["b"], ["c"]]
+    assert done_prefix(caps, 0, 2) == [["a"], ["b"]]
+    assert done_prefix(caps, 3, 6) == []
+    rows = [np.arange(3, dtype=np.float32) + k for k in range(4)]
+    feats.write(0, rows[:3])
+    feats.write(3, rows[3:])
+    got = done_prefix(feats, 0, 4)
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, rows))
+    assert len(done_prefix(caps, 0, 6)) == 3  # each store reads its own files
     prepare_parts(folder, "k1", env)  # same key: kept
-    assert len(done_prefix(folder, 0, 6, 6)) == 3
+    assert len(done_prefix(caps, 0, 6)) == 3
     prepare_parts(folder, "k2", env)  # other videos or captioner: dropped
-    assert done_prefix(folder, 0, 6, 6) == []
+    assert done_prefix(caps, 0, 6) == [] and done_prefix(feats, 0, 4) == []

@@ -381,9 +381,11 @@ class Trainer(TrainingStateMixin):
         t0 = time.time()
         key = features_key(videos=[str(p) for p in self.inputs.paths], clip=cfg.clip, seed=cfg.seed,
                            pretrained=cfg.clip_pretrained, T=cfg.num_frames, size=self.inputs.clip_size)
+        clip, batches = self._video_feature_source(key)  # computed in resumable chunks unless cached
         self.video_feats = video_features(
-            self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
+            clip, batches, self.n, env, cache_dir=self.run_dir.path("features"),
             key=key, amp=cfg.precision, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
+        self._drop_video_parts()
         # docs/PRECISION: the trainer's CLIP features are L2-normalised, then rounded to fp16 once (fp32 scores)
         self.video_feats = self.video_feats.to(torch.float16)
         # this rank's rows of the graph only (all rows in one process)
@@ -704,6 +706,9 @@ class Trainer(TrainingStateMixin):
         return self.run_dir.root
 
     _last_report = 0.0
+
+    def _progress_bar(self, desc: str, total: int | None = None):
+        return _progress(self.cfg, self.env, desc, total)
 
     def _report(self, final: bool = False) -> None:
         self._last_report = time.time()

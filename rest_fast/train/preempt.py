@@ -14,8 +14,8 @@
   step, no device sync), so all ranks stop or save at the same step.
 * ``REST_FAST_TEST_SIGNAL=KIND:N[:SIG[:COUNT]]`` (tests only): the process sends itself ``SIG`` (default SIGTERM;
   ``COUNT`` times, default once) when it reaches point ``N`` of ``KIND`` (``step``: after the N-th optimiser step of
-  the run; ``round0``: after this rank's N-th eval batch of round 0's initial captions), so kill-and-resume tests
-  are deterministic instead of racing a timer.
+  the run; ``features``/``round0``: after this rank's N-th eval batch of round 0's CLIP video features / initial
+  captions), so kill-and-resume tests are deterministic instead of racing a timer.
 """
 
 from __future__ import annotations

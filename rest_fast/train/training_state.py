@@ -27,6 +27,7 @@ from rest_fast.train.preempt import (
 
 class TrainingStateMixin:
     _signals: StopSignals | None = None
+    _control: Control | None = None
     _mid_resume: dict | None = None
     _last_mid_epoch: str | None = None
 
@@ -50,7 +51,38 @@ class TrainingStateMixin:
             raise UserError(str(exc)) from None
         micro_batch_size(self.inputs.per_rank_batch(), cfg.accum_steps, env.world_size)
         self.scaler = StepScaler(cfg.precision, env.device)
-        self.control = Control(env, self.signals, cfg.save_every_minutes)
+        self.control  # noqa: B018 - made here at the latest (every rank at the same point: a collective under torchrun)
+
+    @property
+    def control(self) -> Control:
+        """The stop/save decisions (made on first use, which every rank reaches at the same point)."""
+        if self._control is None:
+            self._control = Control(self.env, self.signals, self.cfg.save_every_minutes)
+        return self._control
+
+    def _video_feature_source(self, key: str):
+        """``(clip, batches)`` for :func:`~rest_fast.train.features.video_features`: unless its cache holds the
+        features, this rank's rows are computed first, chunk by chunk (``features/video_parts/``, resumable:
+        :mod:`rest_fast.train.round0_chunks`), and handed over as precomputed rows."""
+        import torch
+
+        from rest_fast.train import round0_chunks as rc
+
+        cache_dir = self.run_dir.path("features")
+        if rc.features_cached(cache_dir, key, self.env):
+            return self.clip, lambda: self.inputs.eval_batches("clip")
+        rows = rc.chunked_video_rows(
+            self.clip, lambda start: self.inputs.eval_batches("clip", start=start), self.n, self.env,
+            folder=cache_dir / "video_parts", key=key, batch_size=self.cfg.eval_batch_size, control=self.control,
+            signals=self.signals, run_root=self.run_dir.root, amp=self.cfg.precision,
+            progress=self._progress_bar("CLIP video features", self.inputs.eval_steps()))
+        mine = torch.from_numpy(self.env.shard(self.n))
+        return rc.PrecomputedRows(int(rows.shape[1])), (lambda: [(mine, rows)] if len(mine) else [])
+
+    def _drop_video_parts(self) -> None:
+        from rest_fast.train import round0_chunks as rc
+
+        rc.drop_parts(self.run_dir.path("features", "video_parts"), self.env)
 
     def _load_step_state(self, train_state: dict) -> None:
         """The scaler's state, and (a mid-epoch checkpoint) where in the epoch to continue."""
