@@ -237,3 +237,20 @@ def test_round0_chunks_continue_from_the_block_start(tmp_path):
     assert len(done_prefix(caps, 0, 6)) == 3
     prepare_parts(folder, "k2", env)  # other videos or captioner: dropped
     assert done_prefix(caps, 0, 6) == [] and done_prefix(feats, 0, 4) == []
+
+
+def test_mid_epoch_resume_needs_the_same_world_size():
+    from rest_fast.errors import UserError
+    from rest_fast.run.precision import StepScaler
+    from rest_fast.train.training_state import TrainingStateMixin
+
+    t = TrainingStateMixin()
+    t.env, t.scaler = DistEnv(0, 1, 0, torch.device("cpu")), StepScaler("fp32", "cpu")
+    counters = {"window": [1.5, 1.0], "total": [4.0, 2.0]}
+    with pytest.raises(UserError, match="written by 2 process"):
+        t._load_step_state({"step_in_epoch": 3, "counters": {0: counters, 1: counters}, "rng": {}})
+    t._load_step_state({"step_in_epoch": 3, "counters": {0: counters}, "rng": {}})
+    assert t._take_mid_epoch_resume() == (3, {**counters, "rng": None})
+    assert t._take_mid_epoch_resume() == (0, None)  # once
+    t._load_step_state({"step": 6})  # an epoch checkpoint: the next epoch starts at its beginning
+    assert t._take_mid_epoch_resume() == (0, None)

@@ -89,7 +89,13 @@ class TrainingStateMixin:
         self.scaler.load_state_dict(train_state.get("scaler") or {})
         k = int(train_state.get("step_in_epoch", 0) or 0)
         if k:
-            rank = self.env.rank
+            from rest_fast.errors import UserError
+
+            rank, saved = self.env.rank, len(train_state.get("counters", {}))
+            if saved != self.env.world_size:  # the epoch's order is split over ranks: it cannot be re-split mid-way
+                raise UserError(f"the mid-epoch checkpoint was written by {saved} process(es), this run has "
+                                f"{self.env.world_size}: resume with {saved}, or from an epoch checkpoint with "
+                                "--resume RUN/checkpoints/epoch_XXXX")
             self._mid_resume = {"step_in_epoch": k, **train_state["counters"][rank],
                                 "rng": train_state.get("rng", {}).get(rank)}
 
