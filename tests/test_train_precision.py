@@ -137,6 +137,7 @@ def test_fp16_scaler_skips_a_step_with_an_inf_gradient_and_counts_it():
     moved = [not torch.equal(a, b) for a, b in zip(weights, weights[1:])]
     assert moved == [True, True, False, True, True]  # step 3 skipped: the weights did not move
     assert [r["skipped_steps"] for r in logs] == [0, 0, 1, 1, 1]
+    assert all(np.isfinite(r["loss"]) for r in logs)
     assert scaler.scaler.get_scale() == 512.0  # halved once
     assert int(opt.state[module.w]["step"]) == 4  # AdamW saw 4 steps, not 5
     # the scaler's state goes into a checkpoint loaded with weights_only=True
@@ -157,3 +158,21 @@ def test_scaler_off_is_a_plain_step():
     scaler.step(opt, [module.w], 0.0)
     torch.testing.assert_close(module.w.detach(), before - 0.1 * module.w.grad)
     assert scaler.state_dict() == {"scaler": {}, "skipped": 0}
+
+
+def test_fp16_overflowed_loss_is_skipped_not_fatal():
+    """An fp16 forward that overflows (inf loss) is a skipped step; its loss stays out of the logged mean."""
+    module = _Linear()
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = StepScaler("fp16", "cpu", enabled=True, init_scale=8.0)
+    big = torch.zeros(2, 6)
+    big[:, 0] = 1e30  # (x·w)² overflows
+    batches = [(torch.arange(2), torch.ones(2, 6)), (torch.arange(2), big), (torch.arange(2), torch.ones(2, 6))]
+    logs: list[dict] = []
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    stats = self_train_epoch(module, opt, sched, batches, _Cache(), epoch=0, seed=0, env=env, amp="fp16",
+                             log_every=3, on_log=logs.append, scaler=scaler)
+    assert logs[0]["skipped_steps"] == 1 and np.isfinite(stats["loss"])
+    with pytest.raises(FloatingPointError):  # without the scaler an inf loss still stops the run
+        self_train_epoch(module, opt, sched, batches, _Cache(), epoch=0, seed=0, env=env, amp="fp32", log_every=3)

@@ -111,8 +111,13 @@ def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, s
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
             optimizer.step()
         scheduler.step()
-        window[0] += loss.to(torch.float64)
-        window[1] += one
+        if scaler is not None and scaler.enabled:  # fp16: an overflowed step is skipped, not fatal; its loss not counted
+            ok = torch.isfinite(loss)
+            window[0] += torch.where(ok, loss, torch.zeros_like(loss)).to(torch.float64)
+            window[1] += ok.to(torch.float64)
+        else:
+            window[0] += loss.to(torch.float64)
+            window[1] += one
         if (step + 1) % log_every == 0:
             total += window
             avg, _ = _check_window(window, env, epoch=epoch, step=step)
