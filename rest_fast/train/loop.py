@@ -602,10 +602,10 @@ class Trainer(TrainingStateMixin):
                            "scaler": self.scaler.state_dict()}
             ckpt = self.run_dir.save_checkpoint(epoch, self.model.state_dict(), train_state,
                                                 {"round": rnd, "step": self.global_step, "world_size": env.world_size})
-            drop_mid_epoch_checkpoints(self.run_dir.list_checkpoints())  # superseded by this epoch's
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({**prev, "epoch": epoch, "round": rnd,
                                       "checkpoint": str(ckpt.relative_to(self.run_dir.root))})
+            drop_mid_epoch_checkpoints(self.run_dir.list_checkpoints())  # superseded (state.json no longer names them)
             self.run_dir.prune_checkpoints(cfg.keep_checkpoints, protect=[ckpt])
         barrier(env)
 
