@@ -176,3 +176,25 @@ def test_fp16_overflowed_loss_is_skipped_not_fatal():
     assert logs[0]["skipped_steps"] == 1 and np.isfinite(stats["loss"])
     with pytest.raises(FloatingPointError):  # without the scaler an inf loss still stops the run
         self_train_epoch(module, opt, sched, batches, _Cache(), epoch=0, seed=0, env=env, amp="fp32", log_every=3)
+
+
+def test_fp16_reaches_the_captioner_and_the_autocast_contexts(tmp_path):
+    """precision=fp16: load_models' decision (fp16 autocast dtype) is what GARModel and the trainer's contexts use
+    on CUDA (checked on the context objects: no GPU here)."""
+    import warnings
+
+    from rest_fast.models import GARModel
+    from rest_fast.models.tiny import tiny_blip
+    from rest_fast.train.distributed import autocast
+
+    cuda = torch.device("cuda", 0)
+    blip, tok = tiny_blip(seed=0)
+    gar = GARModel(blip, tok, num_frames=1, adapter_layers=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available": the context is built, not entered
+        assert gar._autocast(cuda).fast_dtype == torch.bfloat16  # default
+        gar.autocast_dtype = precision(cuda, "fp16").autocast_dtype
+        assert gar._autocast(cuda).fast_dtype == torch.float16
+        assert autocast(cuda, "fp16").fast_dtype == torch.float16 and autocast(cuda, True).fast_dtype == torch.bfloat16
+        off = autocast(cuda, "fp32")
+        assert not (off.device == "cuda" and off._enabled)
