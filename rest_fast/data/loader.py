@@ -73,8 +73,12 @@ class _EpochSampler(Sampler):
     def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int):
         self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
         self.epoch = 0
+        self.start = 0  # entries of this rank's order to skip (a run resumed mid-epoch); the trainer resets it
 
     def __len__(self) -> int:
+        return max(0, self._per_rank() - self.start)
+
+    def _per_rank(self) -> int:
         return math.ceil(self.n / self.world_size)
 
     def __iter__(self):
@@ -83,9 +87,9 @@ class _EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        total = len(self) * self.world_size
+        total = self._per_rank() * self.world_size
         order = (order * math.ceil(total / max(1, len(order))))[:total]
-        return iter([(self.epoch, i) for i in order[self.rank::self.world_size]])
+        return iter([(self.epoch, i) for i in order[self.rank::self.world_size][self.start:]])
 
 
 def video_bad_reason(e: BaseException, path: str, timeout_s: float) -> tuple[str, str]:

@@ -266,7 +266,8 @@ class GARModel(nn.Module):
 
     def _autocast(self, device: torch.device):
         if device.type == "cuda" and self.autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            # bf16 by default; fp16 on cards without bf16 (the trainer's precision=fp16 sets autocast_dtype)
+            return torch.autocast("cuda", dtype=getattr(self, "autocast_dtype", torch.bfloat16))
         return nullcontext()
 
     @staticmethod

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from rest_fast.errors import UserError
+from rest_fast.run.precision import amp_of, check_config_precision, reconcile_amp
 
 
 class ConfigError(UserError):
@@ -105,6 +106,7 @@ class TrainConfig:
     log_every: int = _f(10, "steps between loss records in metrics.jsonl", group="run", runtime=True)
     log_to: list[str] = _f([], "live dashboards fed with the metrics.jsonl records (rank 0): 'tensorboard' (RUN/tensorboard/), 'wandb' (WANDB_MODE=offline works offline); optional extras rest_fast[tensorboard], rest_fast[wandb]", group="run", runtime=True)
     keep_checkpoints: int = _f(2, "epoch checkpoints kept on disk (the newest ones)", group="run", runtime=True)
+    save_every_minutes: float = _f(30.0, "also checkpoint mid-epoch after this many minutes of training (the newest one is kept; resume continues from the next micro-batch); 0 = only at epoch ends", group="run", runtime=True)
     report_videos: int = _f(24, "videos shown in report.html", group="run", runtime=True)
     progress: bool = _f(True, "tqdm progress bars", group="run", runtime=True)
 
@@ -222,6 +224,15 @@ def validate_config(cfg: TrainConfig, *, check_paths: bool = False) -> TrainConf
     from rest_fast.run.sinks import parse_log_to  # names only: nothing is imported for a sink here
 
     parse_log_to(cfg.log_to)
+    if cfg.accum_steps < 1:
+        raise bad(f"accum_steps must be >= 1, got {cfg.accum_steps}")
+    if not math.isfinite(cfg.save_every_minutes) or cfg.save_every_minutes < 0:
+        raise bad(f"save_every_minutes must be >= 0 (0 = only at epoch ends), got {cfg.save_every_minutes}")
+    try:  # a config built directly (TrainConfig(amp=False)): amp and precision made to agree
+        cfg.precision = check_config_precision(cfg.amp, cfg.precision)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    cfg.amp = amp_of(cfg.precision)
     if check_paths:
         if cfg.data is not None and not os.path.exists(cfg.data):
             raise bad(f"data={cfg.data} does not exist")
@@ -344,6 +355,10 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
             values[key] = _coerce(key, value, types_[key])
         except (ValueError, yaml.YAMLError) as exc:
             raise ConfigError(str(exc).splitlines()[0]) from None
+    try:  # `amp` is `precision`'s alias: the key this layer gives decides the other one
+        reconcile_amp(values, {k.replace("-", "_") for k in overrides})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return TrainConfig(**values)
 
 

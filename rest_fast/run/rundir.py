@@ -229,12 +229,14 @@ class RunDir:
         atomic_write_jsonl(self.metrics_path, [r for r in self.read_metrics() if keep(r)])
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def save_checkpoint(self, epoch: int, model_state: dict[str, torch.Tensor], train_state: dict, meta: dict) -> Path:
-        """Write ``checkpoints/epoch_XXXX/`` whole: a temp folder renamed into place.
+    def save_checkpoint(self, epoch: int, model_state: dict[str, torch.Tensor], train_state: dict, meta: dict,
+                        *, name: str | None = None) -> Path:
+        """Write ``checkpoints/epoch_XXXX/`` (or ``checkpoints/NAME/``, a mid-epoch one) whole: a temp folder
+        renamed into place.
 
         ``train_state`` must hold tensors and plain Python values only (it is loaded with
         ``weights_only=True``); ``meta.json`` records the SHA-256 of both files."""
-        final = self.checkpoint_dir(epoch)
+        final = self.checkpoint_dir(epoch) if name is None else self.root / "checkpoints" / name
         tmp = make_temp_dir(final.parent, f".{final.name}.")
         try:
             sums = {"model.safetensors": atomic_save_safetensors(model_state, tmp / "model.safetensors"),

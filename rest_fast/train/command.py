@@ -142,6 +142,7 @@ def run_train(args: argparse.Namespace) -> int:
         VideoListChanged,
     )
     from rest_fast.train.loop import RunExistsError, train
+    from rest_fast.train.preempt import Preempted
 
     out_given = getattr(args, "cfg__out", None) is not None or "out" in parse_key_values(list(args.overrides or []))
     if cfg.is_demo and args.resume is None and not out_given:
@@ -152,6 +153,12 @@ def run_train(args: argparse.Namespace) -> int:
     except (RunExistsError, RunLockedError, ForeignFolderError, CheckpointCorrupt, VideoListChanged, UnsafePath) as exc:
         print(f"rest-fast train: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # a checkpoint was written: exit 75 tells a job script to resubmit with --resume auto
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
+            print(f"rest-fast train: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     return 0
 
 

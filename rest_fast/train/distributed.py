@@ -206,25 +206,38 @@ def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Precision:
-    """What ``amp`` means on a device: ``autocast`` — the captioner and CLIP calls run under bf16 autocast;
-    ``clip_dtype`` — the frozen CLIP's weight dtype (``None`` = its default: bf16/fp16 on CUDA, fp32 on CPU)."""
+    """What ``amp``/``precision`` means on a device: ``autocast`` — the captioner and CLIP calls run under
+    autocast in ``autocast_dtype`` (bf16, or fp16 for ``precision=fp16``); ``clip_dtype`` — the frozen CLIP's
+    weight dtype (``None`` = its default: bf16/fp16 on CUDA, fp32 on CPU)."""
 
     autocast: bool
     clip_dtype: torch.dtype | None
+    autocast_dtype: torch.dtype = torch.bfloat16
 
 
-def precision(device: torch.device, amp: bool) -> Precision:
-    """The precision decisions for ``device`` under config ``amp`` (pure: testable for CUDA without a GPU).
+def precision(device: torch.device, amp: bool | str) -> Precision:
+    """The precision decisions for ``device`` under config ``amp`` (a bool) or ``precision`` (``"bf16"``,
+    ``"fp16"``, ``"fp32"``); pure: testable for CUDA without a GPU.
 
-    ``amp=False`` on CUDA is fp32 everywhere: no autocast in the model, CLIP weights in fp32.
+    ``amp=False`` / ``"fp32"`` on CUDA is fp32 everywhere: no autocast in the model, CLIP weights in fp32.
+    ``"fp16"``: fp16 autocast and fp16 CLIP weights (cards without bf16).
     """
+    from rest_fast.run.precision import autocast_dtype
+
+    dtype = autocast_dtype(amp)
     if device.type != "cuda":
         return Precision(autocast=False, clip_dtype=torch.float32)
-    return Precision(autocast=True, clip_dtype=None) if amp else Precision(autocast=False, clip_dtype=torch.float32)
+    if dtype is None:
+        return Precision(autocast=False, clip_dtype=torch.float32)
+    return Precision(autocast=True, clip_dtype=None if dtype == torch.bfloat16 else dtype, autocast_dtype=dtype)
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (when ``enabled``); a no-op context on CPU, where fp32 is kept."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, enabled: bool | str = True):
+    """Autocast on CUDA: bf16 for ``True``/``"bf16"``, fp16 for ``"fp16"``; off for ``False``/``"fp32"``; a no-op
+    context on CPU, where fp32 is kept."""
+    from rest_fast.run.precision import autocast_dtype
+
+    dtype = autocast_dtype(enabled)
+    if dtype is not None and device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)

@@ -84,13 +84,14 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     from rest_fast.models import GARModel
     from rest_fast.train.distributed import precision
 
-    prec = precision(env.device, cfg.amp)
+    prec = precision(env.device, cfg.precision)
     try:
         model = GARModel.from_pretrained(blip_source, num_frames=cfg.num_frames,
                                          adapter_layers=cfg.adapter_layers_value())
     except OSError as exc:  # transformers' "couldn't connect ... nor find them in the cached files", a bad folder
         raise _model_error("BLIP", blip_source, exc) from None
     model.autocast = prec.autocast  # amp=false: fp32 on CUDA too
+    model.autocast_dtype = prec.autocast_dtype  # precision=fp16: cards without bf16
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(env.device)
     vis = model.blip.config.vision_config
@@ -199,10 +200,11 @@ class Inputs:
                 self.bad_files.add(path, reason, count - seen)
                 self._absorbed[(key, path)] = count
 
-    def eval_batches(self, kind: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, kind: str, start: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's block of videos in order, un-augmented: ``(global indices int64 [B], clips [B,T,3,S,S])``.
 
         ``kind``: ``"clip"`` (CLIP's size and normalisation) or ``"blip"`` (S, BLIP's normalisation).
+        ``start``: begin at this global video of the block (a resumed round 0; a one-off loader), not its first.
         """
         if kind not in ("clip", "blip"):
             raise ValueError(f"kind must be 'clip' or 'blip', got {kind!r}")
@@ -210,10 +212,15 @@ class Inputs:
         if len(mine) == 0:
             return
         lo, hi = int(mine[0]), int(mine[-1]) + 1
+        key = kind
+        if start is not None and start > lo:
+            lo, key = min(int(start), hi), f"{kind}@{start}"
+            if lo == hi:
+                return
         sub = self.index[lo:hi]
         size, mean, std = ((self.clip_size, self.clip_mean, self.clip_std) if kind == "clip"
                            else (self.cfg.image_size, self.blip_mean, self.blip_std))
-        loader = self._loader(kind, sub, train=False, size=size, mean=mean, std=std,
+        loader = self._loader(key, sub, train=False, size=size, mean=mean, std=std,
                               batch_size=self.cfg.eval_batch_size)
         pos = lo
         try:
@@ -223,7 +230,9 @@ class Inputs:
                 yield torch.arange(pos, pos + b, dtype=torch.int64), batch.clips
                 pos += b
         finally:
-            self._absorb(kind, loader)
+            self._absorb(key, loader)
+            if key != kind:  # the one-off loader of a resumed pass: its workers end with it
+                self._loaders.pop(key, None)
 
     def eval_steps(self) -> int:
         """Batches this rank's :meth:`eval_batches` yields (for progress bars)."""
@@ -234,22 +243,37 @@ class Inputs:
         return -(-per_rank // self.per_rank_batch())
 
     def per_rank_batch(self) -> int:
+        """Clips per optimiser step on this rank."""
         return max(1, self.cfg.batch_size // self.env.world_size)
 
-    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Augmented self-training batches of epoch ``epoch``: ``(video indices int64 [B], clips [B,T,3,S,S])``.
+    def micro_batch(self) -> int:
+        """Clips per loader batch: the rank's step batch over ``accum_steps`` (gradient accumulation)."""
+        return max(1, self.per_rank_batch() // self.cfg.accum_steps)
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Augmented self-training micro-batches of epoch ``epoch``: ``(video indices int64 [b], clips [b,T,3,S,S])``,
+        ``accum_steps`` of them per optimiser step; from optimiser step ``start_step`` on (a mid-epoch resume).
 
         The indices are the entries actually read (a bad entry's replacement), so the captions sampled for
         them belong to the clip shown.
         """
+        from rest_fast.data.loader import _EpochSampler
+
         loader = self._loader("train", self.index, train=self.cfg.augment, size=self.cfg.image_size, mean=self.blip_mean,
-                              std=self.blip_std, batch_size=self.per_rank_batch(), shuffle=True, rank=self.env.rank,
+                              std=self.blip_std, batch_size=self.micro_batch(), shuffle=True, rank=self.env.rank,
                               world_size=self.env.world_size)
         loader.set_epoch(epoch)
+        skip = start_step * self.cfg.accum_steps  # micro-batches already trained on
+        sampler = getattr(loader, "sampler", None)
+        if skip and isinstance(sampler, _EpochSampler):  # start the epoch's order there: nothing is decoded twice
+            sampler.start, skip = start_step * self.per_rank_batch(), 0
         try:
-            for batch in loader:
-                yield batch.index, batch.clips
+            for k, batch in enumerate(loader):
+                if k >= skip:  # a loader with its own order (streamed shards): read past the trained part
+                    yield batch.index, batch.clips
         finally:
+            if isinstance(sampler, _EpochSampler):
+                sampler.start = 0
             self._absorb("train", loader)
 
     def frame_strip(self, i: int, size: int = 96) -> np.ndarray:

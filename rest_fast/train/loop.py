@@ -49,7 +49,9 @@ from rest_fast.run.shared_fs import check_shared_folder
 from rest_fast.run.sinks import MetricsLog, check_available
 from rest_fast.train import distributed as dist_utils
 from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
+from rest_fast.train.preempt import Preempted, drop_mid_epoch_checkpoints, is_mid_epoch
 from rest_fast.train.self_train import derive_seed
+from rest_fast.train.training_state import TrainingStateMixin
 
 
 class RunExistsError(RuntimeError):
@@ -128,7 +130,10 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
         ckpt = run.inside(state["checkpoint"], "state.json 'checkpoint'")
         problem = verify_checkpoint(ckpt)
         if problem is not None:
-            fallback, skipped = run.newest_intact_checkpoint(before=_epoch_of_name(ckpt.name))
+            before = _epoch_of_name(ckpt.name)
+            if before is not None and is_mid_epoch(ckpt):  # its epoch's own checkpoint is older: a fallback
+                before += 1
+            fallback, skipped = run.newest_intact_checkpoint(before=before)
             where = f"{fallback.name}" if fallback is not None else "the start of self-training (round 0)"
             msg = f"latest checkpoint unusable ({'; '.join([problem, *skipped])}); resuming from {where}"
             warnings.warn(msg, stacklevel=2)
@@ -146,6 +151,8 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
         if ckpt != root / str(state.get("checkpoint")):
             # going back to an older checkpoint: the round state is the one saved with it
             state = {**state, "epoch": meta["epoch"], "round": meta["round"], "checkpoint": str(ckpt.relative_to(root))}
+        # a mid-epoch checkpoint: the steps of the epoch under way up to it are kept (see _truncate_run)
+        state = {**state, "mid_epoch_step": meta.get("step") if is_mid_epoch(ckpt) else None}
     return cfg, root, state, ckpt
 
 
@@ -182,11 +189,14 @@ def _video_names(index, data: str | None = None, data_root: str | None = None) -
     return [os.path.relpath(p, root) for p in paths]
 
 
-def _truncate_run(run: RunDir, epoch: int, rnd: int) -> None:
-    """Drop what a lost epoch/round left behind: later metrics, round files and checkpoints."""
+def _truncate_run(run: RunDir, epoch: int, rnd: int, mid_epoch_step: int | None = None) -> None:
+    """Drop what a lost epoch/round left behind: later metrics, round files and checkpoints. ``mid_epoch_step``:
+    resuming from a mid-epoch checkpoint taken at this global step (the epoch's step records up to it stay)."""
 
     def keep(rec: dict) -> bool:
         kind = rec.get("kind")
+        if kind == "step" and mid_epoch_step is not None and int(rec.get("epoch", 0)) == epoch + 1:
+            return int(rec.get("step", 0)) <= mid_epoch_step
         if kind in ("step", "epoch"):
             return int(rec.get("epoch", 0)) <= epoch
         if kind == "round":
@@ -210,7 +220,7 @@ def _truncate_run(run: RunDir, epoch: int, rnd: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-class Trainer:
+class Trainer(TrainingStateMixin):
     """Holds the pieces of one run; :meth:`run` executes Algorithm 1 from wherever the run stands."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, *, resume: str | None = None) -> None:
@@ -261,7 +271,8 @@ class Trainer:
                     self.run_dir.metrics_path.unlink()  # a run that died before its first state
             else:
                 atomic_write_text(self.run_dir.path(CONFIG_FILE), cfg.to_yaml())  # may carry a larger `epochs`
-                _truncate_run(self.run_dir, int(self.state["epoch"]), int(self.state["round"]))
+                _truncate_run(self.run_dir, int(self.state["epoch"]), int(self.state["round"]),
+                              self.state.get("mid_epoch_step"))
             self.metrics = MetricsLog.open(self.run_dir, cfg.log_to, config=cfg.to_dict())  # metrics.jsonl + log_to
             self.metrics.write({"kind": "start", "resume_epoch": self.state["epoch"] if self.state else None,
                                 "world_size": env.world_size, "device": str(env.device)})
@@ -382,9 +393,11 @@ class Trainer:
         t0 = time.time()
         key = features_key(videos=[str(p) for p in self.inputs.paths], clip=cfg.clip, seed=cfg.seed,
                            pretrained=cfg.clip_pretrained, T=cfg.num_frames, size=self.inputs.clip_size)
+        clip, batches = self._video_feature_source(key)  # computed in resumable chunks unless cached
         self.video_feats = video_features(
-            self.clip, lambda: self.inputs.eval_batches("clip"), self.n, env, cache_dir=self.run_dir.path("features"),
-            key=key, amp=cfg.amp, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
+            clip, batches, self.n, env, cache_dir=self.run_dir.path("features"),
+            key=key, amp=cfg.precision, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
+        self._drop_video_parts()
         # docs/PRECISION: the trainer's CLIP features are L2-normalised, then rounded to fp16 once (fp32 scores)
         self.video_feats = self.video_feats.to(torch.float16)
         # this rank's rows of the graph only (all rows in one process)
@@ -400,8 +413,8 @@ class Trainer:
     def round_zero(self) -> None:
         """Initial captions (T x P per video) and the first retrieval update; snapshot round 0."""
         from rest_fast.cache import CaptionCache
+        from rest_fast.train import round0_chunks
         from rest_fast.train.generate_round import caption_round
-        from rest_fast.train.initial_captions import initial_captions
 
         cfg, env = self.cfg, self.env
         t0 = time.time()
@@ -420,14 +433,18 @@ class Trainer:
             if len(recs) == self.n:
                 initial = [r["captions"] for r in recs]
         initial = broadcast_object(env, initial)
-        if initial is None:
-            initial = initial_captions(
-                self.model, self.inputs.eval_batches("blip"), list(cfg.prompts), env, train_prompt=cfg.train_prompt,
-                num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length, amp=cfg.amp,
-                progress=_progress(cfg, env, "initial captions", self.inputs.eval_steps()))
+        if initial is None:  # in chunks: a kill loses at most one, a stop signal none (rest_fast.train.round0_chunks)
+            parts = round0_chunks.parts_dir(self.run_dir.root)
+            initial = round0_chunks.chunked_initial_captions(
+                self.model, lambda start: self.inputs.eval_batches("blip", start=start), self.n, env, folder=parts,
+                key=key, batch_size=cfg.eval_batch_size, control=self.control, signals=self.signals,
+                run_root=self.run_dir.root, progress=_progress(cfg, env, "initial captions", self.inputs.eval_steps()),
+                prompts=list(cfg.prompts), train_prompt=cfg.train_prompt, num_beams=cfg.num_beams,
+                max_length=cfg.max_length, min_length=cfg.min_length, amp=cfg.precision)
             if env.is_main:
                 atomic_write_jsonl(path, [{"video": str(self.inputs.rel(i)), "captions": c} for i, c in enumerate(initial)])
                 atomic_write_json(meta, {"key": key, "num_videos": self.n})
+            round0_chunks.drop_parts(parts, env)
         m = len(cfg.prompts) * cfg.num_frames
         self.cache = CaptionCache(self.n, cfg.k)
         flat = [c for caps in initial for c in caps]
@@ -435,7 +452,7 @@ class Trainer:
         del flat, initial
         self.text_feats.reserve(len(self.cache) + self.n)  # room for round 1's captions too: one growth at most
         stats = caption_round(0, None, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours, cfg.k,
-                              env, batch_size=cfg.eval_batch_size, amp=cfg.amp, initial_ids=initial_ids,
+                              env, batch_size=cfg.eval_batch_size, amp=cfg.precision, initial_ids=initial_ids,
                               progress=_progress(cfg, env, "embed captions"),
                               rerank_progress=_progress(cfg, env, "re-rank"))
         stats["new_captions"] = len(self.cache)  # every initial caption is new
@@ -450,10 +467,10 @@ class Trainer:
         t0 = time.time()
         generated = generate_captions(self.model, self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
-                                      amp=cfg.amp, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()))
+                                      amp=cfg.precision, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()))
         self.text_feats.reserve(len(self.cache) + self.n)  # at most N new captions this round
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
-                              cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+                              cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.precision,
                               progress=_progress(cfg, env, "embed captions"), rerank_progress=_progress(cfg, env, "re-rank"))
         self._finish_round(r, stats, generated=generated, seconds=time.time() - t0, epoch=epoch)
 
@@ -591,10 +608,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.lr, cfg.lr_min)
         self.global_step = 0
+        self._setup_precision_and_preemption()
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.train_module = DDP(self.loss_module, **ddp_options(env))
+            self.train_module = DDP(self.loss_module, **ddp_options(env, cfg.accum_steps))
         else:
             self.train_module = self.loss_module
 
@@ -609,6 +627,7 @@ class Trainer:
         rng = train_state.get("rng", {}).get(self.env.rank)
         if rng is not None:
             restore_rng(rng)
+        self._load_step_state(train_state)
 
     def save_checkpoint(self, epoch: int, rnd: int) -> None:
         from rest_fast.train.distributed import all_gather_objects
@@ -617,12 +636,14 @@ class Trainer:
         rngs = all_gather_objects(env, capture_rng())
         if env.is_main:
             train_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                           "rng": dict(enumerate(rngs)), "step": self.global_step, "epoch": epoch, "round": rnd}
+                           "rng": dict(enumerate(rngs)), "step": self.global_step, "epoch": epoch, "round": rnd,
+                           "scaler": self.scaler.state_dict()}
             ckpt = self.run_dir.save_checkpoint(epoch, self.model.state_dict(), train_state,
                                                 {"round": rnd, "step": self.global_step, "world_size": env.world_size})
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({**prev, "epoch": epoch, "round": rnd,
                                       "checkpoint": str(ckpt.relative_to(self.run_dir.root))})
+            drop_mid_epoch_checkpoints(self.run_dir.list_checkpoints())  # superseded (state.json no longer names them)
             self.run_dir.prune_checkpoints(cfg.keep_checkpoints, protect=[ckpt])
         barrier(env)
 
@@ -633,7 +654,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, 7))  # dropout draws of this epoch
         t0 = time.time()
-        base_step = self.global_step
+        start_step, resume = self._take_mid_epoch_resume()  # (0, None) unless resuming mid-epoch
+        base_step = self.global_step - start_step
 
         def on_log(rec: dict) -> None:
             if env.is_main:
@@ -641,11 +663,19 @@ class Trainer:
                                     "step": base_step + rec["step_in_epoch"],
                                     **{k: v for k, v in rec.items() if k != "step_in_epoch"}})
 
-        stats = self_train_epoch(self.train_module, self.optimizer, self.scheduler, self.inputs.train_batches(epoch),
-                                 self.cache, epoch=epoch, seed=cfg.seed, env=env, amp=cfg.amp, grad_clip=cfg.grad_clip,
+        stats = self_train_epoch(self.train_module, self.optimizer, self.scheduler,
+                                 self.inputs.train_batches(epoch, start_step=start_step),
+                                 self.cache, epoch=epoch, seed=cfg.seed, env=env, amp=cfg.precision, grad_clip=cfg.grad_clip,
                                  log_every=cfg.log_every, on_log=on_log,
-                                 progress=_progress(cfg, env, f"epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch))
+                                 progress=_progress(cfg, env, f"epoch {epoch + 1}/{cfg.epochs}",
+                                                    self.steps_per_epoch - start_step),
+                                 accum_steps=cfg.accum_steps, scaler=self.scaler, start_step=start_step, resume=resume,
+                                 on_step_end=self._step_end_hook(epoch, rnd - 1, base_step))
         self.global_step += stats["steps"]
+        if stats.get("stopped"):
+            self._record_bad_files()
+            raise Preempted(self.signals.signame, f"in epoch {epoch + 1} after step {self.global_step - base_step} "
+                            f"(checkpoint {self._last_mid_epoch})", self.run_dir.root)
         self._record_bad_files()
         if env.is_main:
             self.metrics.write({"kind": "epoch", "epoch": epoch + 1, "round": rnd, "loss": stats["loss"],
@@ -676,7 +706,7 @@ class Trainer:
             pass  # nothing usable on disk: the update below embeds this rank's captions again
         else:  # a run made before round files held only their new rows: one full table per round
             self.text_feats.load(self.run_dir.path("features", f"captions_{rnd:02d}.npy"), max_rows=len(self.cache))
-        self.text_feats.update(self.cache, self.clip, self.env, batch_size=self.cfg.eval_batch_size, amp=self.cfg.amp)
+        self.text_feats.update(self.cache, self.clip, self.env, batch_size=self.cfg.eval_batch_size, amp=self.cfg.precision)
 
     # --- Algorithm 1 ---------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -701,12 +731,14 @@ class Trainer:
         if rnd < 0:
             self.round_zero()
             rnd = 0
+            self._stop_if_signalled("after round 0")
         while True:
             nxt = rnd + 1
             if nxt <= cfg.caption_rounds and epoch >= cfg.round_end_epoch(nxt):  # no round after the last epoch
                 # unless final_caption_round: its captions would never be trained on
                 self.caption_round(nxt, epoch)
                 rnd = nxt
+                self._stop_if_signalled(f"after round {rnd}")
                 if time.time() - self._last_report > 60:  # keep the report fresh on long runs, cheap on short ones
                     self._report()
                 continue
@@ -715,6 +747,7 @@ class Trainer:
             self.train_epoch(epoch, rnd + 1)
             epoch += 1
             self.save_checkpoint(epoch, rnd)
+            self._stop_if_signalled(f"after epoch {epoch}", saved=True)
         self._report(final=True)
         log(env, f"done: {cfg.epochs} epochs, {rnd} rounds in {time.time() - t_start:.1f} s; "
                  f"report: {self.run_dir.path('report.html')}")
@@ -725,6 +758,9 @@ class Trainer:
         return self.run_dir.root
 
     _last_report = 0.0
+
+    def _progress_bar(self, desc: str, total: int | None = None):
+        return _progress(self.cfg, self.env, desc, total)
 
     def _report(self, final: bool = False) -> None:
         self._last_report = time.time()
@@ -763,16 +799,18 @@ def _caption_rows_name(r: int, rank: int = 0, world_size: int = 1) -> str:
     return f"caption_rows_{r:02d}.rank{rank:03d}_of{world_size:03d}.npy"
 
 
-def ddp_options(env: DistEnv) -> dict:
+def ddp_options(env: DistEnv, accum_steps: int = 1) -> dict:
     """DDP arguments of the self-training module.
 
     ``gradient_as_bucket_view``: gradients are views into the all-reduce buckets (no second copy of the gradients,
     no bucket↔grad copies). ``static_graph``: every step uses the same parameters in the same order (the loss runs
     the whole captioner; no branch skips a layer), which lets DDP overlap and skip the unused-parameter search, and
-    is valid with non-reentrant activation checkpointing.
+    is valid with non-reentrant activation checkpointing. Not with gradient accumulation (``accum_steps > 1``): a
+    static graph's first step cannot run under ``no_sync``, so that step would all-reduce every micro-batch — exact
+    in value, but rounded differently from the other steps, and a run resumed mid-epoch would not repeat it bit for bit.
     """
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return {"device_ids": ids, "gradient_as_bucket_view": True, "static_graph": True}
+    return {"device_ids": ids, "gradient_as_bucket_view": True, "static_graph": accum_steps == 1}
 
 
 def _discard_failed_start(root: Path) -> None:
@@ -794,7 +832,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     try:
         trainer = Trainer(cfg, env, resume=resume)
         try:
-            return trainer.run()
+            with trainer.signals:  # SIGTERM/SIGINT/SIGUSR1: checkpoint, then Preempted (rest_fast.train.preempt)
+                return trainer.run()
         finally:
             trainer.close()
     except UserError:

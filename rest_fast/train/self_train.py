@@ -63,10 +63,15 @@ def _read_window(window: torch.Tensor, env: DistEnv, *, epoch: int, step: int) -
 
 
 def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable,
-                     cache, *, epoch: int, seed: int, env: DistEnv, amp: bool = True, grad_clip: float = 0.0,
+                     cache, *, epoch: int, seed: int, env: DistEnv, amp: bool | str = True, grad_clip: float = 0.0,
                      log_every: int = 10, on_log: Callable[[dict], None] | None = None,
-                     progress: Callable | None = None) -> dict:
-    """One epoch over ``batches`` = ``(video_indices int64 [B], clips float [B,T,3,S,S])``; returns epoch stats.
+                     progress: Callable | None = None, accum_steps: int = 1, scaler=None, start_step: int = 0,
+                     resume: dict | None = None, on_step_end: Callable[[int, Callable[[], dict]], bool] | None = None) -> dict:
+    """One epoch over ``batches`` = ``(video_indices int64 [b], clips float [b,T,3,S,S])``; returns epoch stats.
+
+    ``accum_steps`` consecutive items of ``batches`` make one optimiser step (gradient accumulation,
+    :mod:`rest_fast.train.accumulate`); ``amp``: ``True``/``False`` or a precision name (``"bf16"``, ``"fp16"``,
+    ``"fp32"``); ``scaler``: a :class:`rest_fast.run.precision.StepScaler` (fp16's gradient scaler; ``None`` = none).
 
     ``on_log(record)`` receives ``{"step_in_epoch", "loss", "lr", "grad_norm", "clips_per_second",
     "data_wait_fraction"}`` (+ ``gpu_memory_gb`` on CUDA) every ``log_every`` steps (loss averaged over ranks and
@@ -75,44 +80,86 @@ def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, s
     part in the reduction, only rank 0's callback should write). The returned stats also hold the epoch's
     ``clips_per_second`` and ``data_wait_fraction``.
 
+    Mid-epoch resume: ``batches`` starts at optimiser step ``start_step`` of the epoch, ``resume`` holds the
+    counters saved with it (``{"window": [...], "total": [...]}``) and ``"rng"`` (restored once the first step's
+    batches are fetched, where an uninterrupted epoch stood when the checkpoint was taken). ``on_step_end(steps
+    done in the epoch, counters)`` runs after every optimiser step (``counters()`` gives the counters to save);
+    it returning True ends the epoch there (``stats["stopped"]``: a checkpoint was written, the run stops).
+
     No host sync inside a step: captions are sampled and tokenised on the host, clips copied non-blocking, the loss
     summed on the device; the sum is read (and checked finite) only every ``log_every`` steps and at the end.
     """
+    from rest_fast.train.accumulate import accumulate_gradients, group_micro_batches
+
     loss_module.train()
     params = [p for p in loss_module.parameters() if p.requires_grad]
     dev = env.device
     # [loss sum, steps, grad norm of the last log step] since the last log: read in one transfer
     window = torch.zeros(3, dtype=torch.float64, device=dev)
     total = torch.zeros(3, dtype=torch.float64, device=dev)
+    if resume:  # counters saved with a mid-epoch checkpoint
+        saved_window, saved_total = resume["window"], resume["total"]
+        window[: len(saved_window)] = torch.tensor(saved_window, dtype=torch.float64)
+        total[: len(saved_total)] = torch.tensor(saved_total, dtype=torch.float64)
     one = torch.ones((), dtype=torch.float64, device=dev)
-    step = -1
-    meter = LoaderMeter(batches)
-    for step, (idx, clips) in enumerate(progress(meter) if progress else meter):
+    meter = LoaderMeter(batches)  # times the waits for data and counts clips, per micro-batch
+    groups = group_micro_batches(meter, accum_steps)
+    step = start_step - 1
+    stopped = False
+    fp16 = scaler is not None and scaler.enabled
+
+    def counters() -> dict:
+        return {"window": _to_host(window), "total": _to_host(total)}
+
+    for step, micro in enumerate(progress(groups) if progress else groups, start=start_step):
+        if step == start_step and resume and resume.get("rng") is not None:
+            from rest_fast.run.rundir import restore_rng
+
+            restore_rng(resume["rng"])
+        idx = torch.cat([i for i, _ in micro]) if len(micro) > 1 else micro[0][0]
         ids = cache.sample(idx.numpy().astype(np.int64), derive_seed(seed, epoch, step))
         captions = list(cache.texts(np.asarray(ids, dtype=np.int32)))
-        with autocast(dev, amp):
-            loss = loss_module(clips.to(dev, non_blocking=True), captions)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_gradients(loss_module, micro, captions, device=dev, autocast=lambda: autocast(dev, amp),
+                                    scale=scaler.scale if fp16 else (lambda t: t))
         log_now = (step + 1) % log_every == 0
-        if grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
-        elif log_now:  # the norm is only reported: computed on the log steps alone
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if log_now:
-            window[2] = norm.detach().to(torch.float64)
-        optimizer.step()
+        if fp16:  # unscales, clips and steps, skipping a step whose gradients hold inf/NaN
+            if log_now:  # the reported norm: of the unscaled gradients, before clipping (a device division, no sync)
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                window[2] = (norm.to(torch.float64) / scaler.scaler._scale.to(torch.float64)).detach()
+            scaler.step(optimizer, params, grad_clip)
+        else:
+            if grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
+            elif log_now:  # the norm is only reported: computed on the log steps alone
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if log_now:
+                window[2] = norm.detach().to(torch.float64)
+            optimizer.step()
         scheduler.step()
-        window[0] += loss.detach().to(torch.float64)
-        window[1] += one
+        if fp16:  # an overflowed step is skipped, not fatal; its loss not counted
+            ok = torch.isfinite(loss)
+            window[0] += torch.where(ok, loss, torch.zeros_like(loss)).to(torch.float64)
+            window[1] += ok.to(torch.float64)
+        else:
+            window[0] += loss.to(torch.float64)
+            window[1] += one
         if log_now:
             total += window
             avg, _, norm_value = _read_window(window, env, epoch=epoch, step=step)  # the sync that closes the window
             timing = {**meter.window(), **device_memory_gb(dev)}
             if on_log is not None:
-                on_log({"step_in_epoch": step + 1, "loss": avg, "lr": optimizer.param_groups[0]["lr"],
-                        "grad_norm": norm_value, **timing})
+                rec = {"step_in_epoch": step + 1, "loss": avg, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": norm_value, **timing}
+                if fp16:  # optimiser steps skipped for inf/NaN gradients
+                    rec["skipped_steps"] = int(_to_host(scaler.skipped.reshape(1))[0])
+                on_log(rec)
             window.zero_()
+        if on_step_end is not None and on_step_end(step + 1, counters):
+            stopped = True
+            break
+    if stopped:  # the counters went into the checkpoint; the epoch's stats are the resumed run's to report
+        return {"loss": float("nan"), "steps": step + 1 - start_step, "stopped": True}
     total += window
     mean, _ = _check_window(total, env, epoch=epoch, step=step)
-    return {"loss": mean, "steps": step + 1, **meter.total()}
+    return {"loss": mean, "steps": step + 1 - start_step, **meter.total()}
