@@ -56,6 +56,7 @@ from rest_fast.atomic_io import (  # noqa: F401 - re-exported for the trainer's 
     fsync_dir,
     make_temp_dir,
 )
+from rest_fast.errors import UserError
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -74,8 +75,9 @@ class ForeignFolderError(ValueError):
     """``--out`` holds files that ``rest-fast train`` did not write: we neither use nor delete them."""
 
 
-class UnsafePath(ValueError):
-    """A path read from a run's own files that would lead outside the run folder."""
+class UnsafePath(UserError):
+    """A path read from a run's own files that would lead outside the run folder (or to a file that is not
+    the run's): one line from the CLI."""
 
 
 class VideoListChanged(ValueError):
@@ -350,41 +352,69 @@ def _epoch_of(ckpt: Path) -> int:
     return int(ckpt.name.split("_")[1])
 
 
+def checksum_map(path: str | Path, meta: Any) -> dict[str, str]:
+    """The SHA-256 map of checkpoint folder ``path``'s ``meta.json``, complete: one entry for each of
+    :data:`CHECKPOINT_FILES` and nothing else.
+
+    A map that lacks an entry (``{}``, or no map at all) leaves a file unverified: :class:`CheckpointCorrupt`
+    (callers fall back to an older checkpoint). An entry naming any other file (``../../etc/passwd``) is
+    :class:`UnsafePath`: a checkpoint only ever checks its own two files, so such a map was planted."""
+    path = Path(path)
+    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    if sums is not None and not isinstance(sums, dict):
+        raise CheckpointCorrupt(f"{path / 'meta.json'}: 'sha256' is not a map of file checksums")
+    sums = sums or {}
+    other = sorted(str(k) for k in sums if k not in CHECKPOINT_FILES)
+    if other:
+        raise UnsafePath(f"{path / 'meta.json'} lists checksums of files that are not part of a checkpoint "
+                         f"({', '.join(repr(o) for o in other[:3])}); only {' and '.join(CHECKPOINT_FILES)} belong "
+                         "there: the file was altered, the checkpoint is not used")
+    lacking = [n for n in CHECKPOINT_FILES if not isinstance(sums.get(n), str)]
+    if lacking:
+        raise CheckpointCorrupt(f"{path / 'meta.json'} has no checksum for {' and '.join(lacking)}: unverified, "
+                                "treated as corrupt")
+    return sums
+
+
 def _read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
     """(meta, file bytes) of a checkpoint whose files match ``meta.json``'s SHA-256s."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointCorrupt(f"{path / 'meta.json'} is unreadable ({exc})") from exc
-    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    sums = checksum_map(path, meta)
     blobs = {}
     for name in CHECKPOINT_FILES:
         f = path / name
         if not f.is_file():
             raise CheckpointCorrupt(f"{f} is missing")
         blobs[name] = f.read_bytes()
-        if sums is None:
-            continue  # made before checksums existed: nothing to compare with
-        if sha256_bytes(blobs[name]) != sums.get(name):
+        if sha256_bytes(blobs[name]) != sums[name]:
             raise CheckpointCorrupt(f"{f} does not match its checksum in meta.json (corrupted or altered)")
     return meta, blobs
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
-    """None when the checkpoint folder is complete and its files match their checksums, else why not."""
+    """None when the checkpoint folder is complete and its files match their checksums, else why not.
+
+    Raises :class:`UnsafePath` when ``meta.json`` lists checksums of other files (see :func:`checksum_map`)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         return f"{path} is incomplete (no meta.json)"
     try:
         meta = json.loads((path / "meta.json").read_text())
-        sums = meta.get("sha256") or {}
+        sums = checksum_map(path, meta)
         for name in CHECKPOINT_FILES:
             f = path / name
             if not f.is_file():
                 return f"{f} is missing"
-            if name in sums and sha256_file(f) != sums[name]:
+            if sha256_file(f) != sums[name]:
                 return f"{f} does not match its checksum (corrupted or altered)"
+    except CheckpointCorrupt as exc:
+        return str(exc)
     except (OSError, ValueError, AttributeError) as exc:
+        if isinstance(exc, UnsafePath):
+            raise
         return f"{path}: unreadable ({exc})"
     return None
 

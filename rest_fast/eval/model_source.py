@@ -1,0 +1,82 @@
+"""Where a captioner named by a run's ``config.yaml`` or by ``--checkpoint`` is loaded from, without the network
+whenever it can be (issue 23, item 11).
+
+A run folder must evaluate, caption and fine-tune offline: the names the trainer itself gives models are not hub
+ids and never reach the hub —
+
+* ``demo``: the pretrained demo BLIP shipped in the package (:func:`rest_fast.synthetic.models.demo_blip_dir`);
+* ``tiny``: the random-init BLIP the trainer wrote into the run (``RUN/models/tiny_blip``);
+* a local folder (a path that exists, or one that looks like a path: ``./x``, ``/x``, ``~/x``, ``runs/x`` when
+  ``runs/`` exists here): used as is, or refused in one line when it is missing;
+* a hub id already in the local Hugging Face cache: its cached snapshot folder (no request, no retries);
+* any other hub id: left to ``from_pretrained`` (the network, or its one-line error offline).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["DEMO", "TINY", "looks_like_local_path", "cached_hub_snapshot", "captioner_source"]
+
+DEMO = "demo"  # the trainer's name for the packaged pretrained demo models
+TINY = "tiny"  # the trainer's name for its random-init models (the BLIP is written into the run)
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def looks_like_local_path(spec: str) -> bool:
+    """True when ``spec`` is meant as a local path: it starts with ``.``, ``/`` or ``~``, has more than one
+    ``/`` (a hub id has one), or its first component is a folder here (``runs/nope`` with ``runs/`` present:
+    a mistyped run folder, not the hub organisation ``runs``)."""
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec:
+        return True
+    head = spec.split("/", 1)[0]
+    return "/" in spec and os.path.isdir(head)
+
+
+def cached_hub_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of hub model ``repo_id`` when the Hugging Face cache holds its config and
+    weights, else None. Never makes a request."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, not a valid id, hub library missing: not available offline
+        return None
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in _WEIGHT_FILES):
+        return str(path)
+    return None
+
+
+def captioner_source(name: str, *, run_dir: str | Path | None = None, what: str = "BLIP") -> str:
+    """What :meth:`GARModel.from_pretrained` should load for captioner ``name`` (see the module docstring).
+
+    ``run_dir``: the run whose ``config.yaml`` named it (``tiny`` lives inside it). Raises
+    :class:`~rest_fast.eval.checkpoint.CheckpointError` for a name that cannot be right (``tiny`` outside a
+    run, a missing local folder) — before anything reaches the network."""
+    from rest_fast.eval.checkpoint import CheckpointError
+
+    where = f"run {run_dir} was trained from {what} {name!r}" if run_dir is not None else f"{what} {name!r}"
+    if name == DEMO:
+        from rest_fast.synthetic.models import demo_blip_dir
+
+        try:
+            return str(demo_blip_dir())
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+    if name == TINY:
+        if run_dir is None:
+            raise CheckpointError(f"{what} 'tiny' is the trainer's random-init model, written into each run folder: "
+                                  "pass the run folder (RUN or RUN/checkpoints/epoch_XXXX)")
+        path = Path(run_dir) / "models" / "tiny_blip"
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{where}, but {path} is missing")
+        return str(path)
+    p = Path(name).expanduser()
+    if p.exists():
+        return str(p)
+    if looks_like_local_path(name):
+        raise CheckpointError(f"{where}: no such folder {name} (a local path, not a Hugging Face hub id)")
+    return cached_hub_snapshot(name) or name
