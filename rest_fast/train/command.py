@@ -102,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _resume_root(resume: str | None, out: str):
-    """The folder of the run ``--resume`` continues, when it holds one (config.yaml + state.json)."""
+    """The folder of the run ``--resume`` continues, when it holds one (its config.yaml)."""
     from pathlib import Path
 
     if resume in (None, "", "none"):
@@ -112,7 +112,9 @@ def _resume_root(resume: str | None, out: str):
     else:
         p = Path(resume)
         root = p.parent.parent if p.parent.name == "checkpoints" else p
-    return root if (root / "config.yaml").is_file() and (root / "state.json").is_file() else None
+    # a run's config.yaml is the base whether or not a state.json exists (a run stopped before its first state
+    # is still that run: never the demo preset, never another config)
+    return root if (root / "config.yaml").is_file() else None
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -160,7 +162,7 @@ def _next_free_dir(path: str) -> str:
     from pathlib import Path
 
     candidate, n = Path(path), 1
-    while (candidate / "state.json").exists():
+    while (candidate / "state.json").exists() or (candidate / "config.yaml").exists():
         n += 1
         candidate = Path(f"{path}-{n}")
     return str(candidate)
