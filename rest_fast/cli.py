@@ -85,9 +85,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a file, not a folder")
     _check_prepare_input(args.data, args.data_root)
     print(f"rest-fast prepare: decoder {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
-    res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None, quality=args.quality,
-                  workers=args.workers, shard_size=args.shard_size, data_root=args.data_root,
-                  progress=not args.no_progress, **extra)
+    from rest_fast.run.output_guard import interrupted_prepare, locked_output
+
+    try:
+        with locked_output(out, "prepare"):  # one prepare per --out, as one trainer per run folder
+            res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None,
+                          quality=args.quality, workers=args.workers, shard_size=args.shard_size,
+                          data_root=args.data_root, progress=not args.no_progress, **extra)
+    except KeyboardInterrupt:
+        import shlex
+
+        again = f"rest-fast prepare --data {shlex.quote(args.data)} --out {shlex.quote(args.out)} (same options)"
+        raise UserError(interrupted_prepare(out, again)) from None
     print(f"{res.out}: {res.num_videos} videos in {res.num_shards} shard(s), {res.num_bad} bad "
           f"(bad_files.tsv); {res.decoded_now} decoded in {res.seconds:.1f} s"
           + (f", resumed at video {res.resumed_from}" if res.resumed_from else ""))

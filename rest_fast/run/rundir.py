@@ -84,7 +84,7 @@ class VideoListChanged(ValueError):
     """The videos differ from those the run was made from (its captions are stored by position)."""
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live trainer holds the run folder's lock."""
 
 
@@ -449,8 +449,9 @@ class RunLock:
     ``kill -9``): it is taken over with a warning. A live holder, or one on another host (whose pids we
     cannot check), makes :meth:`acquire` raise :class:`RunLockedError` naming it."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, holder: str = "trainer") -> None:
         self.path = Path(root) / LOCK_FILE
+        self.holder = holder  # what takes the lock, for the messages: "trainer", "prepare"
         self.held = False
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
 
@@ -478,6 +479,10 @@ class RunLock:
                 if holder is None:
                     continue  # released meanwhile: try again
                 pid, host = holder.get("pid"), holder.get("host")
+                if not isinstance(pid, int) or not isinstance(host, str):  # empty or garbage: we never write that
+                    raise RunLockedError(
+                        f"{self.path.parent} has a lock file that names no process (empty or not ours: "
+                        f"{_peek(self.path)}); if no trainer or prepare is working on it, delete {self.path}")
                 if host == self.info["host"] and isinstance(pid, int) and not _pid_alive(pid):
                     stale = self.path.with_name(f"{LOCK_FILE}.stale.{pid}.{time.time_ns()}")
                     try:
@@ -491,7 +496,7 @@ class RunLock:
                 since = holder.get("since")
                 when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
                 raise RunLockedError(
-                    f"{self.path.parent} is in use by another trainer (pid {pid} on host {host}{when}); wait for it "
+                    f"{self.path.parent} is in use by another {self.holder} (pid {pid} on host {host}{when}); wait for it "
                     f"to finish, or if it is surely gone, delete {self.path}")
             raise RunLockedError(f"could not take the lock {self.path} (it keeps changing hands)")
         finally:
@@ -510,6 +515,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _peek(path: Path, n: int = 40) -> str:
+    """The start of a small file, for a message: ``'empty'`` or its first ``n`` characters, repr'd."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(n)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    return "empty" if not head.strip() else repr(head.decode("utf-8", "replace"))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -234,7 +234,8 @@ def _check_ours(out: Path) -> None:
         raise ValueError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
         return
-    entries = sorted(f.name for f in out.iterdir())
+    # the folder's lock (`.lock`, taken by the prepare command around this call) is not content
+    entries = sorted(f.name for f in out.iterdir() if f.name != ".lock" and not f.name.startswith(".lock."))
     if not entries:
         return
     try:
