@@ -47,8 +47,9 @@ def locked_output(out: str | os.PathLike, holder: str) -> Iterator[Path]:
                 pass
 
 
-def interrupted_train(root: str | os.PathLike) -> str:
-    """Where a stopped run stands (from its ``state.json``) and how to continue it, in one line."""
+def interrupted_train(root: str | os.PathLike, verb: str = "interrupted") -> str:
+    """Where a stopped run stands (from its ``state.json``) and how to continue it, in one line starting with
+    ``verb``."""
     root = Path(root)
     resume = f"`rest-fast train --out {shlex.quote(str(root))} --resume auto`"
     try:
@@ -57,12 +58,12 @@ def interrupted_train(root: str | os.PathLike) -> str:
         state = None
     if not isinstance(state, dict):
         if not (root / "config.yaml").is_file():
-            return "interrupted before the run started; nothing to continue"
-        return (f"interrupted before round 0 finished: {root} keeps its config, models and features; "
+            return f"{verb} before the run started; nothing to continue"
+        return (f"{verb} before round 0 finished: {root} keeps its config and what round 0 saved; "
                 f"continue with {resume}")
     ckpt = state.get("checkpoint") or "no checkpoint yet"
-    return (f"interrupted: {root} stands after epoch {state.get('epoch')} and round {state.get('round')} "
-            f"({ckpt}); what came after is redone; continue with {resume}")
+    return (f"{verb}: {root} keeps its last complete state intact (state.json: epoch {state.get('epoch')}, round "
+            f"{state.get('round')}, {ckpt}); what came after is redone; continue with {resume}")
 
 
 def interrupted_prepare(out: str | os.PathLike, command: str) -> str:

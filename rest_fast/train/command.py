@@ -136,6 +136,9 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"rest-fast train: error: decoder=dali: {why}; pip install -e '.[dali]' or use --decoder pyav",
                   file=sys.stderr)
             return 2
+    from rest_fast.train.preflight import check_device
+
+    check_device(cfg.device)  # before anything is written: no run folder for a device this machine lacks
     from rest_fast.run.rundir import (
         CheckpointCorrupt,
         ForeignFolderError,
@@ -149,12 +152,43 @@ def run_train(args: argparse.Namespace) -> int:
     if cfg.is_demo and args.resume is None and not out_given:
         # Running the demo again starts a new demo run beside the finished one (never over it).
         cfg = dataclasses.replace(cfg, out=_next_free_dir(cfg.out))
+    from pathlib import Path
+
+    from rest_fast.errors import UserError, storage_problem
+    from rest_fast.run.output_guard import interrupted_train
+
+    fresh = not Path(cfg.out).exists()
     try:
         train(cfg, resume=args.resume)
     except (RunExistsError, RunLockedError, ForeignFolderError, CheckpointCorrupt, VideoListChanged, UnsafePath) as exc:
         print(f"rest-fast train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: where the run stands and how to continue, in one line
+        raise UserError(interrupted_train(_run_folder(cfg, args.resume))) from None
+    except Exception as exc:
+        problem = storage_problem(exc)  # read-only folder, full disk, file-size limit: one line, nothing lost
+        if problem is None:
+            raise
+        root = _run_folder(cfg, args.resume)
+        if fresh and not (root / "state.json").exists():
+            from rest_fast.train.loop import _discard_failed_start
+
+            _discard_failed_start(root)  # a start that got nowhere leaves no half-made folder
+            raise UserError(problem) from None
+        raise UserError(f"{problem}; {interrupted_train(root, verb='stopped')}") from None
     return 0
+
+
+def _run_folder(cfg, resume: str | None):
+    """The folder the run lives in (``--resume PATH`` names it, else ``out``)."""
+    from pathlib import Path
+
+    from rest_fast.train.loop import run_root
+
+    try:
+        return run_root(cfg, resume)[0]
+    except (OSError, ValueError):
+        return Path(cfg.out)
 
 
 def _next_free_dir(path: str) -> str:

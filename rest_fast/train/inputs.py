@@ -94,6 +94,9 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(env.device)
     vis = model.blip.config.vision_config
+    from rest_fast.train.preflight import check_image_size
+
+    check_image_size(cfg.image_size, int(vis.patch_size), int(vis.image_size))
     if cfg.image_size != vis.image_size and env.is_main:
         print(f"note: image_size={cfg.image_size} differs from the captioner's {vis.image_size}; BLIP's ViT "
               "position embeddings are interpolated to the frame size", flush=True)

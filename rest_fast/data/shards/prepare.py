@@ -231,7 +231,7 @@ def _check_ours(out: Path) -> None:
     """``out`` must be new, empty, or a prepare output (its ``settings.json`` says so): never write into,
     or delete from, a folder of someone else's files."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+        raise UserError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
         return
     # the folder's lock (`.lock`, taken by the prepare command around this call) is not content
@@ -244,7 +244,7 @@ def _check_ours(out: Path) -> None:
         ours = False
     if not ours:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise ValueError(f"--out {out} already holds files that are not a `rest-fast prepare` output ({shown}); "
+        raise UserError(f"--out {out} already holds files that are not a `rest-fast prepare` output ({shown}); "
                          "pass a new or empty folder (nothing in it is changed or deleted)")
 
 
@@ -264,7 +264,7 @@ def _remove_leftovers(out: Path, manifest: dict) -> None:
             else:
                 foreign.append(f.name)
     if foreign:
-        raise ValueError(f"{out} holds shards its manifest does not list ({', '.join(foreign[:5])}): they were not "
+        raise UserError(f"{out} holds shards its manifest does not list ({', '.join(foreign[:5])}): they were not "
                          "written by this prepare run; move them away or use another --out")
 
 
