@@ -329,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"rest-fast {command}" if command else "rest-fast"
+    import warnings
+
+    default_format = warnings.formatwarning
+
+    def one_line_warning(message, category, filename, lineno, line=None):  # our warnings: one line each
+        if issubclass(category, UserWarning) and filename.startswith(os.path.dirname(__file__)):
+            return f"{prog}: warning: {one_line(str(message))}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line_warning
     try:
         return _run(build_parser(), argv)
     except Exception as exc:
@@ -341,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             msg = msg[len(p):] if msg.startswith(p) else msg
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = default_format
 
 
 def _user_facing(exc: BaseException) -> bool:

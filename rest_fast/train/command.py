@@ -17,6 +17,7 @@ from rest_fast.run.config import (
     config_fields,
     load_run_config,
     parse_key_values,
+    repeated_keys,
     resolve_config,
     resume_config,
 )
@@ -89,6 +90,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     With ``--resume`` on an existing run the run's saved ``config.yaml`` is the base instead (no demo
     preset), and the options given may change only runtime keys (:func:`resume_config`)."""
     overrides: dict = parse_key_values(list(args.overrides or []))
+    import sys
+
+    for note in repeated_keys(list(args.overrides or [])):  # the last wins; say so once
+        print(f"rest-fast train: note: {note}", file=sys.stderr)
     for k, v in vars(args).items():
         if k.startswith("cfg__"):
             overrides[k[5:]] = v

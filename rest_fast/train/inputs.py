@@ -57,6 +57,12 @@ def build_index(data: str, data_root: str | None):
     if p.is_file():
         root = data_root if data_root is not None else str(p.parent)
         return VideoIndex.from_list(p, root, skip_missing=True)
+    if os.path.lexists(p):  # a FIFO, a device, a dangling link: say what it is, not that it is missing
+        from rest_fast.data.index import entry_problem
+        from rest_fast.errors import UserError
+
+        raise UserError(f"data={data} is {entry_problem(p)}: expected a folder of videos, a list file or a "
+                        "prepared folder")
     raise FileNotFoundError(f"data={data} does not exist (expected a folder of videos or a list file)")
 
 

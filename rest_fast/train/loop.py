@@ -309,9 +309,8 @@ class Trainer:
         if self.h < cfg.num_neighbours:
             cap = "N" if cfg.neighbours_include_self else "N-1"
             msg = f"num_neighbours H={cfg.num_neighbours} capped at {cap}={self.h} (only {self.n} videos)"
-            if env.is_main:
+            if env.is_main:  # once (the CLI prints a warning as one line)
                 warnings.warn(msg, stacklevel=2)
-            log(env, f"warning: {msg}")
         # new parameters (fresh temporal adapters) draw from torch's RNG: the same seed on every rank gives
         # every rank, and a re-run, the same initial weights
         torch.manual_seed(derive_seed(cfg.seed, 11))

@@ -292,7 +292,8 @@ def _load_index(data, data_root):
         else:
             raise FileNotFoundError(f"data={str(data)!r} is neither a folder of class sub-folders nor a list file")
     index = VideoIndex([os.path.abspath(q) for q in index.paths], index.labels, index.class_names,
-                       [os.path.abspath(q) for q in index.missing])
+                       [os.path.abspath(q) for q in index.missing],
+                       {os.path.abspath(q): why for q, why in index.bad_reasons.items()})
     return index, None if root is None else os.path.abspath(root)
 
 
@@ -427,7 +428,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
         atomic_write_text(out / "index.jsonl", "".join(lines))
         report = BadFilesReport()
         for p in index.missing:
-            report.add(p, "missing file")
+            report.add(p, index.bad_reasons.get(p, "missing file"))
         for _, p, reason in manifest["bad"]:
             report.add(p, reason)
         report.write(out)
