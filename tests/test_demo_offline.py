@@ -64,6 +64,13 @@ def test_eval_and_caption_of_the_demo_run_work_offline(demo_run, capsys):
     assert rec["video"] == str(clip) and rec["captions"][0].strip()
 
 
+def test_finetune_from_the_demo_run_works_offline(demo_run, tmp_path):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(demo_run), "--supervised", "--data", str(demo_run / "demo" / "clips"),
+                 "--epochs", "1", "--train-batch-size", "4", "--no-eval", "--out", str(out), *FAST]) == 0
+    assert (out / "model" / "config.json").is_file()
+
+
 def test_names_that_are_not_hub_ids_never_reach_the_network(demo_run, tmp_path, monkeypatch, capsys):
     from rest_fast.eval.checkpoint import resolve_checkpoint
     from rest_fast.synthetic.models import demo_blip_dir

@@ -193,12 +193,17 @@ sys.exit(main(sys.argv[1:]))
 
 def test_ctrl_c_in_train_says_where_the_run_stands(clips, tmp_path):
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-c", _SIGINT_AT, "train", f"--data={clips}", f"--out={run}", *ARGS],
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    # num_neighbours given again (H=10 > N-1=5): the last value wins with a note, and the cap is said once
+    p = subprocess.run([sys.executable, "-c", _SIGINT_AT, "train", f"--data={clips}", f"--out={run}", *ARGS,
+                        "num_neighbours=10"], env=_env(), capture_output=True, text=True, timeout=300)
     line = _one_error_line(p.stderr, "train")
     assert p.returncode == 2, p.stderr
     assert "interrupted" in line and "epoch 1" in line and f"--out {run} --resume auto" in line, line
     assert json.loads((run / "state.json").read_text())["checkpoint"] == "checkpoints/epoch_0001"
+    said = (p.stdout + p.stderr).splitlines()
+    assert [ln for ln in said if "capped" in ln] == [
+        "rest-fast train: warning: num_neighbours H=10 capped at N-1=5 (only 6 videos)"], said  # once, one line
+    assert "rest-fast train: note: num_neighbours given 2 times (2, then 10): the last, 10, is used" in said
 
 
 def test_ctrl_c_in_prepare_says_how_far_it_got(clips, tmp_path):
