@@ -86,12 +86,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     _check_prepare_input(args.data, args.data_root)
     print(f"rest-fast prepare: decoder {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
     from rest_fast.run.output_guard import interrupted_prepare, locked_output
+    from rest_fast.run.rundir import RunLockedError
 
     try:
         with locked_output(out, "prepare"):  # one prepare per --out, as one trainer per run folder
             res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None,
                           quality=args.quality, workers=args.workers, shard_size=args.shard_size,
                           data_root=args.data_root, progress=not args.no_progress, **extra)
+    except RunLockedError as exc:  # another prepare is writing there: one line
+        raise UserError(str(exc)) from None
     except KeyboardInterrupt:
         import shlex
 

@@ -84,7 +84,7 @@ class VideoListChanged(ValueError):
     """The videos differ from those the run was made from (its captions are stored by position)."""
 
 
-class RunLockedError(UserError, RuntimeError):
+class RunLockedError(RuntimeError):
     """Another live trainer holds the run folder's lock."""
 
 
