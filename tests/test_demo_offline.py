@@ -87,6 +87,16 @@ def test_names_that_are_not_hub_ids_never_reach_the_network(demo_run, tmp_path, 
     assert main(["caption", str(clip), "--checkpoint", "demo", *FAST]) == 0
 
 
+def test_train_from_a_missing_local_model_folder_never_reaches_the_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for flag in ("--blip=models/nope", "--clip=./nope"):
+        rc = main(["train", "--out", str(tmp_path / "run"), "--blip=tiny", "--clip=tiny", flag])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "no such folder (a local path, not a Hugging Face hub id)" in err[0], err
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_run_trained_from_a_missing_local_blip_is_refused_without_the_network(demo_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)

@@ -141,9 +141,10 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"rest-fast train: error: decoder=dali: {why}; pip install -e '.[dali]' or use --decoder pyav",
                   file=sys.stderr)
             return 2
-    from rest_fast.train.preflight import check_device
+    from rest_fast.train.preflight import check_device, check_model_paths
 
     check_device(cfg.device)  # before anything is written: no run folder for a device this machine lacks
+    check_model_paths(cfg)  # nor for a mistyped local model folder (never sent to the hub)
     from rest_fast.run.rundir import (
         CheckpointCorrupt,
         ForeignFolderError,
