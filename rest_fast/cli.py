@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from rest_fast.errors import UserError, one_line
+from rest_fast.errors import UserError, one_line, storage_problem
 
 # Ordinary path mistakes surface as these wherever a file is opened; they name the path, so main() reports
 # them as one line too. Everything else (a bug) keeps its traceback.
@@ -94,9 +94,21 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a file, not a folder")
     _check_prepare_input(args.data, args.data_root)
     print(f"rest-fast prepare: decoder {choice.name} ({choice.reason})", file=sys.stderr, flush=True)
-    res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None, quality=args.quality,
-                  workers=args.workers, shard_size=args.shard_size, data_root=args.data_root,
-                  progress=not args.no_progress, **extra)
+    from rest_fast.run.output_guard import interrupted_prepare, locked_output
+    from rest_fast.run.rundir import RunLockedError
+
+    try:
+        with locked_output(out, "prepare"):  # one prepare per --out, as one trainer per run folder
+            res = prepare(args.data, args.out, frames=args.frames, short_side=args.short_side or None,
+                          quality=args.quality, workers=args.workers, shard_size=args.shard_size,
+                          data_root=args.data_root, progress=not args.no_progress, **extra)
+    except RunLockedError as exc:  # another prepare is writing there: one line
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        import shlex
+
+        again = f"rest-fast prepare --data {shlex.quote(args.data)} --out {shlex.quote(args.out)} (same options)"
+        raise UserError(interrupted_prepare(out, again)) from None
     print(f"{res.out}: {res.num_videos} videos in {res.num_shards} shard(s), {res.num_bad} bad "
           f"(bad_files.tsv); {res.decoded_now} decoded in {res.seconds:.1f} s"
           + (f", resumed at video {res.resumed_from}" if res.resumed_from else ""))
@@ -183,13 +195,13 @@ def _fraction(text: str) -> float:
 def _add_generation_arguments(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     """Options shared by eval, caption and finetune: captioner input and beam search (run's values by default)."""
     g = p.add_argument_group("captioning (defaults: the run's settings, else the paper's)")
-    g.add_argument("--num-beams", type=int, help="beam width (default: the run's, else 3)")
+    g.add_argument("--num-beams", type=_int_at_least(1), help="beam width (default: the run's, else 3)")
     g.add_argument("--max-length", type=int, help="max caption tokens, prompt included (default: run's, else 20)")
     g.add_argument("--min-length", type=int, help="min caption tokens, prompt included (default: run's, else 5)")
     g.add_argument("--prompt", help="decoder prompt (default: the run's train_prompt, else 'a video of')")
-    g.add_argument("--num-frames", type=int, help="T, frames per clip (default: the run's, else the model's)")
-    g.add_argument("--image-size", type=int, help="S, frame size (default: the run's, else the model's)")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=f"videos per forward (default {batch_size})")
+    g.add_argument("--num-frames", type=_int_at_least(1), help="T, frames per clip (default: the run's, else the model's)")
+    g.add_argument("--image-size", type=_int_at_least(1), help="S, frame size (default: the run's, else the model's)")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=batch_size, help=f"videos per forward (default {batch_size})")
     g.add_argument("--num-workers", type=int, default=-1, help="decoding worker processes (default -1: from the "
                    "CPUs available; 0 = in the main process)")
     _add_decoder_argument(g)
@@ -349,23 +361,35 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     prog = f"rest-fast {command}" if command else "rest-fast"
+    import warnings
+
+    default_format = warnings.formatwarning
+
+    def one_line_warning(message, category, filename, lineno, line=None):  # our warnings: one line each
+        if issubclass(category, UserWarning) and filename.startswith(os.path.dirname(__file__)):
+            return f"{prog}: warning: {one_line(str(message))}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line_warning
     try:
         return _run(build_parser(), argv)
     except Exception as exc:
         if os.environ.get("REST_FAST_DEBUG") or not _user_facing(exc):
             raise
-        msg = one_line(exc)
-        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        msg = storage_problem(exc) or one_line(exc)
+        if isinstance(exc, _PATH_ERRORS) and exc.filename is not None and exc.strerror:
             msg = f"{exc.filename}: {exc.strerror}"
         for p in (f"{prog}: ", "rest-fast: "):  # argparse prefixes its messages with the program name
             msg = msg[len(p):] if msg.startswith(p) else msg
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = default_format
 
 
 def _user_facing(exc: BaseException) -> bool:
     """An ordinary problem with the user's input (reported in one line) rather than a bug (a traceback)."""
-    if isinstance(exc, (UserError, *_PATH_ERRORS)):
+    if isinstance(exc, (UserError, *_PATH_ERRORS)) or storage_problem(exc) is not None:
         return True
     # too many unreadable videos: the loaders' error (its module is loaded whenever it can have been raised)
     bad_files = sys.modules.get("rest_fast.data.bad_files")

@@ -291,8 +291,8 @@ class DALIClipLoader(_LoaderBase):
         self.sampler = _EpochSampler(len(index), shuffle=train if shuffle is None else shuffle, seed=seed,
                                      rank=rank, world_size=world_size)
         self.bad_files = BadFilesReport()
-        for p in index.missing:
-            self.bad_files.add(p, "missing file")
+        for p in index.missing:  # with why: a missing file, a FIFO, a dangling link...
+            self.bad_files.add(p, getattr(index, "bad_reasons", {}).get(p, "missing file"))
         self.samples = VideoSampleSource(index, num_frames=num_frames, train=train, seed=seed, max_retries=max_retries,
                                          decode_timeout_s=decode_timeout_s, skip_bad=skip_bad,
                                          gpu_decoder=self.decoder_device == "mixed")

@@ -229,8 +229,8 @@ class PyAVClipLoader(_LoaderBase):
         self.max_bad_fraction = max_bad_fraction
         self._preverified = False
         self.bad_files = BadFilesReport()
-        for p in index.missing:
-            self.bad_files.add(p, "missing file")
+        for p in index.missing:  # with why: a missing file, a FIFO, a dangling link...
+            self.bad_files.add(p, getattr(index, "bad_reasons", {}).get(p, "missing file"))
         self.defer = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
         self.dataset = ClipDataset(index, num_frames=num_frames, size=size, train=train, seed=seed,
                                    max_retries=max_retries, method=method, decode_timeout_s=decode_timeout_s,

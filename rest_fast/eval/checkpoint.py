@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from rest_fast.errors import UserError
+
 __all__ = ["ResolvedCheckpoint", "resolve_checkpoint", "load_model", "load_clip", "DEFAULT_BLIP", "CheckpointError"]
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
@@ -131,11 +133,10 @@ def _run_checkpoint(root: Path) -> tuple[Path, str | None]:
 
 def _from_run(spec: str, root: Path, ckpt: Path, note: str | None = None) -> ResolvedCheckpoint:
     cfg = _run_config(root)
-    blip = cfg.get("blip", DEFAULT_BLIP)
-    if blip == TINY:  # the demo writes its random BLIP into the run, so it can be rebuilt bit for bit
-        blip = str(root / "models" / "tiny_blip")
-        if not (Path(blip) / "config.json").is_file():
-            raise CheckpointError(f"run {root} used the tiny BLIP but {blip} is missing")
+    from rest_fast.eval.model_source import captioner_source
+
+    # 'tiny' (written into the run), 'demo' (packaged), a local folder or a cached hub id: no network
+    blip = captioner_source(str(cfg.get("blip", DEFAULT_BLIP)), run_dir=root)
     defaults = {
         "num_frames": int(cfg.get("num_frames", 8)),
         "image_size": int(cfg.get("image_size", 224)),
@@ -199,9 +200,15 @@ def resolve_checkpoint(spec: str | os.PathLike) -> ResolvedCheckpoint:
         )
     if p.exists():
         raise CheckpointError(f"--checkpoint {spec}: a file; pass a run directory, a model directory or a hub id")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise CheckpointError(f"--checkpoint {spec}: no such directory")
-    return ResolvedCheckpoint(spec, "hub", spec)
+    from rest_fast.eval.model_source import DEMO, captioner_source, looks_like_local_path
+
+    if looks_like_local_path(spec):  # `runs/nope` beside `runs/`: a mistyped run folder, not a hub id
+        raise CheckpointError(f"--checkpoint {spec}: no such directory (a local path, not a Hugging Face hub id)")
+    if spec == TINY:
+        captioner_source(spec)  # raises: 'tiny' lives inside a run folder
+    if spec == DEMO:  # the packaged pretrained demo BLIP (fresh adapters)
+        return ResolvedCheckpoint(spec, "pretrained", captioner_source(spec))
+    return ResolvedCheckpoint(spec, "hub", captioner_source(spec))
 
 
 def load_model(resolved: ResolvedCheckpoint, device: torch.device | str = "cpu", num_frames: int | None = None):
@@ -255,17 +262,19 @@ def _load_verified_weights(path: Path) -> dict:
     ``meta.json`` (checked again here: the file may have changed since it was resolved)."""
     from safetensors.torch import load
 
-    from rest_fast.run.rundir import sha256_bytes
+    from rest_fast.run.rundir import CheckpointCorrupt, checksum_map, sha256_bytes
 
     data = Path(path).read_bytes()
     meta_path = Path(path).parent / "meta.json"
-    sums = {}
-    if meta_path.is_file():
-        try:
-            sums = json.loads(meta_path.read_text()).get("sha256") or {}
-        except (ValueError, AttributeError):
-            raise CheckpointError(f"{meta_path} is unreadable") from None
-    if "model.safetensors" in sums and sha256_bytes(data) != sums["model.safetensors"]:
+    try:
+        sums = checksum_map(meta_path.parent, json.loads(meta_path.read_text()))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, CheckpointCorrupt):
+            raise CheckpointError(str(exc)) from None
+        if isinstance(exc, UserError):  # checksums of other files: planted
+            raise
+        raise CheckpointError(f"{meta_path} is unreadable") from None
+    if sha256_bytes(data) != sums["model.safetensors"]:
         raise CheckpointError(f"{path} does not match its checksum in meta.json (corrupted or altered)")
     try:
         return load(data)
@@ -298,6 +307,10 @@ def load_clip(resolved: ResolvedCheckpoint | None, name: str | None = None, devi
     cfg = resolved.config if resolved is not None and resolved.kind == "run" else None
     if name is None and cfg is not None:
         name = cfg.get("clip", "ViT-B-16")
+        if name == "demo":  # the packaged pretrained demo CLIP, as the trainer loads it
+            from rest_fast.synthetic.models import demo_clip
+
+            return demo_clip(device=device, batch_size=batch_size)
         if name == TINY:
             # Same construction as the trainer's (rest_fast.train.inputs.load_models), so the text tower matches.
             size = int(cfg.get("image_size", 32))
@@ -309,6 +322,10 @@ def load_clip(resolved: ResolvedCheckpoint | None, name: str | None = None, devi
         name = "ViT-B-16"
     if name == TINY:
         return tiny_clip(device=device, batch_size=batch_size)
+    if name == "demo":
+        from rest_fast.synthetic.models import demo_clip
+
+        return demo_clip(device=device, batch_size=batch_size)
     try:
         # a run's clip_pretrained (default "openai") is for open_clip names only
         return FrozenCLIP(name, pretrained=pretrained_for(name, pretrained), device=device, batch_size=batch_size)

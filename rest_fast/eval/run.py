@@ -570,6 +570,10 @@ def _evaluate(checkpoint: str, ranks, dev: torch.device, *, protocol, data_root,
     model = load_model(resolved, dev)
     t = num_frames or resolved.defaults.get("num_frames") or model.num_frames
     size = image_size or resolved.defaults.get("image_size") or image_size_of(model)
+    from rest_fast.models.preprocess import check_image_size
+
+    vis = model.blip.config.vision_config
+    check_image_size(int(size), int(vis.patch_size), int(vis.image_size))
     mean, std = pixel_normalisation(resolved)
     clip_model = None
     if str(matcher).strip().lower() == "clip":
@@ -654,6 +658,10 @@ def _caption(args) -> int:
         return _error("caption", exc)
     t = args.num_frames or resolved.defaults.get("num_frames") or model.num_frames
     size = args.image_size or resolved.defaults.get("image_size") or image_size_of(model)
+    from rest_fast.models.preprocess import check_image_size
+
+    vis = model.blip.config.vision_config
+    check_image_size(int(size), int(vis.patch_size), int(vis.image_size))  # one line, not an error per video
     mean, std = pixel_normalisation(resolved)
     results, bad_list = caption_videos(model, list(args.videos), num_frames=int(t), size=int(size), mean=mean, std=std,
                                 settings=settings, batch_size=args.batch_size, device=dev,

@@ -26,3 +26,13 @@ def blip_normalisation(source: str) -> tuple[tuple[float, ...], tuple[float, ...
         except Exception:  # noqa: BLE001 - no processor file: the defaults below are BLIP's own
             pass
     return tuple(OPENAI_MEAN), tuple(OPENAI_STD)
+
+
+def check_image_size(image_size: int, patch_size: int, native: int) -> None:
+    """Refuse frames smaller than one ViT patch of the captioner (its patch embedding would see nothing):
+    one line (:class:`~rest_fast.errors.UserError`) instead of a convolution error on every video."""
+    from rest_fast.errors import UserError
+
+    if image_size < patch_size:
+        raise UserError(f"image_size={image_size} is smaller than the captioner's {patch_size}-pixel patches: use at "
+                        f"least {patch_size} (the model was trained at {native})")

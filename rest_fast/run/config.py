@@ -362,8 +362,21 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def repeated_keys(items: list[str]) -> list[str]:
+    """Notes for the ``key=value`` overrides given more than once (the last one wins, as on most command lines:
+    a job script may append to a shared line), e.g. ``epochs given twice (2, then 3): 3 is used``."""
+    values: dict[str, list[str]] = {}
+    for item in items:
+        if "=" in item:
+            k, v = item.split("=", 1)
+            values.setdefault(k.strip().replace("-", "_"), []).append(v)
+    return [f"{k} given {len(v)} times ({', then '.join(v)}): the last, {v[-1]}, is used"
+            for k, v in values.items() if len(v) > 1]
+
+
 def parse_key_values(items: list[str]) -> dict[str, str]:
-    """``["a=1", "b=x y"]`` → ``{"a": "1", "b": "x y"}``; a malformed item raises ``ValueError``."""
+    """``["a=1", "b=x y"]`` → ``{"a": "1", "b": "x y"}``; a malformed item raises ``ValueError``; a key given
+    twice keeps its last value (see :func:`repeated_keys`)."""
     out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
@@ -375,15 +388,49 @@ def parse_key_values(items: list[str]) -> dict[str, str]:
     return out
 
 
+# A config is a few KB; refuse anything larger before reading it (`--config /dev/zero` would read forever).
+MAX_CONFIG_BYTES = 4 << 20
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_config_text(p: Path, path: str | Path, what: str) -> str:
+    """The text of config file ``p`` when it holds at most :data:`MAX_CONFIG_BYTES`, else a ConfigError: a large
+    file is refused from its size, a stream (``<(...)``, ``/dev/zero``) after that many bytes at most."""
+    too_big = ConfigError(f"{what} {path} holds more than {MAX_CONFIG_BYTES >> 20} MB: not a config file")
+    if p.is_file() and p.stat().st_size > MAX_CONFIG_BYTES:
+        raise too_big
+    with open(p, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise too_big
+    return data.decode("utf-8")
+
+
 def load_yaml(path: str | Path, what: str = "--config") -> dict[str, Any]:
-    """The mapping in a YAML config file; every way it can be wrong is a one-line :class:`ConfigError`."""
+    """The mapping in a YAML config file; every way it can be wrong is a one-line :class:`ConfigError`
+    (also: a key given twice, a file that is not a regular file or larger than :data:`MAX_CONFIG_BYTES`)."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{what} {path} is a directory, not a YAML file")
     if not p.exists():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(_read_config_text(p, path, what), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") if "appears twice" in str(exc) else exc from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not a text file") from None
     except yaml.YAMLError as exc:
@@ -443,6 +490,9 @@ def resume_config(saved: TrainConfig, *, yaml_file: str | Path | None = None,
     cfg = saved
     for layer in layers:
         cfg = apply_overrides(cfg, layer)
+    if cfg.epochs < saved.epochs:  # the learning-rate schedule spans the run's epochs: they may only grow
+        raise ConfigError(f"epochs={cfg.epochs} is fewer than the run's {saved.epochs}: on --resume epochs may only "
+                          "grow (to train further); start a new run with another --out for a shorter one")
     changed = identity_differences(saved, cfg)
     if changed:
         raise ValueError(

@@ -58,6 +58,7 @@ from rest_fast.atomic_io import (  # noqa: F401 - re-exported for the trainer's 
     fsync_dir,
     make_temp_dir,
 )
+from rest_fast.errors import UserError
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -76,8 +77,9 @@ class ForeignFolderError(ValueError):
     """``--out`` holds files that ``rest-fast train`` did not write: we neither use nor delete them."""
 
 
-class UnsafePath(ValueError):
-    """A path read from a run's own files that would lead outside the run folder."""
+class UnsafePath(UserError):
+    """A path read from a run's own files that would lead outside the run folder (or to a file that is not
+    the run's): one line from the CLI."""
 
 
 class VideoListChanged(ValueError):
@@ -354,41 +356,69 @@ def _epoch_of(ckpt: Path) -> int:
     return int(ckpt.name.split("_")[1])
 
 
+def checksum_map(path: str | Path, meta: Any) -> dict[str, str]:
+    """The SHA-256 map of checkpoint folder ``path``'s ``meta.json``, complete: one entry for each of
+    :data:`CHECKPOINT_FILES` and nothing else.
+
+    A map that lacks an entry (``{}``, or no map at all) leaves a file unverified: :class:`CheckpointCorrupt`
+    (callers fall back to an older checkpoint). An entry naming any other file (``../../etc/passwd``) is
+    :class:`UnsafePath`: a checkpoint only ever checks its own two files, so such a map was planted."""
+    path = Path(path)
+    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    if sums is not None and not isinstance(sums, dict):
+        raise CheckpointCorrupt(f"{path / 'meta.json'}: 'sha256' is not a map of file checksums")
+    sums = sums or {}
+    other = sorted(str(k) for k in sums if k not in CHECKPOINT_FILES)
+    if other:
+        raise UnsafePath(f"{path / 'meta.json'} lists checksums of files that are not part of a checkpoint "
+                         f"({', '.join(repr(o) for o in other[:3])}); only {' and '.join(CHECKPOINT_FILES)} belong "
+                         "there: the file was altered, the checkpoint is not used")
+    lacking = [n for n in CHECKPOINT_FILES if not isinstance(sums.get(n), str)]
+    if lacking:
+        raise CheckpointCorrupt(f"{path / 'meta.json'} has no checksum for {' and '.join(lacking)}: unverified, "
+                                "treated as corrupt")
+    return sums
+
+
 def _read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
     """(meta, file bytes) of a checkpoint whose files match ``meta.json``'s SHA-256s."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointCorrupt(f"{path / 'meta.json'} is unreadable ({exc})") from exc
-    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    sums = checksum_map(path, meta)
     blobs = {}
     for name in CHECKPOINT_FILES:
         f = path / name
         if not f.is_file():
             raise CheckpointCorrupt(f"{f} is missing")
         blobs[name] = f.read_bytes()
-        if sums is None:
-            continue  # made before checksums existed: nothing to compare with
-        if sha256_bytes(blobs[name]) != sums.get(name):
+        if sha256_bytes(blobs[name]) != sums[name]:
             raise CheckpointCorrupt(f"{f} does not match its checksum in meta.json (corrupted or altered)")
     return meta, blobs
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
-    """None when the checkpoint folder is complete and its files match their checksums, else why not."""
+    """None when the checkpoint folder is complete and its files match their checksums, else why not.
+
+    Raises :class:`UnsafePath` when ``meta.json`` lists checksums of other files (see :func:`checksum_map`)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         return f"{path} is incomplete (no meta.json)"
     try:
         meta = json.loads((path / "meta.json").read_text())
-        sums = meta.get("sha256") or {}
+        sums = checksum_map(path, meta)
         for name in CHECKPOINT_FILES:
             f = path / name
             if not f.is_file():
                 return f"{f} is missing"
-            if name in sums and sha256_file(f) != sums[name]:
+            if sha256_file(f) != sums[name]:
                 return f"{f} does not match its checksum (corrupted or altered)"
+    except CheckpointCorrupt as exc:
+        return str(exc)
     except (OSError, ValueError, AttributeError) as exc:
+        if isinstance(exc, UnsafePath):
+            raise
         return f"{path}: unreadable ({exc})"
     return None
 
@@ -423,8 +453,9 @@ class RunLock:
     ``kill -9``): it is taken over with a warning. A live holder, or one on another host (whose pids we
     cannot check), makes :meth:`acquire` raise :class:`RunLockedError` naming it."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, holder: str = "trainer") -> None:
         self.path = Path(root) / LOCK_FILE
+        self.holder = holder  # what takes the lock, for the messages: "trainer", "prepare"
         self.held = False
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
 
@@ -452,6 +483,10 @@ class RunLock:
                 if holder is None:
                     continue  # released meanwhile: try again
                 pid, host = holder.get("pid"), holder.get("host")
+                if not isinstance(pid, int) or not isinstance(host, str):  # empty or garbage: we never write that
+                    raise RunLockedError(
+                        f"{self.path.parent} has a lock file that names no process (empty or not ours: "
+                        f"{_peek(self.path)}); if no trainer or prepare is working on it, delete {self.path}")
                 if host == self.info["host"] and isinstance(pid, int) and not _pid_alive(pid):
                     stale = self.path.with_name(f"{LOCK_FILE}.stale.{pid}.{time.time_ns()}")
                     try:
@@ -465,7 +500,7 @@ class RunLock:
                 since = holder.get("since")
                 when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
                 raise RunLockedError(
-                    f"{self.path.parent} is in use by another trainer (pid {pid} on host {host}{when}); wait for it "
+                    f"{self.path.parent} is in use by another {self.holder} (pid {pid} on host {host}{when}); wait for it "
                     f"to finish, or if it is surely gone, delete {self.path}")
             raise RunLockedError(f"could not take the lock {self.path} (it keeps changing hands)")
         finally:
@@ -484,6 +519,16 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _peek(path: Path, n: int = 40) -> str:
+    """The start of a small file, for a message: ``'empty'`` or its first ``n`` characters, repr'd."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(n)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    return "empty" if not head.strip() else repr(head.decode("utf-8", "replace"))
 
 
 def _pid_alive(pid: int) -> bool:

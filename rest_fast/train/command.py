@@ -17,6 +17,7 @@ from rest_fast.run.config import (
     config_fields,
     load_run_config,
     parse_key_values,
+    repeated_keys,
     resolve_config,
     resume_config,
 )
@@ -89,6 +90,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     With ``--resume`` on an existing run the run's saved ``config.yaml`` is the base instead (no demo
     preset), and the options given may change only runtime keys (:func:`resume_config`)."""
     overrides: dict = parse_key_values(list(args.overrides or []))
+    import sys
+
+    for note in repeated_keys(list(args.overrides or [])):  # the last wins; say so once
+        print(f"rest-fast train: note: {note}", file=sys.stderr)
     for k, v in vars(args).items():
         if k.startswith("cfg__"):
             overrides[k[5:]] = v
@@ -102,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _resume_root(resume: str | None, out: str):
-    """The folder of the run ``--resume`` continues, when it holds one (config.yaml + state.json)."""
+    """The folder of the run ``--resume`` continues, when it holds one (its config.yaml)."""
     from pathlib import Path
 
     if resume in (None, "", "none"):
@@ -112,7 +117,9 @@ def _resume_root(resume: str | None, out: str):
     else:
         p = Path(resume)
         root = p.parent.parent if p.parent.name == "checkpoints" else p
-    return root if (root / "config.yaml").is_file() and (root / "state.json").is_file() else None
+    # a run's config.yaml is the base whether or not a state.json exists (a run stopped before its first state
+    # is still that run: never the demo preset, never another config)
+    return root if (root / "config.yaml").is_file() else None
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -134,6 +141,10 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"rest-fast train: error: decoder=dali: {why}; pip install -e '.[dali]' or use --decoder pyav",
                   file=sys.stderr)
             return 2
+    from rest_fast.train.preflight import check_device, check_model_paths
+
+    check_device(cfg.device)  # before anything is written: no run folder for a device this machine lacks
+    check_model_paths(cfg)  # nor for a mistyped local model folder (never sent to the hub)
     from rest_fast.run.rundir import (
         CheckpointCorrupt,
         ForeignFolderError,
@@ -148,6 +159,12 @@ def run_train(args: argparse.Namespace) -> int:
     if cfg.is_demo and args.resume is None and not out_given:
         # Running the demo again starts a new demo run beside the finished one (never over it).
         cfg = dataclasses.replace(cfg, out=_next_free_dir(cfg.out))
+    from pathlib import Path
+
+    from rest_fast.errors import UserError, storage_problem
+    from rest_fast.run.output_guard import interrupted_train
+
+    fresh = not Path(cfg.out).exists()
     try:
         train(cfg, resume=args.resume)
     except (RunExistsError, RunLockedError, ForeignFolderError, CheckpointCorrupt, VideoListChanged, UnsafePath) as exc:
@@ -159,7 +176,32 @@ def run_train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
             print(f"rest-fast train: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: where the run stands and how to continue, in one line
+        raise UserError(interrupted_train(_run_folder(cfg, args.resume))) from None
+    except Exception as exc:
+        problem = storage_problem(exc)  # read-only folder, full disk, file-size limit: one line, nothing lost
+        if problem is None:
+            raise
+        root = _run_folder(cfg, args.resume)
+        if fresh and not (root / "state.json").exists():
+            from rest_fast.train.loop import _discard_failed_start
+
+            _discard_failed_start(root)  # a start that got nowhere leaves no half-made folder
+            raise UserError(problem) from None
+        raise UserError(f"{problem}; {interrupted_train(root, verb='stopped')}") from None
     return 0
+
+
+def _run_folder(cfg, resume: str | None):
+    """The folder the run lives in (``--resume PATH`` names it, else ``out``)."""
+    from pathlib import Path
+
+    from rest_fast.train.loop import run_root
+
+    try:
+        return run_root(cfg, resume)[0]
+    except (OSError, ValueError):
+        return Path(cfg.out)
 
 
 def _next_free_dir(path: str) -> str:
@@ -167,7 +209,7 @@ def _next_free_dir(path: str) -> str:
     from pathlib import Path
 
     candidate, n = Path(path), 1
-    while (candidate / "state.json").exists():
+    while (candidate / "state.json").exists() or (candidate / "config.yaml").exists():
         n += 1
         candidate = Path(f"{path}-{n}")
     return str(candidate)

@@ -57,6 +57,12 @@ def build_index(data: str, data_root: str | None):
     if p.is_file():
         root = data_root if data_root is not None else str(p.parent)
         return VideoIndex.from_list(p, root, skip_missing=True)
+    if os.path.lexists(p):  # a FIFO, a device, a dangling link: say what it is, not that it is missing
+        from rest_fast.data.index import entry_problem
+        from rest_fast.errors import UserError
+
+        raise UserError(f"data={data} is {entry_problem(p)}: expected a folder of videos, a list file or a "
+                        "prepared folder")
     raise FileNotFoundError(f"data={data} does not exist (expected a folder of videos or a list file)")
 
 
@@ -95,6 +101,9 @@ def load_models(blip_source: str, clip_source: str, cfg: TrainConfig, env: DistE
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     model.to(env.device)
     vis = model.blip.config.vision_config
+    from rest_fast.train.preflight import check_image_size
+
+    check_image_size(cfg.image_size, int(vis.patch_size), int(vis.image_size))
     if cfg.image_size != vis.image_size and env.is_main:
         print(f"note: image_size={cfg.image_size} differs from the captioner's {vis.image_size}; BLIP's ViT "
               "position embeddings are interpolated to the frame size", flush=True)

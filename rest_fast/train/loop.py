@@ -92,9 +92,9 @@ def run_root(cfg: TrainConfig, resume: str | None) -> tuple[Path, Path | None]:
     p = Path(resume)
     if (p / "meta.json").exists() and p.parent.name == "checkpoints":
         return p.parent.parent, p
-    if (p / "state.json").exists():
+    if (p / "state.json").exists() or (p / CONFIG_FILE).is_file():
         return p, None
-    raise FileNotFoundError(f"--resume {resume}: neither a run directory (state.json) nor a checkpoint folder")
+    raise FileNotFoundError(f"--resume {resume}: neither a run directory (config.yaml) nor a checkpoint folder")
 
 
 def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path, dict | None, Path | None]:
@@ -107,14 +107,18 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
     The latest checkpoint is checked (checksums): a corrupt or missing one is skipped, with a warning, for
     the newest intact one; an explicitly named checkpoint that is corrupt is an error.
     """
+    from rest_fast.train.recover import saved_config_conflict, state_from_checkpoints
+
     root, ckpt = run_root(cfg, resume)
     if resume in (None, "", "none"):
         if (root / "state.json").exists():
             raise RunExistsError(f"{root} already holds a run: pass --resume auto to continue it, or another --out")
-        return cfg, root, None, None
+        conflict = saved_config_conflict(root, cfg)  # a stopped run's folder: only the same run may start there
+        if conflict is not None:
+            raise RunExistsError(conflict)
     run = RunDir(root, writable=False)
     state = run.read_state()
-    if state is None:
+    if state is None and not run.config_path.is_file():
         return cfg, root, None, None
     saved = load_run_config(run.config_path)
     diffs = identity_differences(saved, cfg)
@@ -122,6 +126,13 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
         raise ValueError("the run at {} was made with another config; differing keys:\n  {}".format(root, "\n  ".join(diffs)))
     # runtime keys (workers, device, progress...) and a larger `epochs` come from now
     cfg = cfg.replace(out=str(root))
+    if state is None:  # stopped before its first state.json, or the file was lost: continue what it holds
+        state = state_from_checkpoints(run)
+        if state is None:
+            print(f"note: {root} has no state.json yet: round 0 restarts from what the run saved", flush=True)
+            return cfg, root, None, None
+        print(f"note: {root} has no state.json: continuing from {state['checkpoint']} (epoch {state['epoch']}, "
+              f"round {state['round']})", flush=True)
     if ckpt is not None:
         problem = verify_checkpoint(ckpt)
         if problem is not None:
@@ -251,6 +262,8 @@ class Trainer(TrainingStateMixin):
         except Exception:
             self.close()
             raise
+        if self.state is not None and self.state.pop("recovered", False) and env.is_main:
+            self.run_dir.write_state(self.state)  # rebuilt from a checkpoint (state.json was missing): record it
         barrier(env)
 
     def close(self) -> None:
@@ -319,9 +332,8 @@ class Trainer(TrainingStateMixin):
         if self.h < cfg.num_neighbours:
             cap = "N" if cfg.neighbours_include_self else "N-1"
             msg = f"num_neighbours H={cfg.num_neighbours} capped at {cap}={self.h} (only {self.n} videos)"
-            if env.is_main:
+            if env.is_main:  # once (the CLI prints a warning as one line)
                 warnings.warn(msg, stacklevel=2)
-            log(env, f"warning: {msg}")
         # new parameters (fresh temporal adapters) draw from torch's RNG: the same seed on every rank gives
         # every rank, and a re-run, the same initial weights
         torch.manual_seed(derive_seed(cfg.seed, 11))
@@ -347,7 +359,9 @@ class Trainer(TrainingStateMixin):
         if env.is_main:
             try:
                 names = _video_names(index, self.data_source, cfg.data_root)
-                self.run_dir.check_videos(names, record=self.state is None)
+                # a new run records its list; a run that stopped before its first state checks the list it
+                # recorded (check_videos records only when no list is there yet)
+                self.run_dir.check_videos(names, record=False)
                 known = set(index.paths) | set(index.missing)
                 prev = self.run_dir.path("bad_files.json")
                 if prev.is_file():  # features read from the cache decode nothing: keep what was found before

@@ -231,10 +231,11 @@ def _check_ours(out: Path) -> None:
     """``out`` must be new, empty, or a prepare output (its ``settings.json`` says so): never write into,
     or delete from, a folder of someone else's files."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+        raise UserError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
         return
-    entries = sorted(f.name for f in out.iterdir())
+    # the folder's lock (`.lock`, taken by the prepare command around this call) is not content
+    entries = sorted(f.name for f in out.iterdir() if f.name != ".lock" and not f.name.startswith(".lock."))
     if not entries:
         return
     try:
@@ -243,7 +244,7 @@ def _check_ours(out: Path) -> None:
         ours = False
     if not ours:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise ValueError(f"--out {out} already holds files that are not a `rest-fast prepare` output ({shown}); "
+        raise UserError(f"--out {out} already holds files that are not a `rest-fast prepare` output ({shown}); "
                          "pass a new or empty folder (nothing in it is changed or deleted)")
 
 
@@ -263,7 +264,7 @@ def _remove_leftovers(out: Path, manifest: dict) -> None:
             else:
                 foreign.append(f.name)
     if foreign:
-        raise ValueError(f"{out} holds shards its manifest does not list ({', '.join(foreign[:5])}): they were not "
+        raise UserError(f"{out} holds shards its manifest does not list ({', '.join(foreign[:5])}): they were not "
                          "written by this prepare run; move them away or use another --out")
 
 
@@ -291,7 +292,8 @@ def _load_index(data, data_root):
         else:
             raise FileNotFoundError(f"data={str(data)!r} is neither a folder of class sub-folders nor a list file")
     index = VideoIndex([os.path.abspath(q) for q in index.paths], index.labels, index.class_names,
-                       [os.path.abspath(q) for q in index.missing])
+                       [os.path.abspath(q) for q in index.missing],
+                       {os.path.abspath(q): why for q, why in index.bad_reasons.items()})
     return index, None if root is None else os.path.abspath(root)
 
 
@@ -426,7 +428,7 @@ def prepare(data, out: str | os.PathLike, *, frames: int = 32, short_side: int |
         atomic_write_text(out / "index.jsonl", "".join(lines))
         report = BadFilesReport()
         for p in index.missing:
-            report.add(p, "missing file")
+            report.add(p, index.bad_reasons.get(p, "missing file"))
         for _, p, reason in manifest["bad"]:
             report.add(p, reason)
         report.write(out)

@@ -108,7 +108,7 @@ class PreparedIndex(VideoIndex):
         # shard names are joined to the folder: a hand-edited or planted index must not point outside it
         for name in [e.get("shard") for e in entries] + list(info.get("shards") or []):
             if not _is_shard_name(name):
-                raise ValueError(f"{root}/index.jsonl: shard {name!r} is not a file name inside {root}")
+                raise UserError(f"{root}/index.jsonl: shard {name!r} is not a file name inside {root}")
         bad: dict[str, str] = {}
         bf = root / "bad_files.json"
         if bf.is_file():
