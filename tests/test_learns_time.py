@@ -16,6 +16,11 @@ import torch
 from rest_fast.synthetic import world
 
 T, SIZE = 4, 32
+# Training budget. At 40 clips per class and 40 epochs the adapters reached 100% on the AMD EPYC this was tuned on
+# but 72% on an Intel Xeon (same code and packages: only the CPU's float kernels differ), with one order pair left
+# unresolved. With 80 clips per class and 60 epochs, seeds 0/1/2 reach 97/100/91% on the Xeon (38% without
+# adapters, seed 0): enough data and steps that the result no longer hangs on the rounding of one machine.
+CLIPS_PER_CLASS, EPOCHS = 80, 60
 
 
 def _write(root, n_per_class: int, seed: int) -> list[tuple[str, int]]:
@@ -56,7 +61,7 @@ def _train_and_score(adapter_layers, train, test) -> tuple[float, list[float]]:
     model.blip.vision_model.requires_grad_(False)
     names = [world.folder_name(a) for a in world.ORDERED_ACTIONS]
     # A larger lr than the paper's (its 2e-5 is for a pretrained BLIP-base over many steps): 800 steps here.
-    records, _ = finetune(model, train, names, mean=mean, std=std, num_frames=T, image_size=SIZE, epochs=40,
+    records, _ = finetune(model, train, names, mean=mean, std=std, num_frames=T, image_size=SIZE, epochs=EPOCHS,
                           lr=4e-3, lr_min=1e-5, batch_size=8, augment=False,  # a flip would swap left and right
                           label_smoothing=0.0, seed=0, progress=False)
     return _accuracy(model, test, class_captions(names), mean, std), [r["loss"] for r in records]
@@ -80,7 +85,7 @@ def test_temporal_adapters_learn_order(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train = _write(tmp_path / "train", 40, seed=1)
+        train = _write(tmp_path / "train", CLIPS_PER_CLASS, seed=1)
         test = _write(tmp_path / "test", 8, seed=2)
         with_adapters, losses = _train_and_score("all", train, test)
         n_calls = len(calls)
@@ -90,5 +95,5 @@ def test_temporal_adapters_learn_order(tmp_path, monkeypatch):
     print(f"caption accuracy on held-out clips: adapters {with_adapters:.0%}, no adapters {without:.0%}")
     assert n_calls > 0 and len(calls) == n_calls  # the adapters ran the op; no adapters, no op
     assert losses[-1] < losses[0]
-    assert with_adapters >= 0.9  # measured 100% (32 held-out clips)
-    assert without <= 0.65  # measured 44%: chance within each pair is 50%
+    assert with_adapters >= 0.9  # measured 97% (32 held-out clips, Intel Xeon)
+    assert without <= 0.65  # measured 38%: chance within each pair is 50%
