@@ -25,10 +25,9 @@ def _reference_ops(monkeypatch):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    import os
-
-    os.environ["TRITON_INTERPRET"] = "0"
-    return make_demo_run(tmp_path_factory.mktemp("demo"))
+    with pytest.MonkeyPatch.context() as mp:  # the reference ops for this run only: the env var must not leak
+        mp.setenv("TRITON_INTERPRET", "0")
+        return make_demo_run(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")

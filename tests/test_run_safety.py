@@ -44,7 +44,6 @@ def _reference_ops(monkeypatch):
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """(clips folder, finished run folder)."""
-    os.environ["TRITON_INTERPRET"] = "0"
     from rest_fast.cli import main
     from rest_fast.train.demo import ACTIONS, synthesize_dataset
 
@@ -52,7 +51,9 @@ def made(tmp_path_factory):
     clips = synthesize_dataset(base / "clips", videos_per_class=2, frames=8, size=32, actions=ACTIONS[:3])
     (clips / ACTIONS[0] / "broken.mp4").write_bytes(b"not a video")
     run = base / "run"
-    assert main(["train", f"--data={clips}", f"--out={run}", *ARGS]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the reference ops for this run only: the env var must not leak
+        mp.setenv("TRITON_INTERPRET", "0")
+        assert main(["train", f"--data={clips}", f"--out={run}", *ARGS]) == 0
     return clips, run
 
 
