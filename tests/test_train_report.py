@@ -49,7 +49,8 @@ def test_report_reads_round_files_streaming(tmp_path):
     """Only the shown videos' records are kept from a round file (issue 20: rank 0 never holds a whole round)."""
     import json
 
-    from rest_fast.train.report import _iter_jsonl, _records_of
+    from rest_fast.run.rundir import iter_jsonl as _iter_jsonl
+    from rest_fast.train.report import _records_of
 
     p = tmp_path / "round_00.jsonl"
     p.write_text("".join(json.dumps({"index": i}) + "\n" for i in range(50)) + "{torn", encoding="utf-8")

@@ -143,23 +143,28 @@ def atomic_save_numpy(path: str | Path, array) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file; a torn or malformed line (a kill mid-append) is skipped."""
+def iter_jsonl(path: str | Path):
+    """Records of a JSONL file, one at a time (never the whole file in memory); a torn or malformed line (a kill
+    mid-append) is skipped, and a missing file has none."""
     path = Path(path)
     if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file (:func:`iter_jsonl` as a list)."""
+    return list(iter_jsonl(path))
 
 
 class RunDir:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rest_fast.run.rundir import atomic_write_bytes, atomic_write_text, read_jsonl
+from rest_fast.run.rundir import atomic_write_bytes, atomic_write_text, iter_jsonl, read_jsonl
 
 
 def _savefig(fig, path: Path) -> None:
@@ -44,26 +44,9 @@ def _round_files(run: Path) -> dict[int, Path]:
     return out
 
 
-def _iter_jsonl(path: Path):
-    """The records of a JSONL file one at a time (as :func:`read_jsonl`: torn or malformed lines skipped)."""
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                yield rec
-
-
 def _records_of(path: Path, keep: set[int]) -> dict[int, dict]:
     """Records ``i in keep`` of a JSONL file, read streaming: the report never holds a whole round (issue 20)."""
-    return {i: rec for i, rec in enumerate(_iter_jsonl(path)) if i in keep}
+    return {i: rec for i, rec in enumerate(iter_jsonl(path)) if i in keep}
 
 
 def plot_metrics(run: Path, metrics: list[dict]) -> list[Path]:
@@ -152,7 +135,7 @@ def _plot_accuracy(run: Path, rounds: list[dict], plt) -> Path:
 
 
 def _num_classes(run: Path) -> int:
-    return len({r["label"] for r in _iter_jsonl(run / "captions" / "round_00.jsonl") if "label" in r})
+    return len({r["label"] for r in iter_jsonl(run / "captions" / "round_00.jsonl") if "label" in r})
 
 
 def _mark(caption: str, phrase: str | None) -> str:
@@ -259,8 +242,8 @@ def write_report(run_dir: str | Path, *, max_videos: int = 24,
         parts.append(f"<img src='plots/{e(p.name)}' style='max-width:100%;height:260px'>")
     if round_files:
         first_file = round_files[min(round_files)]
-        shown = _videos_to_show(_iter_jsonl(first_file), max_videos)
-        total = sum(1 for _ in _iter_jsonl(first_file))
+        shown = _videos_to_show(iter_jsonl(first_file), max_videos)
+        total = sum(1 for _ in iter_jsonl(first_file))
         rounds = {r: _records_of(p, set(shown)) for r, p in round_files.items()}
         first = rounds[min(rounds)]
         parts.append(f"<h2 id='videos'>Caption evolution ({len(shown)} of {total} videos)</h2>")

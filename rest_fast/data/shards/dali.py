@@ -44,7 +44,13 @@ from rest_fast.data.loader import (
 )
 from rest_fast.data.workers import ResamplingDataset, resolve_num_workers
 
-from .reader import PREPARED_READ_ERRORS, PreparedIndex, prepared_bad_reason, read_sample
+from .reader import (
+    PREPARED_READ_ERRORS,
+    PreparedIndex,
+    prepared_bad_reason,
+    prepared_loader_index,
+    read_sample,
+)
 
 __all__ = ["DALIShardLoader", "ShardSampleSource", "build_shard_pipeline", "build_reader_pipeline", "select_frames"]
 
@@ -174,12 +180,7 @@ class DALIShardLoader(_LoaderBase):
         ok, why = dali_available()
         if not ok:
             raise ImportError(f"DALIShardLoader needs nvidia-dali (pip install -e .[dali]): {why}")
-        if not isinstance(index, PreparedIndex):
-            index = PreparedIndex.load(index)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std must have 3 entries (std > 0), got {mean!r}, {std!r}")
+        index = prepared_loader_index(index, batch_size, mean, std)
         if decoder_device not in (None, "mixed", "cpu"):
             raise ValueError(f"decoder_device must be 'mixed' or 'cpu', got {decoder_device!r}")
         if len(index) == 0:

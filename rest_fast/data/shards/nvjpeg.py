@@ -28,7 +28,7 @@ from rest_fast.data.bad_files import BadFilesReport
 from rest_fast.data.loader import ClipBatch, _EpochSampler, _LoaderBase, normalize_clips
 from rest_fast.data.workers import resolve_num_workers
 
-from .reader import PreparedIndex
+from .reader import PreparedIndex, prepared_loader_index
 
 __all__ = ["NvJpegShardLoader", "nvjpeg_available", "decode_crop_resize"]
 
@@ -87,12 +87,7 @@ class NvJpegShardLoader(_LoaderBase):
         ok, why = nvjpeg_available(device)
         if not ok:
             raise ImportError(f"NvJpegShardLoader needs torchvision (and CUDA for nvJPEG): {why}")
-        if not isinstance(index, PreparedIndex):
-            index = PreparedIndex.load(index)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std must have 3 entries (std > 0), got {mean!r}, {std!r}")
+        index = prepared_loader_index(index, batch_size, mean, std)
         if len(index) == 0:
             raise ValueError("index is empty")
         self.index, self.batch_size, self.num_frames, self.size = index, batch_size, num_frames, size

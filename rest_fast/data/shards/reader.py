@@ -377,6 +377,18 @@ class ShardStreamDataset(IterableDataset):
             yield buf.pop(int(rng.integers(len(buf))))
 
 
+def prepared_loader_index(index, batch_size: int, mean: Sequence[float], std: Sequence[float]) -> PreparedIndex:
+    """The arguments every prepared-shard loader (CPU, DALI, nvJPEG) checks alike: ``index`` loaded when given as a
+    folder, ``batch_size >= 1``, 3-entry ``mean``/``std`` with ``std > 0``. Returns the index."""
+    if not isinstance(index, PreparedIndex):
+        index = PreparedIndex.load(index)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"mean and std must have 3 entries (std > 0), got {mean!r}, {std!r}")
+    return index
+
+
 class ShardClipLoader(_LoaderBase):
     """Batches from a prepared directory, with the constructor and batches of
     :class:`rest_fast.data.PyAVClipLoader` (``index`` may be a :class:`PreparedIndex` or its directory).
@@ -401,12 +413,7 @@ class ShardClipLoader(_LoaderBase):
                  dtype: torch.dtype = torch.float32, stream: bool = False, shuffle_buffer: int = 256,
                  colour_on_device: bool | None = None, persistent_workers: bool = True,
                  decode_timeout_s: float = 0.0):
-        if not isinstance(index, PreparedIndex):
-            index = PreparedIndex.load(index)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std must have 3 entries (std > 0), got {mean!r}, {std!r}")
+        index = prepared_loader_index(index, batch_size, mean, std)
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if not 0 <= rank < world_size:
