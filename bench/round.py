@@ -22,7 +22,8 @@ returns random unit vectors (the CLIP text tower is not what is measured). Re-ra
 (TRITON_INTERPRET=0), as the trainer does on CPU.
 
 Under ``torchrun`` (``WORLD_SIZE`` set) every rank builds the same workload, holds only its shard of the caption-feature
-table (``CaptionFeatures(rank=, world_size=)``) and runs the sharded retrieval update (owner-computes re-rank over gloo,
+table (``CaptionFeatures(rank=, world_size=)``) and of the caption strings (``ShardedCaptionCache``: its block's
+captions interned collectively) and runs the sharded retrieval update (owner-computes re-rank over gloo,
 issue 20); each rank reports its peak RSS, the caption-table rows it holds, the bytes it sent and its times, and rank 0
 prints one row per rank. Only "after" runs there.
 
@@ -117,10 +118,19 @@ def worker(args, env=None) -> dict:
     offs = np.stack([rng.choice(np.arange(1, win), h, replace=False) for _ in range(min(n, 4096))])
     neighbours = ((np.arange(n)[:, None] + offs[np.arange(n) % len(offs)] * np.where(
         rng.random((n, 1)) < 0.5, 1, -1)) % n).astype(np.int32)
-    cache = CaptionCache(n, k)
-    texts = [f"video {v} caption {j}" for v in range(n) for j in range(dist_)]
-    cache.intern(texts)
-    del texts
+    sharded_cache = env.world_size > 1 and args.impl == "after"
+    if sharded_cache:  # the trainer's cache under torchrun: each rank interns its own block's captions
+        from rest_fast.cache.sharded import ShardedCaptionCache
+
+        cache = ShardedCaptionCache(n, k)
+        lo, hi = cache.lo, cache.hi
+        cache.intern([f"video {v} caption {j}" for v in range(lo, hi) for j in range(dist_)],
+                     np.arange(lo * dist_, hi * dist_), n * dist_)
+    else:
+        cache = CaptionCache(n, k)
+        texts = [f"video {v} caption {j}" for v in range(n) for j in range(dist_)]
+        cache.intern(texts)
+        del texts
     own = np.arange(n, dtype=np.int64)[:, None] * dist_
     pick = rng.integers(0, dist_, size=(n, m))
     pick[:, :dist_] = np.arange(dist_)  # every distinct caption appears at least once
@@ -136,9 +146,13 @@ def worker(args, env=None) -> dict:
         dup = np.zeros_like(slots, dtype=bool)
         dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
         slots = np.where(dup, -1, srt).astype(np.int32)
-        cache.set(np.arange(n), slots, np.where(slots >= 0, 0.0, -np.inf).astype(np.float32))
-        pending = cache.intern([f"video {v} generated" for v in range(n)])
-        cache.add_pending(np.arange(n), pending)
+        if sharded_cache:
+            cache.set_own(slots[lo:hi], np.where(slots[lo:hi] >= 0, 0.0, -np.inf).astype(np.float32))
+            cache.add_pending_own(cache.intern([f"video {v} generated" for v in range(lo, hi)], np.arange(lo, hi), n))
+        else:
+            cache.set(np.arange(n), slots, np.where(slots >= 0, 0.0, -np.inf).astype(np.float32))
+            pending = cache.intern([f"video {v} generated" for v in range(n)])
+            cache.add_pending(np.arange(n), pending)
     rss0, t0, c0 = _rss_gb(), time.perf_counter(), time.process_time()
     embedded = table.update(cache, enc, env, batch_size=4096)
     t1, c1 = time.perf_counter(), time.process_time()
@@ -151,7 +165,9 @@ def worker(args, env=None) -> dict:
             "embed_cpu_s": c1 - c0, "rerank_cpu_s": c2 - c1, "cpu_s": c2 - c0,
             "rss_before_gb": rss0, "peak_gb": _peak_gb(), "mean_score": stats["mean_score"],
             "candidates_scored": int(stats.get("candidates_scored", -1)), "rank": env.rank, "world": env.world_size,
-            "rows_held": int(table.valid.shape[0]), "bytes_sent": int(stats.get("rerank_bytes_sent", 0))}
+            "rows_held": int(table.valid.shape[0]), "bytes_sent": int(stats.get("rerank_bytes_sent", 0)),
+            # caption strings this rank holds: its id-owned texts + its share of the text -> id dictionary
+            "strings_held": (cache.own_captions() + len(cache._dict)) if sharded_cache else len(cache)}
 
 
 def sharded(args) -> None:
@@ -177,17 +193,17 @@ def sharded(args) -> None:
         return
     from harness import Table, hardware_name
 
-    table = Table("round_sharded", ["kind", "ranks", "rank", "shape", "captions", "rows held", "peak GB",
-                                    "bytes sent", "embed cpu s", "re-rank cpu s", "wall s", "load"])
+    table = Table("round_sharded", ["kind", "ranks", "rank", "shape", "captions", "rows held", "strings held",
+                                    "peak GB", "bytes sent", "embed cpu s", "re-rank cpu s", "wall s", "load"])
     load = f"{os.getloadavg()[0]:.1f}"
     for r in rows:
         table.add(kind=r["kind"], ranks=r["world"], rank=r["rank"],
                   shape=f"N={r['n']} H={r['h']} D={args.d} K={args.k} M={args.m}", captions=r["captions"],
-                  **{"rows held": r["rows_held"], "peak GB": r["peak_gb"], "bytes sent": r["bytes_sent"],
+                  **{"rows held": r["rows_held"], "strings held": r["strings_held"], "peak GB": r["peak_gb"], "bytes sent": r["bytes_sent"],
                      "embed cpu s": r["embed_cpu_s"], "re-rank cpu s": r["rerank_cpu_s"], "wall s": r["total_s"]},
                   load=load)
         print(f"{r['kind']} rank {r['rank']}/{r['world']}: peak RSS {r['peak_gb']:.2f} GB, {r['rows_held']} caption rows "
-              f"held of {r['captions']}, {r['bytes_sent'] / 2**20:.1f} MiB sent, {r['total_s']:.1f} s wall",
+              f"and {r['strings_held']} strings held of {r['captions']}, {r['bytes_sent'] / 2**20:.1f} MiB sent, {r['total_s']:.1f} s wall",
               flush=True)
     print(table.format())
     if not args.no_save:

@@ -333,7 +333,7 @@ class ShardedCaptionCache:
         return idx
 
     @classmethod
-    def load(cls, folder: str | Path, r: int, *, group=None, device=None) -> "ShardedCaptionCache":
+    def load(cls, folder: str | Path, r: int, *, group=None, device=None) -> ShardedCaptionCache:
         """Round ``r``'s cache on this world size: a sharded save (any world size) or a one-process ``.rfcc``."""
         folder = Path(folder)
         idx = index_path(folder, r)

@@ -11,7 +11,8 @@ Layout::
       checkpoints/epoch_XXXX/   model.safetensors, train_state.pt (optimiser, scheduler, RNG: tensors and
                                 plain numbers only, loaded with ``weights_only=True``), meta.json (with the
                                 SHA-256 of both files, checked on every load)
-      cache/round_XX.rfcc       CaptionCache snapshot after round XX (its own atomic save)
+      cache/round_XX.rfcc       CaptionCache snapshot after round XX (its own atomic save); under torchrun
+                                round_XX.rankRRR_ofPPP.{npz,texts.rfcc,dict.rfcc} per rank + round_XX.sharded.json
       captions/initial.jsonl    the T x P initial BLIP captions of every video
       captions/round_XX.jsonl   per video: K captions with scores (+ the caption generated that round)
       features/                 frozen-CLIP video features (memory-mapped), neighbour graph, caption features
@@ -198,7 +199,19 @@ class RunDir:
         return self.root / METRICS_FILE
 
     def cache_path(self, r: int) -> Path:
+        """Round ``r``'s caption cache of a one-process run (``CaptionCache.save``)."""
         return self.root / "cache" / f"round_{r:02d}.rfcc"
+
+    def sharded_cache_index(self, r: int) -> Path:
+        """The index of round ``r``'s caption cache saved by a run under torchrun (``ShardedCaptionCache.save``)."""
+        return self.root / "cache" / f"round_{r:02d}.sharded.json"
+
+    def saved_cache(self, r: int) -> Path | None:
+        """Round ``r``'s saved caption cache (one file, or the index of per-rank files), or None."""
+        for p in (self.cache_path(r), self.sharded_cache_index(r)):
+            if p.is_file():
+                return p
+        return None
 
     def captions_path(self, r: int) -> Path:
         return self.root / "captions" / f"round_{r:02d}.jsonl"

@@ -41,6 +41,10 @@ class DistEnv:
         """This rank's block of ``range(n)`` (blocks differ in size by at most one)."""
         return shard_range(n, self.rank, self.world_size)
 
+    def block(self, n: int) -> tuple[int, int]:
+        """``[lo, hi)`` of :meth:`shard` (``lo == hi`` for an empty block, at its place in the order)."""
+        return (n * self.rank) // self.world_size, (n * (self.rank + 1)) // self.world_size
+
 
 def shard_range(n: int, rank: int, world_size: int) -> np.ndarray:
     """Indices ``[lo, hi)`` of block ``rank`` when ``range(n)`` is cut into ``world_size`` near-equal blocks."""

@@ -21,8 +21,9 @@ from rest_fast.train.retrieval_update import retrieval_update
 @torch.no_grad()
 def generate_captions(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], env: DistEnv, *, prompt: str,
                       num_beams: int, max_length: int, min_length: int, amp: bool = True,
-                      progress: Callable | None = None) -> list[str]:
-    """One beam-search caption per video, gathered from all ranks in global video order.
+                      progress: Callable | None = None, gather: bool = True) -> list[str]:
+    """One beam-search caption per video, gathered from all ranks in global video order (``gather=False``: this
+    rank's block only, for a sharded caption cache).
 
     ``batches``: this rank's ``(video_indices int64 [B], clips float [B,T,3,S,S])``, its shard in order.
     """
@@ -36,7 +37,7 @@ def generate_captions(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
         local.extend(s.strip() for s in out.texts)
     if was_training:
         model.train()
-    return gather_list(env, local)
+    return gather_list(env, local) if gather else local
 
 
 def caption_round(r: int, generated: list[str], cache, text_feats: CaptionFeatures, clip, video_feats: torch.Tensor,
@@ -46,14 +47,22 @@ def caption_round(r: int, generated: list[str], cache, text_feats: CaptionFeatur
     """Add the round's captions to the cache, embed the new ones, re-rank, and snapshot round ``r``.
 
     Args:
-        generated: one caption per video (global order), or ``None`` entries for none (round 0).
+        generated: one caption per video (global order; this rank's block with a ``ShardedCaptionCache``), or
+            ``None`` (round 0).
         initial_ids: int32 [N, T·P] initial caption ids, passed for round 0 only.
         progress, rerank_progress: optional wrappers (tqdm bars) of the text-embedding and re-ranking loops.
     Returns the round's summary (new captions embedded, distinct captions, mean scores).
     """
     n = int(video_feats.shape[0])
     new_caption_count = 0
-    if generated is not None:
+    if generated is not None and hasattr(cache, "add_pending_own"):  # sharded: this rank's block of videos
+        if len(generated) != cache.hi - cache.lo:
+            raise ValueError(f"generated holds {len(generated)} captions for this rank's {cache.hi - cache.lo} videos")
+        version = len(cache)
+        ids = cache.intern(list(generated), np.arange(cache.lo, cache.hi), n)
+        new_caption_count = len(cache) - version
+        cache.add_pending_own(ids)
+    elif generated is not None:
         if len(generated) != n:
             raise ValueError(f"generated holds {len(generated)} captions for {n} videos")
         version = cache.version

@@ -21,6 +21,7 @@ epoch would have done. ``kill -9`` loses at most the epoch (or round) in progres
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -39,7 +40,6 @@ from rest_fast.run.rundir import (
     RunDir,
     RunLock,
     atomic_write_json,
-    atomic_write_jsonl,
     atomic_write_text,
     capture_rng,
     restore_rng,
@@ -51,6 +51,12 @@ from rest_fast.train import distributed as dist_utils
 from rest_fast.train.distributed import DistEnv, barrier, broadcast_object
 from rest_fast.train.preempt import Preempted, drop_mid_epoch_checkpoints, is_mid_epoch
 from rest_fast.train.self_train import derive_seed
+from rest_fast.train.sharded_round import (
+    clip_tam_sharded,
+    read_initial_block,
+    write_jsonl_by_rank,
+    write_round_captions,
+)
 from rest_fast.train.training_state import TrainingStateMixin
 
 
@@ -152,7 +158,7 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
             ckpt = fallback
             if ckpt is None:
                 # no intact weights: self-training restarts after round 0 (kept if its files are there)
-                has_round0 = run.cache_path(0).is_file() and (any(
+                has_round0 = run.saved_cache(0) is not None and (any(
                     run.path("features", f).is_file() for f in (_caption_rows_name(0), "captions_00.npy")) or any(
                     run.path("features").glob("caption_rows_00.rank000_of*.npy")))
                 state = {**state, "epoch": 0, "round": 0, "checkpoint": None} if has_round0 else None
@@ -165,6 +171,15 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
         # a mid-epoch checkpoint: the steps of the epoch under way up to it are kept (see _truncate_run)
         state = {**state, "mid_epoch_step": meta.get("step") if is_mid_epoch(ckpt) else None}
     return cfg, root, state, ckpt
+
+
+_CACHE_FILE = re.compile(r"^round_(\d{2,})\.(rfcc|sharded\.json|rank\d{3}_of\d{3}\.(npz|texts\.rfcc|dict\.rfcc))$")
+
+
+def _round_of_cache_file(name: str) -> int | None:
+    """The round of a caption-cache file this trainer writes (None for any other name: never ours to delete)."""
+    m = _CACHE_FILE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def _epoch_of_name(name: str) -> int | None:
@@ -218,8 +233,9 @@ def _truncate_run(run: RunDir, epoch: int, rnd: int, mid_epoch_step: int | None 
     for p in run.path("captions").glob("round_*.jsonl"):
         if int(p.stem.split("_")[1]) > rnd:
             p.unlink()
-    for p in run.path("cache").glob("round_*.rfcc"):
-        if int(p.stem.split("_")[1]) > rnd:
+    for p in run.path("cache").glob("round_*"):
+        r_of = _round_of_cache_file(p.name)
+        if r_of is not None and r_of > rnd:
             p.unlink()
     for p in run.list_checkpoints():
         if int(p.name.split("_")[1]) > epoch:
@@ -441,28 +457,40 @@ class Trainer(TrainingStateMixin):
                            train_prompt=cfg.train_prompt, T=cfg.num_frames, S=cfg.image_size, seed=cfg.seed,
                            beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
                            adapters=cfg.adapter_layers)
+        m = len(cfg.prompts) * cfg.num_frames
+        # under torchrun each rank keeps the initial captions of its own block of videos only (issue 20)
+        lo, hi = env.block(self.n)
         initial = None
-        if env.is_main and path.exists() and meta.exists() and json.loads(meta.read_text()).get("key") == key:
-            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if len(recs) == self.n:
-                initial = [r["captions"] for r in recs]
-        initial = broadcast_object(env, initial)
+        reuse = env.is_main and path.exists() and meta.exists() and json.loads(meta.read_text()).get("key") == key
+        if broadcast_object(env, reuse):
+            block, count = read_initial_block(path, self.n, lo, hi, per_video=m)
+            ok = count == self.n and len(block) == hi - lo
+            if dist_utils.all_reduce_sum(env, torch.tensor([0 if ok else 1])).item() == 0:
+                initial = block
         if initial is None:  # in chunks: a kill loses at most one, a stop signal none (rest_fast.train.round0_chunks)
             parts = round0_chunks.parts_dir(self.run_dir.root)
             initial = round0_chunks.chunked_initial_captions(
                 self.model, lambda start: self.inputs.eval_batches("blip", start=start), self.n, env, folder=parts,
                 key=key, batch_size=cfg.eval_batch_size, control=self.control, signals=self.signals,
                 run_root=self.run_dir.root, progress=_progress(cfg, env, "initial captions", self.inputs.eval_steps()),
-                prompts=list(cfg.prompts), train_prompt=cfg.train_prompt, num_beams=cfg.num_beams,
+                gather=False, prompts=list(cfg.prompts), train_prompt=cfg.train_prompt, num_beams=cfg.num_beams,
                 max_length=cfg.max_length, min_length=cfg.min_length, amp=cfg.precision)
+            write_jsonl_by_rank(path, ({"video": str(self.inputs.rel(lo + j)), "captions": c}
+                                       for j, c in enumerate(initial)), env)
             if env.is_main:
-                atomic_write_jsonl(path, [{"video": str(self.inputs.rel(i)), "captions": c} for i, c in enumerate(initial)])
                 atomic_write_json(meta, {"key": key, "num_videos": self.n})
             round0_chunks.drop_parts(parts, env)
-        m = len(cfg.prompts) * cfg.num_frames
-        self.cache = CaptionCache(self.n, cfg.k)
         flat = [c for caps in initial for c in caps]
-        initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
+        if env.distributed:  # strings sharded over the ranks; ids as in one process (rest_fast.cache.sharded)
+            from rest_fast.cache.sharded import ShardedCaptionCache
+
+            self.cache = ShardedCaptionCache(self.n, cfg.k, device=env.device)
+            own = self.cache.intern(flat, np.arange(lo * m, hi * m), self.n * m).astype(np.int32).reshape(hi - lo, m)
+            # round 0 only: the initial ids of every video (int32, N x T x P), for the neighbours' candidates
+            initial_ids = dist_utils.gather_rows(env, torch.from_numpy(own)).numpy()
+        else:
+            self.cache = CaptionCache(self.n, cfg.k)
+            initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
         del flat, initial
         self.text_feats.reserve(len(self.cache) + self.n)  # room for round 1's captions too: one growth at most
         stats = caption_round(0, None, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours, cfg.k,
@@ -479,9 +507,11 @@ class Trainer(TrainingStateMixin):
 
         cfg, env = self.cfg, self.env
         t0 = time.time()
+        # under torchrun each rank keeps its own block's captions (the cache is sharded; nothing is gathered)
         generated = generate_captions(self.model, self.inputs.eval_batches("blip"), env, prompt=cfg.train_prompt,
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
-                                      amp=cfg.precision, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()))
+                                      amp=cfg.precision, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()),
+                                      gather=not env.distributed)
         self.text_feats.reserve(len(self.cache) + self.n)  # at most N new captions this round
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
                               cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.precision,
@@ -494,15 +524,21 @@ class Trainer(TrainingStateMixin):
         tam = self._clip_tam(generated)
         # this round's rows only; under torchrun each rank writes its own shard
         self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)))
+        if self._sharded_cache:  # every rank writes its part (rest_fast.train.sharded_round)
+            self.cache.save(self.run_dir.path("cache"), r)
+            sample = write_round_captions(self.run_dir.captions_path(r), self.cache, env, rel=self.inputs.rel,
+                                          generated=generated, labels=self.inputs.labels,
+                                          class_names=self.inputs.class_names)
         if env.is_main:
-            self.cache.save(str(self.run_dir.cache_path(r)))
-            sample = self._write_captions(r, generated)
+            if not self._sharded_cache:
+                self.cache.save(str(self.run_dir.cache_path(r)))
+                sample = self._write_captions(r, generated)
             record = {"kind": "round", "round": r, "epoch": epoch, "seconds": round(seconds, 3), **stats, **tam}
             self.metrics.write(record)
             self.metrics.captions(r, sample)  # a table of sample captions on the dashboards
             prev = self.run_dir.read_state() or {}
             self.run_dir.write_state({"epoch": epoch, "round": r, "checkpoint": prev.get("checkpoint"),
-                                      "cache": str(self.run_dir.cache_path(r).relative_to(self.run_dir.root)),
+                                      "cache": str(self.run_dir.saved_cache(r).relative_to(self.run_dir.root)),
                                       "caption_features": f"features/{_caption_rows_name(r, 0, env.world_size)}",
                                       "world_size": env.world_size})
             acc = "".join(f", {name} {tam[key]:.1%}" for key, name in (
@@ -549,6 +585,9 @@ class Trainer(TrainingStateMixin):
             return {}
         from rest_fast.run.clip_tam import embed_classes, nearest_classes
 
+        if self._sharded_cache:
+            return self._clip_tam_sharded(generated)
+
         # only the labelled videos count (a folder may mix class sub-folders with loose, unlabelled videos)
         have = np.flatnonzero(np.asarray(self.inputs.labels) >= 0)
         if have.size == 0:
@@ -593,6 +632,39 @@ class Trainer(TrainingStateMixin):
             out[f"{name}_top1"] = float(hits[0]) / have.size
             out[f"{name}_top5"] = float(hits[1]) / have.size
         return out
+
+    @property
+    def _sharded_cache(self) -> bool:
+        return hasattr(self.cache, "set_own")
+
+    def _clip_tam_sharded(self, generated: list[str] | None) -> dict:
+        """:meth:`_clip_tam` with a sharded cache: each rank takes its own block of videos; every caption scored
+        here was interned (and embedded) already, so the look-ups add no id."""
+        from rest_fast.run.clip_tam import embed_classes
+
+        if getattr(self, "_class_emb", None) is None:
+            self._class_emb = embed_classes(self.inputs.class_names, self.clip)
+        c = self.cache
+        lo, hi = c.lo, c.hi
+        labels = np.asarray(self.inputs.labels)[lo:hi]
+
+        def ids_of(texts: list[str] | None) -> np.ndarray | None:
+            have = int(dist_utils.all_reduce_sum(self.env, torch.tensor([texts is not None])).item())
+            if have != self.env.world_size:  # every rank has them, or none does
+                return None
+            before = len(c)
+            out = c.intern(list(texts), np.arange(lo, hi), self.n)
+            if len(c) != before:
+                raise RuntimeError("a caption scored by CLIP-TAM was missing from the cache")
+            return out
+
+        p, mid = len(self.cfg.prompts), self.cfg.num_frames // 2
+        block, count = read_initial_block(self.run_dir.path("captions", "initial.jsonl"), self.n, lo, hi,
+                                          per_video=p * self.cfg.num_frames)
+        initial = [caps[mid * p] for caps in block] if count == self.n and len(block) == hi - lo else None
+        rows = {"tam": ids_of(generated), "tam_pseudo": c.slot_ids[lo:hi, 0].astype(np.int64),
+                "tam_initial": ids_of(initial)}
+        return clip_tam_sharded(c, self.text_feats, self.clip, self._class_emb, labels, rows, self.env)
 
     def _initial_middle_captions(self) -> list[str] | None:
         """The zero-shot frame captioner's caption of each video: its middle frame with the first prompt.
@@ -701,10 +773,11 @@ class Trainer(TrainingStateMixin):
         return stats
 
     def _restore_round(self, rnd: int) -> None:
-        from rest_fast.cache import CaptionCache
+        from rest_fast.cache.sharded import load_any
 
-        self.cache = CaptionCache.load(str(self.run_dir.cache_path(rnd)))
         env = self.env
+        # a sharded save, or a one-process file: under torchrun each rank takes its share, on any world size
+        self.cache = load_any(self.run_dir.path("cache"), rnd, distributed=env.distributed, device=env.device)
         rows = [self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)) for r in range(rnd + 1)]
         legacy = self.run_dir.path("features", f"captions_{rnd:02d}.npy")
         old = _saved_world_size(self.run_dir.path("features"), rnd)

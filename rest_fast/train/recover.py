@@ -31,7 +31,7 @@ class StatelessRunRefused(UserError):
 
 def _round_files(run: RunDir, r: int) -> bool:
     """The caption cache of round ``r`` and the caption features of rounds 0..r are in the run."""
-    if not run.cache_path(r).is_file():
+    if run.saved_cache(r) is None:
         return False
     rows = all(run.path("features", f"caption_rows_{i:02d}.npy").is_file() for i in range(r + 1))
     return rows or run.path("features", f"captions_{r:02d}.npy").is_file()  # older runs: one table per round
@@ -58,7 +58,7 @@ def state_from_checkpoints(run: RunDir) -> dict | None:
                 continue
             if _round_files(run, rnd):
                 return {"epoch": epoch, "round": rnd, "checkpoint": str(ckpt.relative_to(run.root)),
-                        "cache": str(run.cache_path(rnd).relative_to(run.root)),
+                        "cache": str(run.saved_cache(rnd).relative_to(run.root)),
                         "caption_features": f"features/caption_rows_{rnd:02d}.npy", "recovered": True}
             problems.append(f"{ckpt.name}: the caption cache of round {rnd} is missing")
         else:

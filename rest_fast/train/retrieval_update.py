@@ -119,7 +119,8 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
     """Replace every video's slots by the top-K distinct of W̃_i ∪ Ω_i (Eqs. 5–6); return summary stats.
 
     Args:
-        cache: the ``CaptionCache`` (every rank holds an identical replica; all are updated).
+        cache: the ``CaptionCache`` (one process, or an identical replica on every rank: all are updated), or under
+            torchrun a ``ShardedCaptionCache`` (each rank sets its own videos' slots).
         video_feats: float [N, D] L2-normalised CLIP video features (fp16 in the trainer; CPU or ``env.device``).
         caption_feats: float [C, D] CLIP text features of every interned caption id (on ``env.device``); under
             torchrun this rank's shard only: the rows of ids ``c`` with ``c mod P == rank`` (``CaptionFeatures``).
@@ -187,6 +188,22 @@ def _summary(scores: torch.Tensor, ids: torch.Tensor, considered: int, scored: i
     }
 
 
+def _sharded_summary(cache, scores: torch.Tensor, ids: torch.Tensor, considered: int, scored: int) -> dict:
+    """:func:`_summary` over every rank's videos, from this rank's rows and the replicated slot ids."""
+    filled = ids >= 0
+    sums = cache.comm.sum_floats([float(scores[filled].double().sum()), float(filled.sum()),
+                                  float(scores[:, 0][filled[:, 0]].double().sum()), float(filled[:, 0].sum())])
+    slots = cache.slot_ids
+    return {
+        "mean_score": float(sums[0] / sums[1]) if sums[1] else float("nan"),
+        "mean_top1_score": float(sums[2] / sums[3]) if sums[3] else float("nan"),
+        "distinct_captions": cache.distinct_in_slots(),
+        "videos_short_of_k": int((slots < 0).any(axis=1).sum()),
+        "candidates_considered": considered,
+        "candidates_scored": scored,
+    }
+
+
 def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tensor, neighbours: np.ndarray, k: int,
                     env: DistEnv, *, initial_ids: np.ndarray | None, budget_bytes: int) -> dict:
     """:func:`retrieval_update` with this rank's shard of the caption features (rows of the ids ``c`` with
@@ -195,6 +212,7 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
     from rest_fast.retrieval.sharded_rerank import sharded_rerank
 
     n, P = int(video_feats.shape[0]), env.world_size
+    sharded_cache = hasattr(cache, "set_own")
     own = len(range(env.rank, len(cache), P))
     if caption_feats.shape[0] < own:
         raise ValueError(f"caption_feats has {caption_feats.shape[0]} rows but this rank owns {own} of the "
@@ -214,6 +232,8 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
         vids = mine[lo:hi]
         nb = np.ascontiguousarray(rows[vids - row0], dtype=np.int32)
         cands = np.asarray(cache.candidates(vids.astype(np.int64), nb))
+        if sharded_cache:  # its rows keep repeats; CaptionCache's hold each id once (the counts must agree)
+            cands = distinct_rows(cands)
         counts[0] += int((cands >= 0).sum())
         if initial_ids is None:
             c = torch.from_numpy(np.ascontiguousarray(cands, dtype=np.int32))
@@ -228,6 +248,12 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
     vfeats = video_feats[lo: lo + len(mine)].to(dev)
     s, i, comm = sharded_rerank(vfeats, candidate_rows, caption_feats, k, budget_bytes=budget_bytes, width=width,
                                 rerank=_rerank)
+    if sharded_cache:  # each rank sets its own videos' slots; only their ids are shared (16 B a video)
+        sent = cache.comm.bytes_sent
+        cache.set_own(i.cpu().numpy().astype(np.int32), s.cpu().numpy().astype(np.float32))
+        slot_bytes = cache.comm.bytes_sent - sent
+        return {**_sharded_summary(cache, s.cpu(), i.cpu(), counts[0], counts[1]),
+                "rerank_bytes_sent": int(comm["bytes_sent"]) + slot_bytes, "rerank_chunks": int(comm["chunks"])}
     scores = gather_rows(env, s.to(env.device) if env.device.type == "cuda" else s.cpu()).cpu()
     ids = gather_rows(env, i.to(env.device) if env.device.type == "cuda" else i.cpu()).cpu()
     cache.set(np.arange(n, dtype=np.int64), ids.numpy().astype(np.int32), scores.numpy().astype(np.float32))

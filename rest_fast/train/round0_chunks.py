@@ -164,15 +164,16 @@ def chunked_pass(compute: Callable[[tuple], list], batches_from: Callable[[int],
 
 def chunked_initial_captions(model, batches_from: Callable[[int], Iterator], n_videos: int, env: DistEnv, *,
                              folder: Path, key: str, batch_size: int, control, signals, run_root: Path,
-                             progress: Callable | None = None, **caption_kw) -> list[list[str]]:
-    """:func:`initial_captions` of every video (gathered in global order), resumable chunk by chunk
-    (:func:`chunked_pass`; ``caption_kw``: :func:`initial_captions`' arguments)."""
+                             progress: Callable | None = None, gather: bool = True,
+                             **caption_kw) -> list[list[str]]:
+    """:func:`initial_captions` of every video (gathered in global order; with ``gather=False`` this rank's block
+    only), resumable chunk by chunk (:func:`chunked_pass`; ``caption_kw``: :func:`initial_captions`' arguments)."""
     prepare_parts(folder, key, env)
     local = chunked_pass(lambda batch: initial_captions(model, [batch], env=_single(env), **caption_kw),
                          batches_from, n_videos, env, store=CaptionChunks(folder), batch_size=batch_size,
                          control=control, signals=signals, run_root=run_root, what="initial captions",
                          progress=progress)
-    return gather_list(env, local)
+    return gather_list(env, local) if gather else local
 
 
 def chunked_video_rows(clip, batches_from: Callable[[int], Iterator], n_videos: int, env: DistEnv, *, folder: Path,

@@ -62,6 +62,15 @@ def _read_window(window: torch.Tensor, env: DistEnv, *, epoch: int, step: int) -
     return total / max(count, 1.0), count, (norm if math.isfinite(norm) else None)
 
 
+def sampled_captions(cache, videos: np.ndarray, seed: int) -> list[str]:
+    """One of each video's K slot captions, drawn by ``cache.sample`` (seeded by (seed, video)). A sharded cache
+    (``ShardedCaptionCache``) holds every video's slot ids but only some texts: the texts come from their ranks in
+    one small exchange per optimiser step (a collective: every rank calls it at every step)."""
+    if hasattr(cache, "sample_texts"):
+        return cache.sample_texts(videos, seed)
+    return list(cache.texts(np.asarray(cache.sample(videos, seed), dtype=np.int32)))
+
+
 def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable,
                      cache, *, epoch: int, seed: int, env: DistEnv, amp: bool | str = True, grad_clip: float = 0.0,
                      log_every: int = 10, on_log: Callable[[dict], None] | None = None,
@@ -117,8 +126,7 @@ def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, s
 
             restore_rng(resume["rng"])
         idx = torch.cat([i for i, _ in micro]) if len(micro) > 1 else micro[0][0]
-        ids = cache.sample(idx.numpy().astype(np.int64), derive_seed(seed, epoch, step))
-        captions = list(cache.texts(np.asarray(ids, dtype=np.int32)))
+        captions = sampled_captions(cache, idx.numpy().astype(np.int64), derive_seed(seed, epoch, step))
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(loss_module, micro, captions, device=dev, autocast=lambda: autocast(dev, amp),
                                     scale=scaler.scale if fp16 else (lambda t: t))
