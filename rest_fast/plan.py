@@ -820,9 +820,11 @@ def gpu_memory(s: PlanShape, counts: dict[str, int], act: dict[str, float]) -> d
 
 # --- host memory ----------------------------------------------------------------------------------------------------
 def host_memory(s: PlanShape, counts: dict[str, int]) -> dict[str, float]:
-    """GiB of host memory per rank, by figure. Sharded: each rank's caption cache holds its own videos' slots,
-    pending captions and strings; each rank writes its own part of the graph, feature table and round file;
-    rank 0 adds only a bounded streaming-merge buffer (``rank0_merge``)."""
+    """GiB of host memory per rank, by figure. Sharded (``rest_fast.cache.sharded``): each rank holds its share of
+    the caption strings (by id and by hash) and its videos' slot scores; the slot ids of every video (16 B a video
+    at K = 3) are replicated, since the re-rank reads the neighbours' slots of nearly every video; each rank writes
+    its own part of the graph, feature table and round file; rank 0 adds only a bounded streaming-merge buffer
+    (``rank0_merge``)."""
     cfg, vpr = s.cfg, s.videos_per_rank
     clip_bytes = max(s.micro_batch, cfg.eval_batch_size) * s.T * 3 * s.S * s.S * 4
     own_writes = (vpr * s.H * 4 + counts["final_per_rank"] * s.D * 2 + vpr * 1024) / GIB  # graph, features, jsonl
@@ -830,9 +832,15 @@ def host_memory(s: PlanShape, counts: dict[str, int]) -> dict[str, float]:
     return {
         "runtime": RUNTIME_HOST_GIB,
         "loader_buffers": (max(cfg.num_workers, 1) * 2 + 2) * clip_bytes / GIB,  # 2 batches per worker + pinned
-        # texts (~40 B) + index/hash (~56 B) per caption, K slots of 8 B per video
-        "caption_cache": (counts["final_per_rank"] * 96 + vpr * s.K * 8) / GIB,
+        # ShardedCaptionCache: each caption's text on its id owner (~40 B + ~56 B index) and, with its 8-B id, on
+        # its hash owner (the text -> id dictionary); the slot scores (fp32) of the rank's own videos
+        "caption_cache": (counts["final_per_rank"] * (96 + (104 if s.G > 1 else 0)) + vpr * s.K * 4) / GIB,
+        # replicated: K slot ids + the pending id of every video (int32), read by the re-rank and the sampler
+        "slot_ids": s.N * (s.K + 1) * 4 / GIB,
         "round0_initial_captions": vpr * s.T * s.P * 100 / GIB,  # this rank's initial captions as strings
+        # round 0 only: every video's distinct initial ids (int32, shared, and the re-rank's copy) + the interning
+        # bitmap over the N·T·P positions and its word counts
+        "round0_shared_ids": (s.N * counts["distinct_per_video"] * 4 * 2 + 3 * s.N * s.T * s.P / 8) / GIB,
         "rank_writes": own_writes,
         "rank0_merge": merge,
         "rank0_writes": own_writes + merge,  # what rank 0 holds while writing: its part + the merge buffer
@@ -843,8 +851,8 @@ def host_memory(s: PlanShape, counts: dict[str, int]) -> dict[str, float]:
 def host_total(host: dict[str, float], rank0: bool) -> float:
     """Peak host GiB of one rank: resident parts + the larger of weight loading and round-0 writing."""
     writes = host["rank0_writes"] if rank0 else host["rank_writes"]
-    return (host["runtime"] + host["loader_buffers"] + host["caption_cache"]
-            + max(host["weights_at_load"], host["round0_initial_captions"] + writes))
+    return (host["runtime"] + host["loader_buffers"] + host["caption_cache"] + host["slot_ids"]
+            + max(host["weights_at_load"], host["round0_initial_captions"] + host["round0_shared_ids"] + writes))
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
@@ -1030,7 +1038,9 @@ MODEL_NOTES = {
                 "re-rank by owner (queries travel to the candidates' owners; default) or ring (caption features "
                 "travel), at 80% of the per-direction "
                 "link figure (ring: the slowest link; all-to-all: intra- then inter-node, no overlap); host: per "
-                "rank its own cache and writes, rank 0 + a 0.25 GiB merge buffer; captions of T x P x N initial "
+                "rank its share of the caption strings (by id and by hash) and its writes, every video's slot ids "
+                "(16 B, replicated), in round 0 every video's distinct initial ids (int32), rank 0 + a 0.25 GiB "
+                "merge buffer; captions of T x P x N initial "
                 "ones distinct_fraction distinct, +N per round; text padded to max_length + longest other prompt "
                 "(1 word = 1 token); shards 0.63 MB per 32-frame clip (measured)",
 }

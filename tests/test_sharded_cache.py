@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rest_fast.cache import CaptionCache, PyCaptionCache
-from rest_fast.cache.sharded import ShardedCaptionCache, sample_slots, to_single_process, video_block
+from rest_fast.cache.sharded import (ShardedCaptionCache, _ranks_of_set_bits, sample_slots, to_single_process,
+                                    video_block)
 
 N, K, M = 23, 3, 5
 WORDS = ["a man", "A  man", "a dog runs", "someone is cooking", "a video of a cat", "people dance", "x", "",
@@ -173,3 +174,16 @@ def test_video_blocks_cover_every_video_once():
         for p in (1, 2, 3, 5):
             got = np.concatenate([np.arange(*video_block(n, r, p)) for r in range(p)])
             np.testing.assert_array_equal(got, np.arange(n))
+
+
+@pytest.mark.parametrize("space", [1, 7, 63, 64, 65, 1000, 4099])
+def test_new_ids_follow_the_order_of_set_bits(space):
+    """The dense order of new captions: the number of set bits before each position, per 64-bit word."""
+    g = np.random.default_rng(space)
+    pos = np.flatnonzero(g.random(space) < 0.3)
+    bits = np.zeros(-(-space // 64) * 8, dtype=np.uint8)
+    np.bitwise_or.at(bits, pos >> 3, np.left_shift(1, pos & 7).astype(np.uint8))
+    ranks, total = _ranks_of_set_bits(bits, g.permutation(pos))
+    assert total == pos.size
+    np.testing.assert_array_equal(np.sort(ranks), np.arange(pos.size))
+    np.testing.assert_array_equal(_ranks_of_set_bits(bits, pos)[0], np.arange(pos.size))

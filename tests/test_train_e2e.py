@@ -54,8 +54,17 @@ def _check_complete_run(run: Path, rounds: int, epochs: int, n_videos: int) -> N
         assert all(1 <= len(x["captions"]) <= 3 and x["scores"] == sorted(x["scores"], reverse=True) for x in recs)
         assert all(len(set(x["captions"])) == len(x["captions"]) for x in recs)  # distinct
         assert ("generated" in recs[0]) == (r > 0)
-    cache = CaptionCache.load(str(run / "cache" / f"round_{rounds:02d}.rfcc"))
-    assert [r for r, _ in cache.history(0)] == list(range(rounds + 1))  # no gap in the caption history
+    single = run / "cache" / f"round_{rounds:02d}.rfcc"
+    if single.exists():  # one process: the cache keeps every round's snapshot
+        cache = CaptionCache.load(str(single))
+        assert [r for r, _ in cache.history(0)] == list(range(rounds + 1))  # no gap in the caption history
+    else:  # torchrun: per-rank files of every round; joined back, the last one holds the captions file's slots
+        from rest_fast.cache.sharded import to_single_process
+
+        assert all((run / "cache" / f"round_{r:02d}.sharded.json").is_file() for r in range(rounds + 1))
+        cache = to_single_process(run / "cache", rounds)
+        ids, _ = cache.get(np.arange(n_videos))
+        assert [[cache.text(int(c)) for c in row if c >= 0] for row in ids] == [x["captions"] for x in recs]
     assert sorted(r["epoch"] for r in _records(run, "epoch")) == list(range(1, epochs + 1))
     assert sorted(r["round"] for r in _records(run, "round")) == list(range(rounds + 1))
     assert (run / "report.html").exists() and (run / "plots" / "loss.png").exists()

@@ -47,7 +47,7 @@ from rest_fast.cache.exchange import Exchange
 __all__ = ["ShardedCaptionCache", "video_block", "sample_slots", "index_path", "shard_stem", "load_any",
            "to_single_process"]
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+_POPCOUNT_U8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _MASK64 = (1 << 64) - 1
 
 
@@ -86,6 +86,22 @@ def sample_slots(slots: np.ndarray, videos: np.ndarray, seed: int) -> np.ndarray
     out = slots[np.arange(slots.shape[0]), hit.argmax(1)].astype(np.int64)
     out[count == 0] = -1
     return out
+
+
+def _ranks_of_set_bits(bits: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(number of set bits before each position in pos, set bits in all)`` of a little-endian bitmap (uint8, a
+    multiple of 8 bytes). Works per 64-bit word — a word-count prefix sum plus one masked word per position — so
+    the scratch is 2 bytes per 8 positions (at 10M videos x 24 initial captions: 60 MB), not 8 per position."""
+    words = bits.view(np.uint64)
+    per_word = _POPCOUNT_U8[bits].reshape(-1, 8).sum(1, dtype=np.int64)
+    before = np.cumsum(per_word) - per_word
+    total = int(per_word.sum())
+    if pos.size == 0:
+        return np.empty(0, dtype=np.int64), total
+    w = pos >> 6
+    mask = (np.uint64(1) << (pos & 63).astype(np.uint64)) - np.uint64(1)
+    low = (words[w] & mask).view(np.uint8).reshape(-1, 8)
+    return before[w] + _POPCOUNT_U8[low].sum(1, dtype=np.int64), total
 
 
 def shard_stem(folder: str | Path, r: int, rank: int, world: int) -> Path:
@@ -133,6 +149,10 @@ class ShardedCaptionCache:
     @property
     def version(self) -> int:
         return self.count
+
+    @property
+    def num_videos(self) -> int:
+        return self.n
 
     @property
     def slot_ids(self) -> np.ndarray:
@@ -222,14 +242,11 @@ class ShardedCaptionCache:
         first = np.full(added, np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(first, loc[new] - before, allpos[new])
         # the global order of this call's new texts: one bit per position, set at each new text's first position
-        bits = np.zeros((space + 7) // 8, dtype=np.uint8)
+        bits = np.zeros(-(-space // 64) * 8, dtype=np.uint8)  # whole 64-bit words
         np.bitwise_or.at(bits, first >> 3, np.left_shift(1, first & 7).astype(np.uint8))
         bits = self.comm.sum_bytes(bits)  # owners' bits are disjoint (a position holds one text, of one owner)
-        pop = _POPCOUNT[bits]
-        before_byte = np.cumsum(pop) - pop
-        low = bits[first >> 3] & (np.left_shift(1, first & 7) - 1).astype(np.uint8)
-        new_gid = self.count + before_byte[first >> 3] + _POPCOUNT[low]
-        total_new = int(pop.sum())
+        new_gid, total_new = _ranks_of_set_bits(bits, first)
+        new_gid += self.count
         self._dict_gid = np.concatenate([self._dict_gid, new_gid])
 
         # answers to the senders, in the order they sent

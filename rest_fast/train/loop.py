@@ -173,6 +173,25 @@ def resolve_run(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path
     return cfg, root, state, ckpt
 
 
+def _gather_distinct_rows(env: DistEnv, own: np.ndarray) -> np.ndarray:
+    """Every rank's rows of distinct ids (``retrieval_update.distinct_rows``), padded with -1 to the widest rank's,
+    joined in rank order: int32 ``[N, W]`` on every rank."""
+    from rest_fast.train.retrieval_update import distinct_rows
+
+    rows = distinct_rows(own)
+    width = torch.tensor([rows.shape[1]], dtype=torch.int64)
+    if env.distributed:
+        import torch.distributed as dist
+
+        t = width.to(env.device) if env.device.type == "cuda" else width
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        width = t.cpu()
+    padded = np.full((rows.shape[0], int(width)), -1, dtype=np.int32)
+    padded[:, : rows.shape[1]] = rows
+    t = torch.from_numpy(padded)
+    return dist_utils.gather_rows(env, t.to(env.device) if env.device.type == "cuda" else t).cpu().numpy()
+
+
 _CACHE_FILE = re.compile(r"^round_(\d{2,})\.(rfcc|sharded\.json|rank\d{3}_of\d{3}\.(npz|texts\.rfcc|dict\.rfcc))$")
 
 
@@ -486,8 +505,9 @@ class Trainer(TrainingStateMixin):
 
             self.cache = ShardedCaptionCache(self.n, cfg.k, device=env.device)
             own = self.cache.intern(flat, np.arange(lo * m, hi * m), self.n * m).astype(np.int32).reshape(hi - lo, m)
-            # round 0 only: the initial ids of every video (int32, N x T x P), for the neighbours' candidates
-            initial_ids = dist_utils.gather_rows(env, torch.from_numpy(own)).numpy()
+            # round 0 only: every video's distinct initial ids (int32 [N, M'], M' <= T x P, -1 padded), for the
+            # neighbours' candidates; de-duplicated before they are shared (frames of a clip repeat captions)
+            initial_ids = _gather_distinct_rows(env, own)
         else:
             self.cache = CaptionCache(self.n, cfg.k)
             initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
@@ -498,8 +518,8 @@ class Trainer(TrainingStateMixin):
                               progress=_progress(cfg, env, "embed captions"),
                               rerank_progress=_progress(cfg, env, "re-rank"))
         stats["new_captions"] = len(self.cache)  # every initial caption is new
-        stats["initial_captions"] = int(initial_ids.size)
-        stats["initial_distinct"] = int(np.unique(initial_ids).size)
+        stats["initial_captions"] = int(self.n * m)
+        stats["initial_distinct"] = int(np.unique(initial_ids[initial_ids >= 0]).size)
         self._finish_round(0, stats, generated=None, seconds=time.time() - t0, epoch=0)
 
     def caption_round(self, r: int, epoch: int) -> None:

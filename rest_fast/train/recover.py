@@ -33,7 +33,9 @@ def _round_files(run: RunDir, r: int) -> bool:
     """The caption cache of round ``r`` and the caption features of rounds 0..r are in the run."""
     if run.saved_cache(r) is None:
         return False
-    rows = all(run.path("features", f"caption_rows_{i:02d}.npy").is_file() for i in range(r + 1))
+    feats = run.path("features")
+    rows = all((feats / f"caption_rows_{i:02d}.npy").is_file() or any(feats.glob(f"caption_rows_{i:02d}.rank000_of*.npy"))
+               for i in range(r + 1))  # one process, or rank 0's part of a torchrun's
     return rows or run.path("features", f"captions_{r:02d}.npy").is_file()  # older runs: one table per round
 
 
