@@ -16,8 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rest_fast.cache import CaptionCache, PyCaptionCache
-from rest_fast.cache.sharded import (ShardedCaptionCache, _ranks_of_set_bits, sample_slots, to_single_process,
-                                    video_block)
+from rest_fast.cache.sharded import (
+    ShardedCaptionCache,
+    _ranks_of_set_bits,
+    sample_slots,
+    to_single_process,
+    video_block,
+)
 
 N, K, M = 23, 3, 5
 WORDS = ["a man", "A  man", "a dog runs", "someone is cooking", "a video of a cat", "people dance", "x", "",

@@ -110,6 +110,22 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+_CPU_GROUPS: dict[int, object] = {}
+
+
+def cpu_group(env: DistEnv):
+    """A gloo group over every rank for small host-side exchanges (the sharded caption cache's texts, every
+    optimiser step): on NCCL runs they then need no CUDA tensor and no device sync. ``None`` (the default group)
+    when the run is on gloo already or in one process. Created once per process group; every rank must call it
+    at the same point the first time (``new_group`` is collective)."""
+    if not env.distributed or dist.get_backend() == "gloo":
+        return None
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
+
+
 def broadcast_object(env: DistEnv, obj):
     """Rank 0's ``obj`` on every rank."""
     if not env.distributed:

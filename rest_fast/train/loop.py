@@ -503,7 +503,7 @@ class Trainer(TrainingStateMixin):
         if env.distributed:  # strings sharded over the ranks; ids as in one process (rest_fast.cache.sharded)
             from rest_fast.cache.sharded import ShardedCaptionCache
 
-            self.cache = ShardedCaptionCache(self.n, cfg.k, device=env.device)
+            self.cache = ShardedCaptionCache(self.n, cfg.k, group=dist_utils.cpu_group(env))  # host-side exchanges
             own = self.cache.intern(flat, np.arange(lo * m, hi * m), self.n * m).astype(np.int32).reshape(hi - lo, m)
             # round 0 only: every video's distinct initial ids (int32 [N, M'], M' <= T x P, -1 padded), for the
             # neighbours' candidates; de-duplicated before they are shared (frames of a clip repeat captions)
@@ -797,7 +797,8 @@ class Trainer(TrainingStateMixin):
 
         env = self.env
         # a sharded save, or a one-process file: under torchrun each rank takes its share, on any world size
-        self.cache = load_any(self.run_dir.path("cache"), rnd, distributed=env.distributed, device=env.device)
+        self.cache = load_any(self.run_dir.path("cache"), rnd, distributed=env.distributed,
+                              group=dist_utils.cpu_group(env))
         rows = [self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)) for r in range(rnd + 1)]
         legacy = self.run_dir.path("features", f"captions_{rnd:02d}.npy")
         old = _saved_world_size(self.run_dir.path("features"), rnd)
