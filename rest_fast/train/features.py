@@ -54,7 +54,7 @@ def video_features(clip, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n
     What each rank holds: each computes its block ``env.block(N)`` only. In one process the block is written with
     ``np.save``; under torchrun rank 0 writes its own block into a memory-mapped temporary file and receives the
     other ranks' blocks in chunks of at most ``chunk_bytes`` (point to point, nothing is gathered on every rank),
-    then renames it into place; so no rank ever holds all N rows (issue 20, item 5): rank 0 peaks at its block plus
+    then renames it into place (rows go in with file writes at their offsets); so no rank ever holds all N rows (issue 20, item 5): rank 0 peaks at its block plus
     one chunk, the others at their block, and each returns only the rows it asks for.
     """
     cache_dir = Path(cache_dir)
@@ -103,7 +103,9 @@ def video_features(clip, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n
     arr = np.load(npy, mmap_mode="r")
     if arr.shape[0] != num_videos:
         raise ValueError(f"{npy}: {arr.shape[0]} rows for {num_videos} videos")
-    return torch.from_numpy(np.array(arr[lo:hi], dtype=np.float32))
+    out = torch.from_numpy(np.array(arr[lo:hi], dtype=np.float32))  # only these rows' pages are read
+    del arr  # unmapped here: the mapping's pages leave the resident set with it
+    return out
 
 
 RECEIVED_CHUNKS: list[int] = []  # rows per chunk rank 0 received in its last write (tests check the bound)
@@ -111,8 +113,9 @@ RECEIVED_CHUNKS: list[int] = []  # rows per chunk rank 0 received in its last wr
 
 def _write_blocks_on_main(env: DistEnv, block: torch.Tensor, npy: Path, num_videos: int, chunk_bytes: int) -> None:
     """Rank 0 writes ``npy`` (float32 [N, D]) from every rank's block: its own first, then each other rank's in
-    chunks of at most ``chunk_bytes`` (send/recv; CPU tensors on gloo, CUDA tensors on NCCL), into a memory-mapped
-    temporary file in the same folder that is flushed, fsynced and renamed into place (umask permissions)."""
+    chunks of at most ``chunk_bytes`` (send/recv; CPU tensors on gloo, CUDA tensors on NCCL), into a temporary file in
+    the same folder (header and size by ``np.lib.format.open_memmap``) that is flushed, fsynced and renamed into place
+    (umask permissions)."""
     import torch.distributed as dist
 
     from rest_fast.retrieval.sharded_rerank import _comm_device
@@ -142,21 +145,29 @@ def _write_blocks_on_main(env: DistEnv, block: torch.Tensor, npy: Path, num_vide
     os.close(fd)
     try:
         apply_umask(tmp)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_videos, dim))
-        own = block.shape[0]
-        for c0 in range(0, own, step):  # rank 0's block is rows [0, own)
-            out[c0: min(own, c0 + step)] = block[c0: c0 + step].cpu().numpy()
-        buf = torch.empty((min(step, max(c for c, _ in shapes)), dim), dtype=torch.float32, device=cdev)
-        for r in range(1, env.world_size):
-            rlo = (num_videos * r) // env.world_size
-            for c0 in range(0, shapes[r][0], step):
-                m = min(step, shapes[r][0] - c0)
-                dist.recv(buf[:m], src=r)
-                out[rlo + c0: rlo + c0 + m] = buf[:m].cpu().numpy()
-                RECEIVED_CHUNKS.append(m)
-        out.flush()
-        del out
-        with open(tmp, "rb+") as f:
+        # numpy writes the header (the same bytes np.save writes) and sizes the file; rows are then written with
+        # plain file writes at their offsets, not through the mapping, so no written page stays in this process's
+        # resident set (a memory-mapped write would leave all N rows' pages mapped in rank 0 until it closes)
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_videos, dim))
+        offset, row_bytes = int(header.offset), 4 * dim
+        del header
+        with open(tmp, "r+b") as f:
+            def put(row: int, rows: torch.Tensor) -> None:
+                f.seek(offset + row * row_bytes)
+                f.write(memoryview(np.ascontiguousarray(rows.cpu().numpy(), dtype=np.float32)))
+
+            own = block.shape[0]
+            for c0 in range(0, own, step):  # rank 0's block is rows [0, own)
+                put(c0, block[c0: c0 + step])
+            buf = torch.empty((min(step, max(c for c, _ in shapes)), dim), dtype=torch.float32, device=cdev)
+            for r in range(1, env.world_size):
+                rlo = (num_videos * r) // env.world_size
+                for c0 in range(0, shapes[r][0], step):
+                    m = min(step, shapes[r][0] - c0)
+                    dist.recv(buf[:m], src=r)
+                    put(rlo + c0, buf[:m])
+                    RECEIVED_CHUNKS.append(m)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, npy)
     except BaseException:
