@@ -5,6 +5,10 @@ over the ranks, saved as ``features/video_clip.npy`` with a key (video list, CLI
 reused — memory-mapped — whenever the key matches (a resumed run, or a second run pointing at the
 same features). Caption features follow the caption cache: only captions interned since the last
 update (``CaptionCache.new_since(version)``) are sent to the text encoder.
+
+What each rank holds under torchrun (issue 20, item 5): its own block of video features only (``env.block(N)``, the
+trainer keeps it in fp16, N·D·2/P bytes); rank 0 writes the file from the other ranks' rows received in bounded
+chunks, so no rank ever holds all N rows. One process: all N rows, as before.
 """
 
 from __future__ import annotations
