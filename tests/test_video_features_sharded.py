@@ -199,3 +199,21 @@ def test_rows_in_one_process(tmp_path):
     assert torch.equal(_features(ONE, tmp_path), _table())  # the cache hit returns all rows by default
     with pytest.raises(ValueError, match="rows must satisfy"):
         _features(ONE, tmp_path, rows=(4, N + 1))
+
+
+def test_feature_hash_streams_to_the_digest_of_the_whole_bytes():
+    import hashlib
+
+    from rest_fast.retrieval import feature_hash
+
+    def whole(t: torch.Tensor) -> str:  # the digest as it was computed before: one bytes copy of the tensor
+        c = t.detach().contiguous()
+        return hashlib.sha256(f"{c.dtype}|{tuple(c.shape)}|".encode() + c.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(37, 5, generator=g), torch.randn(37, 5, generator=g).half(),
+             torch.randn(11, 7, generator=g).bfloat16().T, torch.randn(9, 3, 2, generator=g)[:, ::2],
+             torch.randn(13, generator=g), torch.zeros(0, 4)]
+    for t in cases:
+        for chunk in (1, 7, 64, 1 << 20):  # a row per chunk, rows straddling nothing, all at once
+            assert feature_hash(t, chunk_bytes=chunk) == whole(t), (t.dtype, tuple(t.shape), chunk)
