@@ -51,6 +51,14 @@ def test_round0_is_the_same_at_world_sizes_1_2_3(tmp_path):
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
         assert (run / "captions" / "initial.jsonl").read_text() == (single / "captions" / "initial.jsonl").read_text()
+        # rank 0 wrote the video features from chunks (no rank held every row): the same bytes, the same graph
+        assert (run / "features" / "video_clip.npy").read_bytes() == \
+            (single / "features" / "video_clip.npy").read_bytes()
+        from rest_fast.retrieval import NeighbourGraph
+        from rest_fast.train.neighbours import read_rank_graphs
+
+        assert np.array_equal(read_rank_graphs(run / "features" / "neighbours", world).indices.numpy(),
+                              NeighbourGraph.load(single / "features" / "neighbours").indices.numpy())
         _same_round0(_round0(run), ref)
         parts = [sum(np.load(f, mmap_mode="r").shape[0]
                      for f in (run / "features").glob(f"caption_rows_00.rank{r:03d}_of{world:03d}.npy"))

@@ -38,12 +38,21 @@ __all__ = ["NeighbourGraph", "feature_hash", "cap_neighbours"]
 _FORMAT = 1
 
 
-def feature_hash(features: Tensor) -> str:
-    """sha256 hex digest of ``features``' dtype, shape and bytes (device and strides do not matter)."""
-    t = features.detach().to("cpu").contiguous()
+def feature_hash(features: Tensor, *, chunk_bytes: int = 16 << 20) -> str:
+    """sha256 hex digest of ``features``' dtype, shape and bytes (device and strides do not matter).
+
+    Streamed in row chunks of about ``chunk_bytes`` (each copied to a contiguous CPU tensor and hashed in place):
+    the whole tensor is never copied to bytes, and the digest is the one of its contiguous bytes."""
+    t = features.detach()
     h = hashlib.sha256()
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        t = t.reshape(1) if t.dim() == 0 else t
+        row = max(1, t[0].numel() * t.element_size())
+        step = max(1, int(chunk_bytes) // row)
+        for lo in range(0, t.shape[0], step):
+            part = t[lo: lo + step].to("cpu").contiguous().reshape(-1)
+            h.update(part.view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -5,20 +5,27 @@ over the ranks, saved as ``features/video_clip.npy`` with a key (video list, CLI
 reused — memory-mapped — whenever the key matches (a resumed run, or a second run pointing at the
 same features). Caption features follow the caption cache: only captions interned since the last
 update (``CaptionCache.new_since(version)``) are sent to the text encoder.
+
+What each rank holds under torchrun (issue 20, item 5): its own block of video features only (``env.block(N)``, the
+trainer keeps it in fp16, N·D·2/P bytes); rank 0 writes the file from the other ranks' rows received in bounded
+chunks, so no rank ever holds all N rows. One process: all N rows, as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rest_fast.atomic_io import apply_umask, fsync_dir
 from rest_fast.run.rundir import atomic_save_numpy, atomic_write_json
-from rest_fast.train.distributed import DistEnv, autocast, barrier, gather_rows, shard_range
+from rest_fast.train.distributed import DistEnv, autocast, barrier, shard_range
 
 
 def features_key(**parts) -> str:
@@ -28,10 +35,14 @@ def features_key(**parts) -> str:
 
 
 
+CHUNK_BYTES = 64 << 20  # rows sent to rank 0 per message when it writes video_clip.npy (bounds its memory)
+
+
 @torch.no_grad()
 def video_features(clip, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_videos: int, env: DistEnv, *,
-                   cache_dir: str | Path, key: str, amp: bool = True, progress: Callable | None = None) -> torch.Tensor:
-    """L2-normalised CLIP video features float32 [N, D] of every video, computed once and cached.
+                   cache_dir: str | Path, key: str, amp: bool = True, progress: Callable | None = None,
+                   rows: tuple[int, int] | None = None, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """L2-normalised CLIP video features float32 [N, D] of every video (or rows ``[lo, hi)``), computed once and cached.
 
     Args:
         clip: a ``FrozenCLIP`` (``encode_frames([B,T,3,S,S]) -> [B,D]``, mean over T, L2-normalised).
@@ -40,10 +51,21 @@ def video_features(clip, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n
         num_videos: N.
         cache_dir: folder of ``video_clip.npy`` / ``video_clip.json``.
         key: :func:`features_key` of the inputs; a cached file with another key is recomputed.
-    Returns the features on CPU (a copy of the memory-mapped file).
+        rows: ``(lo, hi)``: return only those rows (the trainer under torchrun passes ``env.block(N)``).
+        chunk_bytes: under torchrun, at most this many bytes of rows per message to rank 0.
+    Returns the features on CPU (a copy of rows ``[lo, hi)``, default all N, of the memory-mapped file).
+
+    What each rank holds: each computes its block ``env.block(N)`` only. In one process the block is written with
+    ``np.save``; under torchrun rank 0 writes its own block into a memory-mapped temporary file and receives the
+    other ranks' blocks in chunks of at most ``chunk_bytes`` (point to point, nothing is gathered on every rank),
+    then renames it into place (rows go in with file writes at their offsets); so no rank ever holds all N rows (issue 20, item 5): rank 0 peaks at its block plus
+    one chunk, the others at their block, and each returns only the rows it asks for.
     """
     cache_dir = Path(cache_dir)
     npy, meta = cache_dir / "video_clip.npy", cache_dir / "video_clip.json"
+    lo, hi = (0, num_videos) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= lo <= hi <= num_videos:
+        raise ValueError(f"rows must satisfy 0 <= lo <= hi <= {num_videos}, got {rows}")
     hit = False
     if meta.exists() and npy.exists():
         try:
@@ -62,24 +84,103 @@ def video_features(clip, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n
             out.append(f.float())
             seen.append(idx.cpu())
         if out:
-            rows = torch.cat(out)
+            block = torch.cat(out)
+            del out
             order = torch.cat(seen)
             expected = torch.from_numpy(mine)
             if not torch.equal(order, expected):
                 raise RuntimeError("video feature batches did not cover this rank's shard in order")
         else:
-            rows = torch.zeros((0, _probe_dim(clip)), device=env.device)
-        feats = gather_rows(env, rows.to(env.device) if env.device.type == "cuda" else rows.cpu()).cpu()
-        if feats.shape[0] != num_videos:
-            raise RuntimeError(f"gathered {feats.shape[0]} video features for {num_videos} videos")
+            block = torch.zeros((0, _probe_dim(clip)), device=env.device)
+        if env.distributed:
+            _write_blocks_on_main(env, block, npy, num_videos, chunk_bytes)
+            dim = int(block.shape[1])
+        else:
+            if block.shape[0] != num_videos:
+                raise RuntimeError(f"gathered {block.shape[0]} video features for {num_videos} videos")
+            atomic_save_numpy(npy, block.cpu().numpy().astype(np.float32))
+            dim = int(block.shape[1])
+        del block
         if env.is_main:
-            atomic_save_numpy(npy, feats.numpy().astype(np.float32))
-            atomic_write_json(meta, {"key": key, "num_videos": num_videos, "dim": int(feats.shape[1])})
+            atomic_write_json(meta, {"key": key, "num_videos": num_videos, "dim": dim})
         barrier(env)
     arr = np.load(npy, mmap_mode="r")
     if arr.shape[0] != num_videos:
         raise ValueError(f"{npy}: {arr.shape[0]} rows for {num_videos} videos")
-    return torch.from_numpy(np.array(arr, dtype=np.float32))
+    out = torch.from_numpy(np.array(arr[lo:hi], dtype=np.float32))  # only these rows' pages are read
+    del arr  # unmapped here: the mapping's pages leave the resident set with it
+    return out
+
+
+RECEIVED_CHUNKS: list[int] = []  # rows per chunk rank 0 received in its last write (tests check the bound)
+
+
+def _write_blocks_on_main(env: DistEnv, block: torch.Tensor, npy: Path, num_videos: int, chunk_bytes: int) -> None:
+    """Rank 0 writes ``npy`` (float32 [N, D]) from every rank's block: its own first, then each other rank's in
+    chunks of at most ``chunk_bytes`` (send/recv; CPU tensors on gloo, CUDA tensors on NCCL), into a temporary file in
+    the same folder (header and size by ``np.lib.format.open_memmap``) that is flushed, fsynced and renamed into place
+    (umask permissions)."""
+    import torch.distributed as dist
+
+    from rest_fast.retrieval.sharded_rerank import _comm_device
+    from rest_fast.train.distributed import all_gather_objects
+
+    shapes = all_gather_objects(env, (int(block.shape[0]), int(block.shape[1])))
+    dims = {d for _, d in shapes}
+    if len(dims) != 1:
+        raise RuntimeError(f"the ranks computed video features of different widths {sorted(dims)}")
+    dim = dims.pop()
+    for r, (count, _) in enumerate(shapes):
+        if count != len(shard_range(num_videos, r, env.world_size)):
+            raise RuntimeError(f"rank {r} computed {count} video features for its "
+                               f"{len(shard_range(num_videos, r, env.world_size))} videos")
+    cdev = _comm_device(None, env.device)
+    step = max(1, int(chunk_bytes) // max(1, 4 * dim))
+    if not env.is_main:
+        for c0 in range(0, block.shape[0], step):
+            dist.send(block[c0: c0 + step].to(cdev, torch.float32).contiguous(), dst=0)
+        return
+    RECEIVED_CHUNKS.clear()
+    if num_videos * dim == 0:  # nothing to map: an empty file the ordinary way
+        atomic_save_numpy(npy, np.zeros((num_videos, dim), dtype=np.float32))
+        return
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=str(npy.parent))
+    os.close(fd)
+    try:
+        apply_umask(tmp)
+        # numpy writes the header (the same bytes np.save writes) and sizes the file; rows are then written with
+        # plain file writes at their offsets, not through the mapping, so no written page stays in this process's
+        # resident set (a memory-mapped write would leave all N rows' pages mapped in rank 0 until it closes)
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_videos, dim))
+        offset, row_bytes = int(header.offset), 4 * dim
+        del header
+        with open(tmp, "r+b") as f:
+            def put(row: int, rows: torch.Tensor) -> None:
+                f.seek(offset + row * row_bytes)
+                f.write(memoryview(np.ascontiguousarray(rows.cpu().numpy(), dtype=np.float32)))
+
+            own = block.shape[0]
+            for c0 in range(0, own, step):  # rank 0's block is rows [0, own)
+                put(c0, block[c0: c0 + step])
+            buf = torch.empty((min(step, max(c for c, _ in shapes)), dim), dtype=torch.float32, device=cdev)
+            for r in range(1, env.world_size):
+                rlo = (num_videos * r) // env.world_size
+                for c0 in range(0, shapes[r][0], step):
+                    m = min(step, shapes[r][0] - c0)
+                    dist.recv(buf[:m], src=r)
+                    put(rlo + c0, buf[:m])
+                    RECEIVED_CHUNKS.append(m)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, npy)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(npy.parent)
 
 
 def _probe_dim(clip) -> int:

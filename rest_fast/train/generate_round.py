@@ -15,7 +15,7 @@ import torch
 
 from rest_fast.train.distributed import DistEnv, autocast, gather_list
 from rest_fast.train.features import CaptionFeatures
-from rest_fast.train.retrieval_update import retrieval_update
+from rest_fast.train.retrieval_update import num_videos_of, retrieval_update
 
 
 @torch.no_grad()
@@ -49,11 +49,12 @@ def caption_round(r: int, generated: list[str], cache, text_feats: CaptionFeatur
     Args:
         generated: one caption per video (global order; this rank's block with a ``ShardedCaptionCache``), or
             ``None`` (round 0).
+        video_feats: [N, D] video features, or under torchrun this rank's block ``env.block(N)`` (N: the cache's).
         initial_ids: int32 [N, T·P] initial caption ids, passed for round 0 only.
         progress, rerank_progress: optional wrappers (tqdm bars) of the text-embedding and re-ranking loops.
     Returns the round's summary (new captions embedded, distinct captions, mean scores).
     """
-    n = int(video_feats.shape[0])
+    n = num_videos_of(cache, video_feats)  # video_feats may be this rank's block only (under torchrun)
     new_caption_count = 0
     if generated is not None and hasattr(cache, "add_pending_own"):  # sharded: this rank's block of videos
         if len(generated) != cache.hi - cache.lo:

@@ -443,15 +443,19 @@ class Trainer(TrainingStateMixin):
         key = features_key(videos=[str(p) for p in self.inputs.paths], clip=cfg.clip, seed=cfg.seed,
                            pretrained=cfg.clip_pretrained, T=cfg.num_frames, size=self.inputs.clip_size)
         clip, batches = self._video_feature_source(key)  # computed in resumable chunks unless cached
+        # under torchrun this rank's block of rows only, [hi-lo, D] (issue 20, item 5); all N in one process
+        block = env.block(self.n) if env.distributed else None
         self.video_feats = video_features(
             clip, batches, self.n, env, cache_dir=self.run_dir.path("features"),
-            key=key, amp=cfg.precision, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()))
+            key=key, amp=cfg.precision, progress=_progress(cfg, env, "CLIP video features", self.inputs.eval_steps()),
+            rows=block)
         self._drop_video_parts()
         # docs/PRECISION: the trainer's CLIP features are L2-normalised, then rounded to fp16 once (fp32 scores)
         self.video_feats = self.video_feats.to(torch.float16)
         # this rank's rows of the graph only (all rows in one process)
         self.neighbours = neighbour_graph(self.video_feats, self.h, env, cache_dir=self.run_dir.path("features"),
-                                          include_self=cfg.neighbours_include_self)
+                                          include_self=cfg.neighbours_include_self,
+                                          num_videos=self.n if env.distributed else None)
         # sharded by caption id under torchrun: no rank holds the whole table (issue 20, item 2)
         self.text_feats = CaptionFeatures(self.video_feats.shape[1], env.device, dtype=torch.float16, rank=env.rank,
                                           world_size=env.world_size)

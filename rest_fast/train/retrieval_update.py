@@ -113,6 +113,25 @@ def _local_rows(neighbours: np.ndarray, n: int, mine: np.ndarray) -> tuple[np.nd
     raise ValueError(f"neighbours has {neighbours.shape[0]} rows: expected N={n} or this rank's {len(mine)}")
 
 
+def num_videos_of(cache, video_feats: torch.Tensor) -> int:
+    """N: the cache's video count (``num_videos`` of ``CaptionCache``, ``n`` of ``ShardedCaptionCache``), else the rows
+    of ``video_feats`` (which under torchrun may be only this rank's block)."""
+    n = getattr(cache, "num_videos", None)
+    if n is None:
+        n = getattr(cache, "n", None)
+    return int(video_feats.shape[0]) if n is None else int(n)
+
+
+def _local_video_feats(video_feats: torch.Tensor, n: int, mine: np.ndarray) -> torch.Tensor:
+    """This rank's rows of ``video_feats``: it is either all N rows or already this rank's block."""
+    lo = int(mine[0]) if len(mine) else 0
+    if video_feats.shape[0] == n:
+        return video_feats[lo: lo + len(mine)]
+    if video_feats.shape[0] == len(mine):
+        return video_feats
+    raise ValueError(f"video_feats has {video_feats.shape[0]} rows: expected N={n} or this rank's {len(mine)}")
+
+
 def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tensor, neighbours: np.ndarray, k: int,
                      env: DistEnv, *, initial_ids: np.ndarray | None = None, block: int | None = None,
                      budget_bytes: int = 64 << 20, progress=None) -> dict:
@@ -121,7 +140,8 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
     Args:
         cache: the ``CaptionCache`` (one process, or an identical replica on every rank: all are updated), or under
             torchrun a ``ShardedCaptionCache`` (each rank sets its own videos' slots).
-        video_feats: float [N, D] L2-normalised CLIP video features (fp16 in the trainer; CPU or ``env.device``).
+        video_feats: float [N, D] L2-normalised CLIP video features (fp16 in the trainer; CPU or ``env.device``), or
+            under torchrun only this rank's rows ``env.block(N)`` (N is taken from the cache).
         caption_feats: float [C, D] CLIP text features of every interned caption id (on ``env.device``); under
             torchrun this rank's shard only: the rows of ids ``c`` with ``c mod P == rank`` (``CaptionFeatures``).
         neighbours: int [N, H] neighbour indices (self excluded), or only this rank's rows ``env.shard(N)``.
@@ -135,12 +155,13 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
         progress: optional wrapper of the block loop (a tqdm bar).
     Sharded by video over ranks; results are gathered so every replica sets the same rows.
     """
-    n = int(video_feats.shape[0])
+    n = num_videos_of(cache, video_feats)
     if env.distributed:
         return _sharded_update(cache, video_feats, caption_feats, neighbours, k, env, initial_ids=initial_ids,
                                budget_bytes=budget_bytes)
-    _check_table(video_feats, caption_feats, len(cache))
     mine = env.shard(n)
+    video_feats = _local_video_feats(video_feats, n, mine)  # all N rows in one process
+    _check_table(video_feats, caption_feats, len(cache))
     rows, row0 = _local_rows(neighbours, n, mine)
     dev = env.device
     vfeats = video_feats.to(dev)
@@ -211,14 +232,15 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
     :func:`rest_fast.retrieval.sharded_rerank.sharded_rerank`; ``budget_bytes`` bounds its chunk buffers."""
     from rest_fast.retrieval.sharded_rerank import sharded_rerank
 
-    n, P = int(video_feats.shape[0]), env.world_size
+    n, P = num_videos_of(cache, video_feats), env.world_size
+    mine = env.shard(n)
+    video_feats = _local_video_feats(video_feats, n, mine)  # this rank's rows only (all N may be passed)
     sharded_cache = hasattr(cache, "set_own")
     own = len(range(env.rank, len(cache), P))
     if caption_feats.shape[0] < own:
         raise ValueError(f"caption_feats has {caption_feats.shape[0]} rows but this rank owns {own} of the "
                          f"{len(cache)} captions")
-    _check_table(video_feats, caption_feats, own)
-    mine = env.shard(n)
+    _check_table(video_feats, caption_feats, own)  # this rank's video rows and caption rows
     rows, row0 = _local_rows(neighbours, n, mine)
     dev = env.device
     per_video = None
@@ -244,8 +266,7 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
         counts[1] += int(c.shape[0] * c.shape[1])
         return c
 
-    lo = int(mine[0]) if len(mine) else 0
-    vfeats = video_feats[lo: lo + len(mine)].to(dev)
+    vfeats = video_feats.to(dev)
     s, i, comm = sharded_rerank(vfeats, candidate_rows, caption_feats, k, budget_bytes=budget_bytes, width=width,
                                 rerank=_rerank)
     if sharded_cache:  # each rank sets its own videos' slots; only their ids are shared (16 B a video)
