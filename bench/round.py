@@ -111,9 +111,18 @@ def worker(args, env=None) -> dict:
     n, h, d, k, m, dist_ = args.n, args.h, args.d, args.k, args.m, args.distinct
     # low intrinsic dimension (as CLIP features): a random 32-dim subspace plus a little noise
     basis = torch.randn(32, d, generator=torch.Generator().manual_seed(0))
-    video = torch.randn(n, 32, generator=torch.Generator().manual_seed(2)) @ basis
-    video = torch.nn.functional.normalize(video + 0.1 * torch.randn(n, d, generator=torch.Generator().manual_seed(3)),
-                                          dim=1).to(dtype)
+    latent = torch.randn(n, 32, generator=torch.Generator().manual_seed(2))
+    # the trainer under torchrun holds its own block of video rows only: build just those (the same rows for any
+    # world size: noise drawn per fixed chunk of 4,096 videos)
+    v_lo, v_hi = ((n * env.rank) // env.world_size, (n * (env.rank + 1)) // env.world_size) \
+        if env.world_size > 1 and args.impl == "after" else (0, n)
+    chunks = []
+    for c0 in range(v_lo - v_lo % 4096, v_hi, 4096):
+        noise = torch.randn(min(4096, n - c0), d, generator=torch.Generator().manual_seed(3 + c0))
+        a, b = max(v_lo, c0), min(v_hi, c0 + 4096)
+        chunks.append(latent[a:b] @ basis + 0.1 * noise[a - c0: b - c0])
+    video = torch.nn.functional.normalize(torch.cat(chunks) if chunks else torch.zeros(0, d), dim=1).to(dtype)
+    del latent
     win = max(4 * h, 64)
     offs = np.stack([rng.choice(np.arange(1, win), h, replace=False) for _ in range(min(n, 4096))])
     neighbours = ((np.arange(n)[:, None] + offs[np.arange(n) % len(offs)] * np.where(

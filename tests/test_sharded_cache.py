@@ -192,3 +192,36 @@ def test_new_ids_follow_the_order_of_set_bits(space):
     assert total == pos.size
     np.testing.assert_array_equal(np.sort(ranks), np.arange(pos.size))
     np.testing.assert_array_equal(_ranks_of_set_bits(bits, pos)[0], np.arange(pos.size))
+
+
+def _worker_rank_without_videos(rank: int, world: int, port: int, folder: str) -> None:
+    """N = 2 videos on 3 ranks: rank 0 owns no video (blocks [0, 0), [0, 1), [1, 2)) but still owns captions (ids 0
+    and 3) and answers for them."""
+    _init(rank, world, port)
+    try:
+        texts = [["a", "b", "c"], ["c", "d", "e"]]
+        ref = CaptionCache(2, 2)
+        want = np.asarray(ref.intern([t for row in texts for t in row]), dtype=np.int64)
+        sc = ShardedCaptionCache(2, 2)
+        lo, hi = sc.lo, sc.hi
+        got = sc.intern([t for row in texts[lo:hi] for t in row], np.arange(lo * 3, hi * 3), 6)
+        np.testing.assert_array_equal(got, want[lo * 3: hi * 3])
+        assert (hi > lo) == (rank > 0) and len(sc) == 5
+        slots = np.array([[0, 1], [3, -1]])
+        sc.set_own(slots[lo:hi], np.where(slots[lo:hi] >= 0, 0.5, -np.inf))
+        np.testing.assert_array_equal(sc.slot_ids, slots)
+        assert sc.texts_of([4, -1, 2]) == ["e", None, "c"]
+        assert sc.sample_texts([1, 0], seed=3) == [["a", "b", "c", "d", "e"][int(i)] for i in
+                                                    sample_slots(slots[[1, 0]], np.array([1, 0]), 3)]
+        sc.save(folder, 0)
+        back = ShardedCaptionCache.load(folder, 0)
+        np.testing.assert_array_equal(back.slot_ids, slots)
+        assert back.texts_of(np.arange(5)) == ["a", "b", "c", "d", "e"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_videos_still_serves_its_captions(tmp_path):
+    _spawn(_worker_rank_without_videos, 3, str(tmp_path))
+    back = to_single_process(tmp_path, 0)
+    assert list(back.texts(np.arange(5, dtype=np.int32))) == ["a", "b", "c", "d", "e"]
