@@ -61,17 +61,23 @@ class Exchange:
         return np.split(flat, np.cumsum(recv)[:-1])
 
     def strings(self, parts: list[list[bytes]]) -> list[list[bytes]]:
-        """``parts[d]`` (byte strings) goes to rank ``d``; returns the lists received, by source rank."""
-        lens = [np.fromiter((len(b) for b in p), dtype=np.int64, count=len(p)) for p in parts]
-        blobs = [np.frombuffer(b"".join(p), dtype=np.uint8) for p in parts]
-        got_lens = self.arrays(lens)
-        got_blobs = self.arrays(blobs)
+        """``parts[d]`` (byte strings) goes to rank ``d``; returns the lists received, by source rank. One exchange:
+        each part travels as ``[count][count lengths][the bytes]`` (int64 header, then UTF-8)."""
+        packed = []
+        for p in parts:
+            lens = np.fromiter((len(b) for b in p), dtype=np.int64, count=len(p))
+            head = np.concatenate([np.array([len(p)], dtype=np.int64), lens]).view(np.uint8)
+            packed.append(np.concatenate([head, np.frombuffer(b"".join(p), dtype=np.uint8)]))
         out = []
-        for ln, blob in zip(got_lens, got_blobs):
-            raw = blob.tobytes()
-            ends = np.cumsum(ln)
-            starts = ends - ln
-            out.append([raw[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
+        for buf in self.arrays(packed):
+            if buf.size == 0:
+                out.append([])
+                continue
+            count = int(buf[:8].view(np.int64)[0])
+            lens = buf[8: 8 * (count + 1)].view(np.int64)
+            raw = buf[8 * (count + 1):].tobytes()
+            ends = np.cumsum(lens)
+            out.append([raw[a:b] for a, b in zip((ends - lens).tolist(), ends.tolist())])
         return out
 
     def sum_bytes(self, buf: np.ndarray) -> np.ndarray:

@@ -114,11 +114,11 @@ _CPU_GROUPS: dict[int, object] = {}
 
 
 def cpu_group(env: DistEnv):
-    """A gloo group over every rank for small host-side exchanges (the sharded caption cache's texts, every
-    optimiser step): on NCCL runs they then need no CUDA tensor and no device sync. ``None`` (the default group)
-    when the run is on gloo already or in one process. Created once per process group; every rank must call it
-    at the same point the first time (``new_group`` is collective)."""
-    if not env.distributed or dist.get_backend() == "gloo":
+    """A gloo group of its own over every rank, for host-side exchanges (the sharded caption cache: its texts are
+    fetched for the next optimiser step on a background thread while DDP all-reduces on the default group): no
+    CUDA tensor, no device sync, and never two threads on one group. ``None`` in one process. Created once per
+    process group; every rank must call it at the same point the first time (``new_group`` is collective)."""
+    if not env.distributed:
         return None
     key = id(dist.distributed_c10d._get_default_group())
     if key not in _CPU_GROUPS:

@@ -65,10 +65,51 @@ def _read_window(window: torch.Tensor, env: DistEnv, *, epoch: int, step: int) -
 def sampled_captions(cache, videos: np.ndarray, seed: int) -> list[str]:
     """One of each video's K slot captions, drawn by ``cache.sample`` (seeded by (seed, video)). A sharded cache
     (``ShardedCaptionCache``) holds every video's slot ids but only some texts: the texts come from their ranks in
-    one small exchange per optimiser step (a collective: every rank calls it at every step)."""
+    one small exchange (a collective: every rank calls it at every step; :class:`CaptionPrefetch` runs it ahead)."""
     if hasattr(cache, "sample_texts"):
         return cache.sample_texts(videos, seed)
     return list(cache.texts(np.asarray(cache.sample(videos, seed), dtype=np.int32)))
+
+
+def _indices(micro: list) -> np.ndarray:
+    idx = torch.cat([i for i, _ in micro]) if len(micro) > 1 else micro[0][0]
+    return idx.numpy().astype(np.int64)
+
+
+class CaptionPrefetch:
+    """``(micro-batches, captions)`` per optimiser step, the captions of step ``s + 1`` fetched while step ``s``
+    trains.
+
+    With a sharded caption cache each step's texts come from other ranks (:func:`sampled_captions`: two small
+    all-to-alls on the cache's own gloo group, milliseconds on TCP). Fetched inline they would sit on the critical
+    path of every step; here one background thread runs them one step ahead, in step order, so every rank issues
+    the same collectives in the same order (every rank has the same number of steps). The next step's micro-batches
+    are taken from the loader before the current step is handed out (its workers prefetch anyway). On an early stop
+    the fetch already started finishes on every rank before the thread is shut down.
+    """
+
+    def __init__(self, groups: Iterable, cache, seed_of_step: Callable[[int], int], start_step: int) -> None:
+        self.groups, self.cache, self.seed_of_step, self.start_step = groups, cache, seed_of_step, start_step
+
+    def _fetch(self, micro: list, step: int) -> list[str]:
+        return self.cache.sample_texts(_indices(micro), self.seed_of_step(step))
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-prefetch")
+        try:
+            it = iter(self.groups)
+            step = self.start_step
+            cur = next(it, None)
+            fut = pool.submit(self._fetch, cur, step) if cur is not None else None
+            while cur is not None:
+                nxt = next(it, None)
+                nfut = pool.submit(self._fetch, nxt, step + 1) if nxt is not None else None
+                yield cur, fut.result()
+                cur, fut, step = nxt, nfut, step + 1
+        finally:
+            pool.shutdown(wait=True)
 
 
 def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Iterable,
@@ -120,52 +161,60 @@ def self_train_epoch(loss_module: nn.Module, optimizer: torch.optim.Optimizer, s
     def counters() -> dict:
         return {"window": _to_host(window), "total": _to_host(total)}
 
-    for step, micro in enumerate(progress(groups) if progress else groups, start=start_step):
-        if step == start_step and resume and resume.get("rng") is not None:
-            from rest_fast.run.rundir import restore_rng
+    if hasattr(cache, "sample_texts"):  # sharded cache: texts fetched from their ranks one step ahead
+        stream = iter(CaptionPrefetch(groups, cache, lambda s: derive_seed(seed, epoch, s), start_step))
+    else:
+        stream = ((micro, None) for micro in groups)
+    try:
+        for step, (micro, captions) in enumerate(progress(stream) if progress else stream, start=start_step):
+            if step == start_step and resume and resume.get("rng") is not None:
+                from rest_fast.run.rundir import restore_rng
 
-            restore_rng(resume["rng"])
-        idx = torch.cat([i for i, _ in micro]) if len(micro) > 1 else micro[0][0]
-        captions = sampled_captions(cache, idx.numpy().astype(np.int64), derive_seed(seed, epoch, step))
-        optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(loss_module, micro, captions, device=dev, autocast=lambda: autocast(dev, amp),
-                                    scale=scaler.scale if fp16 else (lambda t: t))
-        log_now = (step + 1) % log_every == 0
-        if fp16:  # unscales, clips and steps, skipping a step whose gradients hold inf/NaN
-            if log_now:  # the reported norm: of the unscaled gradients, before clipping (a device division, no sync)
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                window[2] = (norm.to(torch.float64) / scaler.scaler._scale.to(torch.float64)).detach()
-            scaler.step(optimizer, params, grad_clip)
-        else:
-            if grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
-            elif log_now:  # the norm is only reported: computed on the log steps alone
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                restore_rng(resume["rng"])
+            idx = torch.cat([i for i, _ in micro]) if len(micro) > 1 else micro[0][0]
+            if captions is None:
+                captions = sampled_captions(cache, idx.numpy().astype(np.int64), derive_seed(seed, epoch, step))
+            optimizer.zero_grad(set_to_none=True)
+            loss = accumulate_gradients(loss_module, micro, captions, device=dev, autocast=lambda: autocast(dev, amp),
+                                        scale=scaler.scale if fp16 else (lambda t: t))
+            log_now = (step + 1) % log_every == 0
+            if fp16:  # unscales, clips and steps, skipping a step whose gradients hold inf/NaN
+                if log_now:  # the reported norm: of the unscaled gradients, before clipping (a device division, no sync)
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    window[2] = (norm.to(torch.float64) / scaler.scaler._scale.to(torch.float64)).detach()
+                scaler.step(optimizer, params, grad_clip)
+            else:
+                if grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach on CUDA; no sync (no error_if_nonfinite)
+                elif log_now:  # the norm is only reported: computed on the log steps alone
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                if log_now:
+                    window[2] = norm.detach().to(torch.float64)
+                optimizer.step()
+            scheduler.step()
+            if fp16:  # an overflowed step is skipped, not fatal; its loss not counted
+                ok = torch.isfinite(loss)
+                window[0] += torch.where(ok, loss, torch.zeros_like(loss)).to(torch.float64)
+                window[1] += ok.to(torch.float64)
+            else:
+                window[0] += loss.to(torch.float64)
+                window[1] += one
             if log_now:
-                window[2] = norm.detach().to(torch.float64)
-            optimizer.step()
-        scheduler.step()
-        if fp16:  # an overflowed step is skipped, not fatal; its loss not counted
-            ok = torch.isfinite(loss)
-            window[0] += torch.where(ok, loss, torch.zeros_like(loss)).to(torch.float64)
-            window[1] += ok.to(torch.float64)
-        else:
-            window[0] += loss.to(torch.float64)
-            window[1] += one
-        if log_now:
-            total += window
-            avg, _, norm_value = _read_window(window, env, epoch=epoch, step=step)  # the sync that closes the window
-            timing = {**meter.window(), **device_memory_gb(dev)}
-            if on_log is not None:
-                rec = {"step_in_epoch": step + 1, "loss": avg, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": norm_value, **timing}
-                if fp16:  # optimiser steps skipped for inf/NaN gradients
-                    rec["skipped_steps"] = int(_to_host(scaler.skipped.reshape(1))[0])
-                on_log(rec)
-            window.zero_()
-        if on_step_end is not None and on_step_end(step + 1, counters):
-            stopped = True
-            break
+                total += window
+                avg, _, norm_value = _read_window(window, env, epoch=epoch, step=step)  # the sync that closes the window
+                timing = {**meter.window(), **device_memory_gb(dev)}
+                if on_log is not None:
+                    rec = {"step_in_epoch": step + 1, "loss": avg, "lr": optimizer.param_groups[0]["lr"],
+                           "grad_norm": norm_value, **timing}
+                    if fp16:  # optimiser steps skipped for inf/NaN gradients
+                        rec["skipped_steps"] = int(_to_host(scaler.skipped.reshape(1))[0])
+                    on_log(rec)
+                window.zero_()
+            if on_step_end is not None and on_step_end(step + 1, counters):
+                stopped = True
+                break
+    finally:
+        stream.close()  # a stop mid-epoch: the fetch under way finishes (on every rank) before its thread ends
     if stopped:  # the counters went into the checkpoint; the epoch's stats are the resumed run's to report
         return {"loss": float("nan"), "steps": step + 1 - start_step, "stopped": True}
     total += window
