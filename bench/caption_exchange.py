@@ -7,7 +7,8 @@ per clip from the replicated slot ids and fetches the texts from the ranks holdi
 (``ShardedCaptionCache.sample_texts``: one all-to-all of ids and one of UTF-8 bytes, on a CPU gloo group in the
 trainer). The baseline, measured in the same run on the same ranks, is the one-process path: every rank holding
 the whole cache (``CaptionCache.sample`` + ``texts``, no communication). Rank 0 prints both per-step times, their
-ratio, the bytes each rank sent per step and the caption strings each rank holds, and appends a row to
+ratio, then the time per step around a stand-in training step (``--step-ms`` of sleep) with the captions fetched
+inline and one step ahead (``CaptionPrefetch``, the trainer's path), the bytes each rank sent per step and the caption strings each rank holds, and appends a row to
 ``bench/results/caption_exchange.csv``. Times are medians over ``--steps`` steps after warm-up; on a shared CPU
 machine the load is printed with them.
 """
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64, help="clips per rank per optimiser step")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--step-ms", type=float, default=20.0,
+                    help="a stand-in training step (sleep, no CPU) for the prefetch rows")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
 
@@ -79,6 +82,26 @@ def main() -> None:
             samples.append((time.perf_counter() - t0) * 1e3)
         times[name] = summarize(samples)
     per_step = (sharded.comm.bytes_sent - sent0) / args.steps
+
+    # the trainer's path: a step of --step-ms, its captions fetched inline or one step ahead (CaptionPrefetch)
+    import torch
+
+    from rest_fast.train.self_train import CaptionPrefetch
+
+    groups = [[(torch.from_numpy(batch(s)), None)] for s in range(args.steps)]
+    pause = args.step_ms / 1e3
+    stepped = {}
+    for name in ("whole cache", "sharded, inline", "sharded, prefetched"):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if name == "sharded, prefetched":
+            for _micro, _caps in CaptionPrefetch(groups, sharded, lambda s: s, 0):
+                time.sleep(pause)
+        else:
+            for s in range(args.steps):
+                (one_step_whole if name == "whole cache" else one_step_sharded)(s)
+                time.sleep(pause)
+        stepped[name] = (time.perf_counter() - t0) * 1e3 / args.steps
     held = sharded.own_captions() + len(sharded._dict)
     gathered = [None] * P
     dist.all_gather_object(gathered, (per_step, held, len(whole)))
@@ -92,13 +115,19 @@ def main() -> None:
           f"{fast.median_ms / base.median_ms:.1f}x; bytes sent per step per rank "
           f"{min(g[0] for g in gathered):.0f}-{max(g[0] for g in gathered):.0f}; strings held per rank "
           f"{min(g[1] for g in gathered)}-{max(g[1] for g in gathered)} of {gathered[0][2]} (load {load})")
+    print(f"with a {args.step_ms:g} ms step: " + ", ".join(f"{k} {v:.2f} ms/step" for k, v in stepped.items()))
     table = Table("caption_exchange", ["ranks", "videos", "batch per rank", "whole ms/step", "sharded ms/step",
-                                       "ratio", "bytes sent per step", "strings held per rank", "captions", "load"])
+                                       "ratio", "bytes sent per step", "strings held per rank", "captions",
+                                       "step ms", "whole ms/step with step", "inline ms/step with step",
+                                       "prefetched ms/step with step", "load"])
     table.add(ranks=P, videos=n, **{"batch per rank": args.batch, "whole ms/step": base.median_ms,
                                     "sharded ms/step": fast.median_ms, "ratio": fast.median_ms / base.median_ms,
                                     "bytes sent per step": max(g[0] for g in gathered),
                                     "strings held per rank": max(g[1] for g in gathered)},
-              captions=gathered[0][2], load=load)
+              captions=gathered[0][2], load=load,
+              **{"step ms": args.step_ms, "whole ms/step with step": stepped["whole cache"],
+                 "inline ms/step with step": stepped["sharded, inline"],
+                 "prefetched ms/step with step": stepped["sharded, prefetched"]})
     print(table.format())
     if not args.no_save:
         print(f"appended to {table.save(hardware_name('cpu'), {'device': 'cpu'})}")
