@@ -167,11 +167,15 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, root: Path) -> None:
+def _spawn(world: int, root: Path) -> Path:
+    """Run the workers in a fresh folder under ``root`` and return it (a retry must not find the first try's files:
+    it would take the cache hit and receive no chunk)."""
     for attempt in (1, 2):  # a gloo worker killed by a signal is retried once (see test_retrieval_distributed)
+        folder = root / f"try{attempt}"
+        folder.mkdir()
         try:
-            mp.spawn(_worker, args=(world, _free_port(), str(root)), nprocs=world, join=True)
-            return
+            mp.spawn(_worker, args=(world, _free_port(), str(folder)), nprocs=world, join=True)
+            return folder
         except mp.ProcessExitedException as e:
             if attempt == 2:
                 raise
@@ -184,10 +188,10 @@ def test_video_features_blocks_match_one_process(tmp_path, world):
     assert torch.equal(one, _table())
     mask = os.umask(0o027)
     try:
-        _spawn(world, tmp_path)
+        folder = _spawn(world, tmp_path)
     finally:
         os.umask(mask)
-    ours = tmp_path / f"world{world}" / "video_clip.npy"
+    ours = folder / f"world{world}" / "video_clip.npy"
     assert ours.read_bytes() == (tmp_path / "one" / "video_clip.npy").read_bytes()
     assert ours.stat().st_mode & 0o777 == 0o640  # the umask, not tempfile's 0600
     assert not [p.name for p in ours.parent.iterdir() if p.name.endswith(".tmp")]
