@@ -19,9 +19,12 @@ import datetime as _dt
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,3 +228,29 @@ class Table:
             for r in self.rows:
                 w.writerow({**meta, **r})
         return path
+
+
+# --- memory and the code of a base commit (the scale benches: round.py, video_features.py) ---------------------------
+def rss_gb() -> float:
+    """This process's resident memory now (GB, from /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (GB; ``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def module_from_git(rev: str, path: str, name: str) -> types.ModuleType:
+    """Module ``path`` as it was at commit ``rev`` of this repository (a bench's "before" baseline)."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, check=True).stdout
+    mod = types.ModuleType(name)
+    mod.__file__ = f"{rev}:{path}"
+    sys.modules[name] = mod
+    exec(compile(src, mod.__file__, "exec"), mod.__dict__)  # noqa: S102 - our own repository's history
+    return mod

@@ -37,36 +37,15 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _module_from_git(rev: str, path: str, name: str) -> types.ModuleType:
-    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType(name)
-    mod.__file__ = f"{rev}:{path}"
-    sys.modules[name] = mod
-    exec(compile(src, mod.__file__, "exec"), mod.__dict__)  # noqa: S102 - our own repository's history
-    return mod
+from harness import module_from_git, peak_rss_gb, rss_gb  # noqa: E402
 
 
 class _StandInEncoder:
@@ -98,8 +77,8 @@ def worker(args, env=None) -> dict:
     env = env or DistEnv(0, 1, 0, torch.device("cpu"))
 
     if args.impl == "before":
-        ru = _module_from_git(args.base, "rest_fast/train/retrieval_update.py", "_before_retrieval_update")
-        fe = _module_from_git(args.base, "rest_fast/train/features.py", "_before_features")
+        ru = module_from_git(args.base, "rest_fast/train/retrieval_update.py", "_before_retrieval_update")
+        fe = module_from_git(args.base, "rest_fast/train/features.py", "_before_features")
         dtype = torch.float32
         feats_kw = {}
     else:
@@ -109,7 +88,7 @@ def worker(args, env=None) -> dict:
         feats_kw = {"dtype": torch.float16, "rank": env.rank, "world_size": env.world_size}
     import rest_fast.cache.sharded  # noqa: F401  (imported before the baseline is read)
 
-    base_gb = _rss_gb()  # the process with torch and rest_fast imported, before the workload exists
+    base_gb = rss_gb()  # the process with torch and rest_fast imported, before the workload exists
     rng = np.random.default_rng(0)
     n, h, d, k, m, dist_ = args.n, args.h, args.d, args.k, args.m, args.distinct
     # low intrinsic dimension (as CLIP features): a random 32-dim subspace plus a little noise
@@ -165,7 +144,7 @@ def worker(args, env=None) -> dict:
             cache.set(np.arange(n), slots, np.where(slots >= 0, 0.0, -np.inf).astype(np.float32))
             pending = cache.intern([f"video {v} generated" for v in range(n)])
             cache.add_pending(np.arange(n), pending)
-    rss0, t0, c0 = _rss_gb(), time.perf_counter(), time.process_time()
+    rss0, t0, c0 = rss_gb(), time.perf_counter(), time.process_time()
     embedded = table.update(cache, enc, env, batch_size=4096)
     t1, c1 = time.perf_counter(), time.process_time()
     kw = {"initial_ids": initial} if args.kind == "round0" else {}
@@ -175,7 +154,7 @@ def worker(args, env=None) -> dict:
             "captions": len(cache), "table_dtype": str(table.feats.dtype).replace("torch.", ""),
             "table_rows": int(table.feats.shape[0]), "embed_s": t1 - t0, "rerank_s": t2 - t1, "total_s": t2 - t0,
             "embed_cpu_s": c1 - c0, "rerank_cpu_s": c2 - c1, "cpu_s": c2 - c0,
-            "rss_before_gb": rss0, "peak_gb": _peak_gb(), "imports_gb": base_gb, "mean_score": stats["mean_score"],
+            "rss_before_gb": rss0, "peak_gb": peak_rss_gb(), "imports_gb": base_gb, "mean_score": stats["mean_score"],
             "candidates_scored": int(stats.get("candidates_scored", -1)), "rank": env.rank, "world": env.world_size,
             "rows_held": int(table.valid.shape[0]), "bytes_sent": int(stats.get("rerank_bytes_sent", 0)),
             # caption strings this rank holds: its id-owned texts + its share of the text -> id dictionary

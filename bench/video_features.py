@@ -17,36 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _module_from_git(rev: str, path: str, name: str) -> types.ModuleType:
-    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType(name)
-    mod.__file__ = f"{rev}:{path}"
-    sys.modules[name] = mod
-    exec(compile(src, mod.__file__, "exec"), mod.__dict__)  # noqa: S102 - our own repository's history
-    return mod
+from harness import module_from_git, peak_rss_gb, rss_gb  # noqa: E402
 
 
 class _RowsClip:
@@ -75,20 +55,20 @@ def rank_main(args) -> None:
     mine = torch.arange(lo, hi)
     batches = [(mine[i: i + 4096], block[i: i + 4096]) for i in range(0, hi - lo, 4096)]
     if args.impl == "before":
-        fe = _module_from_git(args.base, "rest_fast/train/features.py", "_before_features")
+        fe = module_from_git(args.base, "rest_fast/train/features.py", "_before_features")
         kw = {}
     else:
         from rest_fast.train import features as fe
 
         kw = {"rows": (lo, hi)}
     dist.barrier()
-    rss0 = _rss_gb()
+    rss0 = rss_gb()
     t0 = time.time()
     feats = fe.video_features(_RowsClip(args.d), batches, args.n, env, cache_dir=args.out, key="bench", amp=False,
                               **kw)
     feats = feats.to(torch.float16)  # what the trainer keeps
     wall = time.time() - t0
-    row = {"rank": rank, "rss_before_gb": rss0, "peak_gb": _peak_gb(), "rows_kept": int(feats.shape[0]),
+    row = {"rank": rank, "rss_before_gb": rss0, "peak_gb": peak_rss_gb(), "rows_kept": int(feats.shape[0]),
            "kept_gb": feats.numel() * 2 / 2**30, "wall_s": wall}
     rows = all_gather_objects(env, row)
     if rank == 0:

@@ -25,7 +25,7 @@ RANK = {
     "nn": 3,
     "ops": 2,
     "kernels": 1,
-    "atomic_io": 0, "errors": 0, "_C": 0, "_native": 0, "assets": 0, "__init__": 0,  # errors: UserError, raised at every rank
+    "atomic_io": 0, "errors": 0, "comm": 0, "_C": 0, "_native": 0, "assets": 0, "__init__": 0,  # errors: UserError, raised at every rank
 }
 # parts of the same rank that may use each other: the captioner uses beam search and frozen CLIP's helpers.
 # Everything else at one rank is independent (train and eval above all; data knows nothing of models).

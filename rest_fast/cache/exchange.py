@@ -14,14 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Exchange", "group_world"]
+from rest_fast.comm import comm_device, group_world
 
-
-def group_world(group=None) -> tuple[int, int]:
-    """``(world size, rank)`` of ``group``; ``(1, 0)`` when no process group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group), dist.get_rank(group)
-    return 1, 0
+__all__ = ["Exchange"]
 
 
 class Exchange:
@@ -30,12 +25,7 @@ class Exchange:
     def __init__(self, group=None, device: torch.device | str | None = None) -> None:
         self.group = group
         self.world, self.rank = group_world(group)
-        nccl = self.world > 1 and dist.get_backend(group) == "nccl"
-        if nccl:
-            device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-            if device.type != "cuda":
-                device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device if nccl else torch.device("cpu")
+        self.device = comm_device(group, device)
         self.bytes_sent = 0
 
     def arrays(self, parts: list[np.ndarray]) -> list[np.ndarray]:

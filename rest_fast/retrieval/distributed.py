@@ -40,18 +40,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rest_fast.comm import comm_device
 from rest_fast.ops.topk import _KEY_MIN, pack_keys, topk_similarity, unpack_indices, unpack_scores
 
 __all__ = ["distributed_topk", "choose_strategy"]
 
 Strategy = Literal["auto", "gather_keys", "ring", "shard_keys"]
-
-
-def _comm_device(group, fallback: torch.device) -> torch.device:
-    backend = dist.get_backend(group)
-    if backend == "nccl":
-        return fallback if fallback.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _default_budget(device: torch.device) -> int:
@@ -205,7 +199,7 @@ def distributed_topk(queries: Tensor, keys: Tensor, k: int, *, exclude: Tensor |
         raise ValueError(f"strategy must be 'auto', 'gather_keys', 'ring' or 'shard_keys', got {strategy!r}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     dev = queries.device
-    cdev = _comm_device(group, dev)
+    cdev = comm_device(group, dev)
 
     # Shapes of every rank: [M_r, N_r, d, uses exclude, memory budget]. The budget is agreed on (the smallest)
     # because it picks the strategy and the query chunk, which every rank must take alike.

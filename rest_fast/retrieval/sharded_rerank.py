@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rest_fast.comm import comm_device, group_world
 from rest_fast.ops.rerank import rerank_captions
 from rest_fast.ops.topk import _KEY_MIN, pack_keys, unpack_indices, unpack_scores
 
@@ -67,18 +68,6 @@ class ShardedIds:
 
     def to_global(self, local: Tensor, rank: int) -> Tensor:
         return local * self.world + rank
-
-
-def _world(group) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group), dist.get_rank(group)
-    return 1, 0
-
-
-def _comm_device(group, fallback: torch.device) -> torch.device:
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return fallback if fallback.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def bytes_per_video(L: int, d: int, itemsize: int, world: int, k: int) -> int:
@@ -182,10 +171,10 @@ def sharded_rerank(video_feats: Tensor, candidates: Tensor | np.ndarray | Callab
         rank.
     """
     rerank = rerank or rerank_captions
-    world, rank = _world(group)
+    world, rank = group_world(group)
     ids = ShardedIds(world)
     dev = video_feats.device
-    cdev = _comm_device(group, dev) if world > 1 else dev
+    cdev = comm_device(group, dev) if world > 1 else dev
     n, d = int(video_feats.shape[0]), int(video_feats.shape[1])
     if caption_feats.dim() != 2 or caption_feats.shape[1] != d:
         raise ValueError(f"caption_feats must be [C_r, {d}], got {tuple(caption_feats.shape)}")

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rest_fast.atomic_io import apply_umask, fsync_dir
+from rest_fast.atomic_io import atomic_open
 from rest_fast.run.rundir import atomic_save_numpy, atomic_write_json
 from rest_fast.train.distributed import DistEnv, autocast, barrier, shard_range
 
@@ -117,12 +115,11 @@ RECEIVED_CHUNKS: list[int] = []  # rows per chunk rank 0 received in its last wr
 
 def _write_blocks_on_main(env: DistEnv, block: torch.Tensor, npy: Path, num_videos: int, chunk_bytes: int) -> None:
     """Rank 0 writes ``npy`` (float32 [N, D]) from every rank's block: its own first, then each other rank's in
-    chunks of at most ``chunk_bytes`` (send/recv; CPU tensors on gloo, CUDA tensors on NCCL), into a temporary file in
-    the same folder (header and size by ``np.lib.format.open_memmap``) that is flushed, fsynced and renamed into place
-    (umask permissions)."""
+    chunks of at most ``chunk_bytes`` (send/recv; CPU tensors on gloo, CUDA tensors on NCCL), through ``atomic_open``
+    (a temporary file in the same folder, flushed, fsynced and renamed into place; umask permissions)."""
     import torch.distributed as dist
 
-    from rest_fast.retrieval.sharded_rerank import _comm_device
+    from rest_fast.comm import comm_device
     from rest_fast.train.distributed import all_gather_objects
 
     shapes = all_gather_objects(env, (int(block.shape[0]), int(block.shape[1])))
@@ -134,53 +131,38 @@ def _write_blocks_on_main(env: DistEnv, block: torch.Tensor, npy: Path, num_vide
         if count != len(shard_range(num_videos, r, env.world_size)):
             raise RuntimeError(f"rank {r} computed {count} video features for its "
                                f"{len(shard_range(num_videos, r, env.world_size))} videos")
-    cdev = _comm_device(None, env.device)
+    cdev = comm_device(None, env.device)
     step = max(1, int(chunk_bytes) // max(1, 4 * dim))
     if not env.is_main:
         for c0 in range(0, block.shape[0], step):
             dist.send(block[c0: c0 + step].to(cdev, torch.float32).contiguous(), dst=0)
         return
     RECEIVED_CHUNKS.clear()
-    if num_videos * dim == 0:  # nothing to map: an empty file the ordinary way
-        atomic_save_numpy(npy, np.zeros((num_videos, dim), dtype=np.float32))
-        return
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=str(npy.parent))
-    os.close(fd)
-    try:
-        apply_umask(tmp)
-        # numpy writes the header (the same bytes np.save writes) and sizes the file; rows are then written with
-        # plain file writes at their offsets, not through the mapping, so no written page stays in this process's
-        # resident set (a memory-mapped write would leave all N rows' pages mapped in rank 0 until it closes)
-        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_videos, dim))
-        offset, row_bytes = int(header.offset), 4 * dim
-        del header
-        with open(tmp, "r+b") as f:
-            def put(row: int, rows: torch.Tensor) -> None:
-                f.seek(offset + row * row_bytes)
-                f.write(memoryview(np.ascontiguousarray(rows.cpu().numpy(), dtype=np.float32)))
+    # the header np.save writes, then the rows with plain file writes at their offsets: nothing is memory-mapped, so
+    # no written page stays in this process's resident set (a mapped write would keep all N rows' pages in rank 0)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (num_videos, dim)}
+    row_bytes = 4 * dim
+    with atomic_open(npy, "wb") as f:  # temp file, umask, fsync, rename; removed on error
+        np.lib.format.write_array_header_1_0(f, header)
+        offset = f.tell()
+        f.truncate(offset + num_videos * row_bytes)
 
-            own = block.shape[0]
-            for c0 in range(0, own, step):  # rank 0's block is rows [0, own)
-                put(c0, block[c0: c0 + step])
-            buf = torch.empty((min(step, max(c for c, _ in shapes)), dim), dtype=torch.float32, device=cdev)
-            for r in range(1, env.world_size):
-                rlo = (num_videos * r) // env.world_size
-                for c0 in range(0, shapes[r][0], step):
-                    m = min(step, shapes[r][0] - c0)
-                    dist.recv(buf[:m], src=r)
-                    put(rlo + c0, buf[:m])
-                    RECEIVED_CHUNKS.append(m)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, npy)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(npy.parent)
+        def put(row: int, rows: torch.Tensor) -> None:
+            f.seek(offset + row * row_bytes)
+            f.write(memoryview(np.ascontiguousarray(rows.cpu().numpy(), dtype=np.float32)))
+
+        own = block.shape[0]
+        for c0 in range(0, own, step):  # rank 0's block is rows [0, own)
+            put(c0, block[c0: c0 + step])
+        buf = torch.empty((min(step, max(c for c, _ in shapes)), dim), dtype=torch.float32, device=cdev)
+        for r in range(1, env.world_size):
+            rlo = (num_videos * r) // env.world_size
+            for c0 in range(0, shapes[r][0], step):
+                m = min(step, shapes[r][0] - c0)
+                dist.recv(buf[:m], src=r)
+                put(rlo + c0, buf[:m])
+                RECEIVED_CHUNKS.append(m)
 
 
 def _probe_dim(clip) -> int:
