@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_spawn import spawn_gloo
 
 from rest_fast.ops.topk import topk_mismatch, topk_similarity_ref
 from rest_fast.retrieval import distributed_topk
 from rest_fast.retrieval.distributed import choose_strategy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -65,17 +57,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 def test_distributed_topk_gloo_two_processes():
-    # A failed assertion in a worker raises ProcessRaisedException at once. A worker killed by a signal is retried
-    # once on a fresh port: CI saw one run (of ~25 here, none reproduced) where rank 0 died of SIGABRT
-    # ("terminate called without an active exception", from gloo's C++ threads) with no Python error.
-    for attempt in (1, 2):
-        try:
-            mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
-            return
-        except mp.ProcessExitedException as e:
-            if attempt == 2:
-                raise
-            warnings.warn(f"gloo worker died of a signal ({e}); retrying once", RuntimeWarning, stacklevel=1)
+    spawn_gloo(_worker, 2, lambda port, _attempt: (2, port))  # retried once if a worker dies of a signal
 
 
 def test_single_process_falls_back():
@@ -151,11 +133,4 @@ def _ring_worker(rank: int, port: int, root: str) -> None:
 
 
 def test_ring_topk_world_sizes_1_2_3(tmp_path):
-    for attempt in (1, 2):  # a worker killed by a signal is retried once (test_distributed_topk_gloo_two_processes)
-        try:
-            mp.spawn(_ring_worker, args=(_free_port(), str(tmp_path)), nprocs=3, join=True)
-            return
-        except mp.ProcessExitedException as e:
-            if attempt == 2:
-                raise
-            warnings.warn(f"gloo worker died of a signal ({e}); retrying once", RuntimeWarning, stacklevel=1)
+    spawn_gloo(_ring_worker, 3, lambda port, _attempt: (port, str(tmp_path)))

@@ -7,13 +7,12 @@ world size, re-sharded to another one, read from a one-process file, and assembl
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import numpy as np
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_spawn import spawn_gloo
 
 from rest_fast.cache import CaptionCache, PyCaptionCache
 from rest_fast.cache.sharded import (
@@ -27,12 +26,6 @@ from rest_fast.cache.sharded import (
 N, K, M = 23, 3, 5
 WORDS = ["a man", "A  man", "a dog runs", "someone is cooking", "a video of a cat", "people dance", "x", "",
          "a man blowing glass", "kids play football", "Kids play football ", "a woman sings", "é café", "rain"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _world():
@@ -130,16 +123,7 @@ def _worker_load(rank: int, world: int, port: int, sharded: str, single: str) ->
 
 
 def _spawn(fn, world: int, *args) -> None:
-    for attempt in (1, 2):  # a gloo worker killed by a signal at teardown is retried once (test_retrieval_distributed)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
-            return
-        except mp.ProcessExitedException as e:
-            if attempt == 2:
-                raise
-            warnings.warn(f"gloo worker died of a signal ({e}); retrying once", RuntimeWarning, stacklevel=1)
+    spawn_gloo(fn, world, lambda port, _attempt: (world, port, *args))
 
 
 def test_one_process_equals_the_caption_cache(tmp_path):

@@ -8,23 +8,15 @@ against the same update in one process."""
 from __future__ import annotations
 
 import os
-import socket
-import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_spawn import spawn_gloo
 
 from rest_fast.ops.rerank import rerank_captions_ref
 from rest_fast.retrieval.sharded_rerank import ShardedIds, bytes_per_video, sharded_rerank
 
 N, C, D, L = 41, 230, 24, 19
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(world: int):
@@ -153,14 +145,7 @@ def _worker(rank: int, port: int) -> None:
 
 
 def test_sharded_rerank_matches_single_process_at_world_sizes_1_2_3():
-    for attempt in (1, 2):  # a gloo worker killed by a signal is retried once (see test_retrieval_distributed)
-        try:
-            mp.spawn(_worker, args=(_free_port(),), nprocs=3, join=True)
-            return
-        except mp.ProcessExitedException as e:
-            if attempt == 2:
-                raise
-            warnings.warn(f"gloo worker died of a signal ({e}); retrying once", RuntimeWarning, stacklevel=1)
+    spawn_gloo(_worker, 3, lambda port, _attempt: (port,))
 
 
 def test_sharded_ids_round_trip():

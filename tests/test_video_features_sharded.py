@@ -8,27 +8,19 @@ cache hit); the neighbour graph and the retrieval update built from blocks equal
 from __future__ import annotations
 
 import os
-import socket
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_spawn import spawn_gloo
 
 from rest_fast.train.distributed import DistEnv
 
 N, D, H, K, M = 23, 16, 5, 3, 4
 CHUNK_ROWS = 3  # the chunk size the workers ask for: rank 0 receives at most this many rows per message
 ONE = DistEnv(0, 1, 0, torch.device("cpu"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _table() -> torch.Tensor:
@@ -170,16 +162,13 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 def _spawn(world: int, root: Path) -> Path:
     """Run the workers in a fresh folder under ``root`` and return it (a retry must not find the first try's files:
     it would take the cache hit and receive no chunk)."""
-    for attempt in (1, 2):  # a gloo worker killed by a signal is retried once (see test_retrieval_distributed)
-        folder = root / f"try{attempt}"
-        folder.mkdir()
-        try:
-            mp.spawn(_worker, args=(world, _free_port(), str(folder)), nprocs=world, join=True)
-            return folder
-        except mp.ProcessExitedException as e:
-            if attempt == 2:
-                raise
-            warnings.warn(f"gloo worker died of a signal ({e}); retrying once", RuntimeWarning, stacklevel=1)
+    attempt = spawn_gloo(_worker, world, lambda port, n: (world, port, str(_fresh(root / f"try{n}"))))
+    return root / f"try{attempt}"
+
+
+def _fresh(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
 
 
 @pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.slow), 3])  # 3: ~10 s on 2 cores

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rest_fast.atomic_io import atomic_open
 from rest_fast.errors import UserError
 from rest_fast.run.config import TrainConfig, identity_differences, load_run_config
 from rest_fast.run.rundir import (
@@ -550,13 +549,13 @@ class Trainer(TrainingStateMixin):
         self.text_feats.save_new(self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)))
         if self._sharded_cache:  # every rank writes its part (rest_fast.train.sharded_round)
             self.cache.save(self.run_dir.path("cache"), r)
-            sample = write_round_captions(self.run_dir.captions_path(r), self.cache, env, rel=self.inputs.rel,
-                                          generated=generated, labels=self.inputs.labels,
-                                          class_names=self.inputs.class_names)
+        # one process: a plain streamed write; torchrun (sharded cache): per-rank parts joined by rank 0
+        sample = write_round_captions(self.run_dir.captions_path(r), self.cache, env, rel=self.inputs.rel,
+                                      generated=generated, labels=self.inputs.labels,
+                                      class_names=self.inputs.class_names)
         if env.is_main:
             if not self._sharded_cache:
                 self.cache.save(str(self.run_dir.cache_path(r)))
-                sample = self._write_captions(r, generated)
             record = {"kind": "round", "round": r, "epoch": epoch, "seconds": round(seconds, 3), **stats, **tam}
             self.metrics.write(record)
             self.metrics.captions(r, sample)  # a table of sample captions on the dashboards
@@ -573,30 +572,6 @@ class Trainer(TrainingStateMixin):
                   f"{stats['cache_size']} captions in cache"
                   f"{acc}{_sent(stats)} [{seconds:.1f} s]", flush=True)
         barrier(env)
-
-    def _write_captions(self, r: int, generated: list[str] | None, chunk: int = 4096, sample: int = 16) -> list[dict]:
-        """``captions/round_XX.jsonl``, one record per video in video order, streamed ``chunk`` videos at a time
-        (rank 0 never holds all records; issue 20, item 5). Returns the first ``sample`` records (the dashboards'
-        table of sample captions)."""
-        first: list[dict] = []
-        with atomic_open(self.run_dir.captions_path(r), "w", encoding="utf-8") as f:
-            for lo in range(0, self.n, chunk):
-                ids, scores = self.cache.get(np.arange(lo, min(self.n, lo + chunk), dtype=np.int64))
-                lines = []
-                for j in range(ids.shape[0]):
-                    i = lo + j
-                    rec = {"video": str(self.inputs.rel(i)), "index": i,
-                           "captions": [self.cache.text(int(c)) for c in ids[j] if c >= 0],
-                           "scores": [round(float(s), 6) for s, c in zip(scores[j], ids[j]) if c >= 0]}
-                    if generated is not None:
-                        rec["generated"] = generated[i]
-                    if self.inputs.labels is not None and self.inputs.labels[i] >= 0:  # -1: an unlabelled video
-                        rec["label"] = self.inputs.class_names[self.inputs.labels[i]]
-                    lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-                    if len(first) < sample:
-                        first.append(rec)
-                f.write("".join(lines))
-        return first
 
     def _clip_tam(self, generated: list[str] | None) -> dict:
         """CLIP-TAM accuracy of the round's captions when labels exist (generated ones; else the top slot).
@@ -682,12 +657,14 @@ class Trainer(TrainingStateMixin):
                 raise RuntimeError("a caption scored by CLIP-TAM was missing from the cache")
             return out
 
-        p, mid = len(self.cfg.prompts), self.cfg.num_frames // 2
-        block, count = read_initial_block(self.run_dir.path("captions", "initial.jsonl"), self.n, lo, hi,
-                                          per_video=p * self.cfg.num_frames)
-        initial = [caps[mid * p] for caps in block] if count == self.n and len(block) == hi - lo else None
+        if not hasattr(self, "_tam_initial_ids"):  # the frame captioner's ids never change: read and looked up once
+            p, mid = len(self.cfg.prompts), self.cfg.num_frames // 2
+            block, count = read_initial_block(self.run_dir.path("captions", "initial.jsonl"), self.n, lo, hi,
+                                              per_video=p * self.cfg.num_frames)
+            initial = [caps[mid * p] for caps in block] if count == self.n and len(block) == hi - lo else None
+            self._tam_initial_ids = ids_of(initial)
         rows = {"tam": ids_of(generated), "tam_pseudo": c.slot_ids[lo:hi, 0].astype(np.int64),
-                "tam_initial": ids_of(initial)}
+                "tam_initial": self._tam_initial_ids}
         return clip_tam_sharded(c, self.text_feats, self.clip, self._class_emb, labels, rows, self.env)
 
     def _initial_middle_captions(self) -> list[str] | None:

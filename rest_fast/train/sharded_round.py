@@ -1,6 +1,6 @@
-"""A round's outputs when the caption cache is sharded over ranks (``ShardedCaptionCache``, torchrun).
+"""A round's outputs (its captions file; CLIP-TAM when the cache is sharded over ranks, ``ShardedCaptionCache``).
 
-No rank gathers every caption: each rank writes the records of its own block of videos to a part file, fetching
+No rank gathers every caption: under torchrun each rank writes the records of its own block of videos to a part file, fetching
 the texts of their slot ids from the ranks that hold them, and rank 0 joins the parts into the one
 ``captions/round_XX.jsonl`` (and ``captions/initial.jsonl``) by streaming copies — the reader API and the file are
 those of a one-process run. CLIP-TAM scores each caption on the rank that holds its feature (``id mod P``) and sums
@@ -53,20 +53,24 @@ def write_jsonl_by_rank(path: Path, records: Iterable[dict], env: DistEnv) -> No
 def write_round_captions(path: Path, cache, env: DistEnv, *, rel: Callable[[int], str],
                          generated: list[str] | None, labels, class_names, chunk: int = 4096,
                          sample: int = 16) -> list[dict]:
-    """``captions/round_XX.jsonl`` from a sharded cache: one record per video in video order (the fields of a
-    one-process run). ``generated``: this rank's block's generated captions (or None). Returns rank 0's first
-    ``sample`` records (the dashboards' table)."""
+    """``captions/round_XX.jsonl``: one record per video in video order, streamed ``chunk`` videos at a time (no
+    rank holds all records). ``cache``: a ``CaptionCache`` (one process) or a ``ShardedCaptionCache`` (each rank
+    writes its block, texts fetched from their owners). ``generated``: the generated captions of the videos this
+    process writes (all, or this rank's block), or None. Returns rank 0's first ``sample`` records (the dashboards'
+    table)."""
     from rest_fast.cache.sharded import video_block
 
-    lo, hi = cache.lo, cache.hi
-    steps = max(-(-(b - a) // chunk) for a, b in (video_block(cache.n, r, cache.world) for r in range(cache.world)))
+    n, world = cache.num_videos, getattr(cache, "world", 1)
+    lo, hi = getattr(cache, "lo", 0), getattr(cache, "hi", n)
+    texts_of = getattr(cache, "texts_of", None) or (lambda ids: [cache.text(int(c)) if c >= 0 else None for c in ids])
+    steps = max(-(-(b - a) // chunk) for a, b in (video_block(n, r, world) for r in range(world)))
     first: list[dict] = []
 
     def records():
         for t in range(steps):  # every rank runs the same number of (collective) text fetches
             a, b = min(hi, lo + t * chunk), min(hi, lo + (t + 1) * chunk)
             ids, scores = cache.get(np.arange(a, b, dtype=np.int64))
-            texts = cache.texts_of(ids.reshape(-1))
+            texts = texts_of(ids.reshape(-1))
             for j in range(b - a):
                 i = a + j
                 row = ids[j]
