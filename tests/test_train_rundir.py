@@ -54,6 +54,17 @@ def test_metrics_torn_line_is_skipped_and_filter_rewrites(tmp_path):
     assert run.metrics_path.read_text().endswith("\n")
 
 
+def test_metrics_reader_survives_the_file_vanishing_after_a_check(tmp_path, monkeypatch):
+    """A reader polling a live run (a dashboard, the kill-and-resume test) may look just as a resume replaces the log:
+    a file that is gone by the time it is opened reads as empty, never FileNotFoundError."""
+    from pathlib import Path
+
+    gone = tmp_path / "metrics.jsonl"
+    monkeypatch.setattr(Path, "exists", lambda self: True)  # the check saw it; the open does not
+    assert read_jsonl(gone) == []
+    assert read_jsonl(str(gone)) == []
+
+
 def test_checkpoint_round_trip_prune_and_temp_cleanup(tmp_path):
     run = RunDir(tmp_path)
     sd = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(3)}

@@ -147,10 +147,11 @@ def atomic_save_numpy(path: str | Path, array) -> None:
 def iter_jsonl(path: str | Path):
     """Records of a JSONL file, one at a time (never the whole file in memory); a torn or malformed line (a kill
     mid-append) is skipped, and a missing file has none."""
-    path = Path(path)
-    if not path.exists():
+    try:  # open, not exists() then open: the file may be replaced or removed between the two (a resume)
+        f = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
         return
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with f:
         for line in f:
             line = line.strip()
             if not line:

@@ -314,8 +314,8 @@ class Trainer(TrainingStateMixin):
         if env.is_main:
             if self.state is None:
                 atomic_write_text(self.run_dir.path(CONFIG_FILE), cfg.to_yaml())
-                if self.run_dir.metrics_path.exists():
-                    self.run_dir.metrics_path.unlink()  # a run that died before its first state
+                if self.run_dir.metrics_path.exists():  # a run that died before its first state: start the log
+                    atomic_write_text(self.run_dir.metrics_path, "")  # afresh, replaced (never absent to a reader)
             else:
                 atomic_write_text(self.run_dir.path(CONFIG_FILE), cfg.to_yaml())  # may carry a larger `epochs`
                 _truncate_run(self.run_dir, int(self.state["epoch"]), int(self.state["round"]),
