@@ -10,7 +10,12 @@ import torch
 from rest_fast.cache import CaptionCache
 from rest_fast.train.distributed import DistEnv
 from rest_fast.train.features import GROWTH, CaptionFeatures
-from rest_fast.train.retrieval_update import distinct_rows, initial_candidates, retrieval_update
+from rest_fast.train.retrieval_update import (
+    distinct_rows,
+    initial_candidates,
+    retrieval_update,
+    valid_per_row,
+)
 
 ENV1 = DistEnv(0, 1, 0, torch.device("cpu"))
 
@@ -33,6 +38,24 @@ def test_distinct_rows_matches_numpy_unique():
             assert o[: len(u)].tolist() == u.tolist() and (o[len(u):] == -1).all()
     strided = rng.integers(-1, 5, size=(6, 20)).astype(np.int32)[:, ::2]  # non-contiguous input
     assert distinct_rows(strided).shape[0] == 6
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 1000])
+def test_distinct_rows_in_chunks_equals_one_pass(chunk_rows):
+    """Row chunks (bounded temporaries at N = 100M) give the one-pass result, whatever chunk holds the widest row,
+    on int64 and strided input; valid_per_row counts the ids ≥ 0 before de-duplication."""
+    rng = np.random.default_rng(chunk_rows)
+    ids = rng.integers(-1, 6, size=(23, 9))
+    ids[17, :] = [0, 1, 2, 3, 4, 5, 3, 5, 0]  # the widest row (6 distinct, narrower than L) sits in a late chunk
+    one = distinct_rows(ids, chunk_rows=1 << 20)
+    assert np.array_equal(distinct_rows(ids, chunk_rows=chunk_rows), one)
+    assert one.shape == (23, 6) and one.dtype == np.int32 and one.flags.c_contiguous
+    strided = ids[::2, ::2]
+    assert np.array_equal(distinct_rows(strided, chunk_rows=chunk_rows), distinct_rows(strided.copy(), chunk_rows=99))
+    assert valid_per_row(ids, chunk_rows=chunk_rows).tolist() == [int((r >= 0).sum()) for r in ids]
+    assert distinct_rows(np.zeros((0, 4), np.int32), chunk_rows=chunk_rows).shape == (0, 0)
+    with pytest.raises(ValueError, match="2-D"):
+        distinct_rows(np.arange(3))
 
 
 def _problem(n=40, d=16, m=6, h=5, seed=0):

@@ -36,6 +36,11 @@ __all__ = ["rerank_captions", "rerank_captions_ref", "rerank_captions_triton", "
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_K = 32  # the kernel unrolls k passes per merge; larger k uses the reference
+# Bytes of gathered candidate features per block of the reference (~8 B per element: the gather in the input dtype
+# plus its float32 copy). On CPU a small block stays in cache: at L = 132 / 4,000 candidates and d = 512 (2 cores),
+# 8 MiB ran 2x faster per video than 256 MiB and held ~100-300 MB less (bench/results, rerank_ref_block). On CUDA a
+# block is a few kernel launches, so it stays large (the reference there is the fallback and the test oracle).
+REF_BLOCK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 
 def _check_inputs(video_feats: Tensor, caption_feats: Tensor, candidates: Tensor, k: int,
@@ -100,14 +105,15 @@ def rerank_captions_ref(video_feats: Tensor, caption_feats: Tensor, candidates: 
     """Reference for :func:`rerank_captions` (torch gather + batched dot + distinct top-k, any device).
 
     Computes in ``torch.promote_types(dtype, float32)``, ``block`` videos at a time (default: as many as
-    keep the gathered ``[block, L, d]`` features near 256 MiB). Accepts float64. ``check``: as in
-    :func:`rerank_captions`.
+    keep the gathered ``[block, L, d]`` features near :data:`REF_BLOCK_BYTES` of the device: 8 MiB on CPU, 256 MiB
+    on CUDA). Accepts float64. ``check``: as in :func:`rerank_captions`.
     """
     _check_inputs(video_feats, caption_feats, candidates, k, _DTYPES + (torch.float64,), check=check)
     N, L = candidates.shape
-    if block is None:
-        block = max(1, min(1024, (256 << 20) // max(1, L * caption_feats.shape[1] * 8)))
     dev = video_feats.device
+    if block is None:
+        budget = REF_BLOCK_BYTES.get(dev.type, REF_BLOCK_BYTES["cuda"])
+        block = max(1, min(1024, budget // max(1, L * caption_feats.shape[1] * 8)))
     ct = torch.promote_types(torch.promote_types(video_feats.dtype, caption_feats.dtype), torch.float32)
     out_s = torch.empty(N, k, dtype=torch.float32, device=dev)
     out_i = torch.empty(N, k, dtype=torch.int32, device=dev)

@@ -57,10 +57,35 @@ def initial_candidates(initial_ids: np.ndarray, neighbours: np.ndarray, videos: 
     return np.ascontiguousarray(gathered.reshape(len(videos), -1), dtype=np.int32)
 
 
-def distinct_rows(ids: np.ndarray) -> np.ndarray:
-    """Each row's distinct ids (−1 dropped), ascending, left-aligned, padded with −1 to the longest row: int32 [n, W]."""
-    t = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int32))
-    return _distinct_rows_t(t).numpy()
+def distinct_rows(ids: np.ndarray, *, chunk_rows: int = 1 << 16) -> np.ndarray:
+    """Each row's distinct ids (−1 dropped), ascending, left-aligned, padded with −1 to the longest row: int32 [n, W].
+
+    Runs ``chunk_rows`` rows at a time: round 0 de-duplicates every video's initial ids (``[N, T·P]``, all N under
+    torchrun), and one sort of the whole table would hold ~33 B of temporaries per id (sorted values, int64
+    indices and positions, masks): 40 GB at 100M videos. Chunked, the temporaries are bounded and the output is the
+    only O(N) allocation (plus one compacting copy when some ids repeat in every row)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be 2-D [n, L], got shape {ids.shape}")
+    n, L = ids.shape
+    out = np.full((n, L), -1, dtype=np.int32)
+    width, step = 0, max(1, chunk_rows)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        block = _distinct_rows_t(torch.from_numpy(np.ascontiguousarray(ids[lo:hi], dtype=np.int32))).numpy()
+        out[lo:hi, : block.shape[1]] = block
+        width = max(width, block.shape[1])
+    return out if width == L else np.ascontiguousarray(out[:, :width])
+
+
+def valid_per_row(ids: np.ndarray, *, chunk_rows: int = 1 << 16) -> np.ndarray:
+    """Ids ≥ 0 in each row: int64 [n], counted ``chunk_rows`` rows at a time (no full-size mask)."""
+    ids = np.asarray(ids)
+    out = np.empty(ids.shape[0], dtype=np.int64)
+    step = max(1, chunk_rows)
+    for lo in range(0, ids.shape[0], step):
+        out[lo: lo + step] = np.count_nonzero(ids[lo: lo + step] >= 0, axis=1)
+    return out
 
 
 def _distinct_rows_t(t: torch.Tensor) -> torch.Tensor:
@@ -166,7 +191,7 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
     dev = env.device
     vfeats = video_feats.to(dev)
     if initial_ids is not None:
-        per_video = (np.asarray(initial_ids) >= 0).sum(1).astype(np.int64)  # for the stats: ids before any dedup
+        per_video = valid_per_row(initial_ids)  # for the stats: ids before any dedup
         initial_ids = distinct_rows(initial_ids)  # [N, M'] each video's distinct initial captions
     width = (rows.shape[1] + 1) * ((k + 1) + (initial_ids.shape[1] if initial_ids is not None else 0))
     block = max(1, min(block or len(mine) or 1, budget_bytes // (4 * max(1, width))))
@@ -245,7 +270,7 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
     dev = env.device
     per_video = None
     if initial_ids is not None:
-        per_video = (np.asarray(initial_ids) >= 0).sum(1).astype(np.int64)
+        per_video = valid_per_row(initial_ids)
         initial_ids = distinct_rows(initial_ids)
     width = (rows.shape[1] + 1) * ((k + 1) + (initial_ids.shape[1] if initial_ids is not None else 0))
     counts = [0, 0]  # candidates considered, scored
