@@ -11,7 +11,8 @@ Times are process CPU seconds (all threads; robust when the machine is shared) a
 "before" loads ``rest_fast/train/retrieval_update.py`` and ``features.py`` of ``--base`` (default: the merge base
 with main) straight from git, and uses them as the trainer did there: fp32 video and caption features, the table
 doubled on growth and gathered through concatenated copies, round 0 re-ranking all (H+1)·T·P initial ids per video.
-"after" is this tree: fp16 features (docs/PRECISION), growth ≤ 1.25×, in-place gather, round 0 on distinct ids.
+"after" is this tree: fp16 features (docs/PRECISION), the table allocated once for round 0's captions and
+``--later-rounds`` × N more (as the trainer plans its run: no growth copy), in-place gather, round 0 on distinct ids.
 
 Workload (seeded): N videos with D-dim unit features; each video has ``--distinct`` distinct initial captions spread
 over M = T·P = ``--m`` slots (frame captions repeat); neighbours are H distinct videos from a window around the video
@@ -138,6 +139,8 @@ def worker(args, env=None) -> dict:
         del pick
     enc = _StandInEncoder(d)
     table = fe.CaptionFeatures(d, torch.device("cpu"), **feats_kw)
+    if hasattr(table, "plan_capacity"):  # as the trainer sizes it at round 0: the initial captions + N per later
+        table.plan_capacity(n * dist_ + n * args.later_rounds)  # round, allocated once (no growth copy)
     if args.kind == "round":
         table.update(cache, enc, env, batch_size=4096)  # the initial captions, embedded in an earlier round
         slot_src = (np.arange(n)[:, None] + rng.integers(-win, win, size=(n, k))) % n
@@ -222,6 +225,8 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=24, help="initial captions per video (T x P)")
     ap.add_argument("--distinct", type=int, default=8, help="distinct initial captions per video")
     ap.add_argument("--kind", choices=["round0", "round", "both"], default="both")
+    ap.add_argument("--later-rounds", type=int, default=1,
+                    help="caption rounds after round 0 the table is planned for (the trainer plans the whole run's)")
     ap.add_argument("--impl", choices=["before", "after", "both"], default="both")
     ap.add_argument("--base", default=None, help="git revision of the 'before' code (default: merge base with main)")
     ap.add_argument("--quick", action="store_true", help="N=20000, H=10")
@@ -250,7 +255,7 @@ def main() -> None:
         for impl in impls:
             cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--kind", kind, "--n", str(args.n),
                    "--h", str(args.h), "--d", str(args.d), "--k", str(args.k), "--m", str(args.m),
-                   "--distinct", str(args.distinct), "--base", args.base]
+                   "--distinct", str(args.distinct), "--base", args.base, "--later-rounds", str(args.later_rounds)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 print(f"{kind}/{impl} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)

@@ -179,6 +179,39 @@ def test_caption_features_grow_by_at_most_a_quarter_and_save_new_rows(tmp_path):
     assert len(back) == 1600 and torch.equal(back.valid, feats.valid[:1600])
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_planned_caption_table_is_allocated_once_and_reused_on_load(tmp_path, world):
+    """plan_capacity (the trainer, at round 0 and on resume): one allocation at the run's final size; the rounds'
+    updates and a resume's loads write into it and never grow (copy) it; the rows equal an unplanned table's."""
+    sizes = [700, 150, 150, 150]  # round 0's captions, then at most N = 150 new ones per round
+    for rank in range(world):
+        cache = CaptionCache(4, 2)
+        plain = CaptionFeatures(8, torch.device("cpu"), rank=rank, world_size=world)
+        planned = CaptionFeatures(8, torch.device("cpu"), rank=rank, world_size=world)
+        enc = _PerTextEncoder()
+        files, buffer = [], None
+        for r, extra in enumerate(sizes):
+            if r > 0:
+                planned.reserve(len(cache) + 150)  # the trainer's reserve before a round's captions: a no-op now
+            cache.intern([f"r{r} caption {i}" for i in range(extra)])
+            if r == 0:
+                planned.plan_capacity(len(cache) + 3 * 150)
+                buffer = planned.feats.data_ptr()
+                assert planned.capacity == planned.local_rows(sum(sizes))
+            planned.update(cache, enc, ENV1, batch_size=64)
+            plain.update(cache, enc, ENV1, batch_size=64)
+            assert planned.feats.data_ptr() == buffer, f"round {r} re-allocated the planned table"
+            assert torch.equal(planned.valid, plain.valid)
+            files.append(tmp_path / f"w{world}_r{rank}_{r}.npy")
+            planned.save_new(files[-1])
+        back = CaptionFeatures(8, torch.device("cpu"), rank=rank, world_size=world)
+        back.plan_capacity(sum(sizes[:2]) + 2 * 150)  # a resume after round 1 of the same run
+        buffer = back.feats.data_ptr()
+        back.load_rows(files[:2], max_rows=sum(sizes[:2]))
+        assert back.feats.data_ptr() == buffer and back.capacity == back.local_rows(sum(sizes))
+        assert torch.equal(back.valid, plain.valid[: back.local_rows(sum(sizes[:2]))])
+
+
 class _PerTextEncoder:
     """Features that depend on the text alone (not on the batch), so shards can be compared with one process."""
 

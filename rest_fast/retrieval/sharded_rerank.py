@@ -27,8 +27,8 @@ it is never a candidate of that rank's videos. Owner-computes moves each video's
 packed results back per video and owner: per rank about ``N · d · 2 + n_r · L · 4`` bytes, independent of the
 table size, with no rank ever holding more than its own shard.
 
-Memory: ``budget_bytes`` bounds the chunk of videos in flight (their candidate ids, the request sent, the request
-received and the merge buffer; :func:`chunk_videos` is the formula). All ranks run the same number of chunk
+Memory: ``budget_bytes`` bounds the chunk of videos in flight (their candidate ids and the working set of splitting
+them by owner, the request sent, the request received and the merge buffer; :func:`chunk_videos` is the formula). All ranks run the same number of chunk
 steps (a rank with fewer or no videos sends empty requests), so every rank keeps serving the others.
 
 Bytes: ``stats["bytes_sent"]`` counts every payload this rank sent (headers included); the caller logs it.
@@ -70,11 +70,19 @@ class ShardedIds:
         return local * self.world + rank
 
 
+# Working bytes per candidate while a chunk's requests to one owner are built (_request): the owner and local-id
+# tensors (int64), the masked ids, the sort's values and int64 indices, the kept-position cumsum and the scatter
+# target (int64), and masks. Measured on CPU (bench/round.py, L = 132): 40-48 B per candidate; 48 is the bound.
+_SPLIT_BYTES_PER_CANDIDATE = 48
+
+
 def bytes_per_video(L: int, d: int, itemsize: int, world: int, k: int) -> int:
-    """Chunk buffer bytes per video: the int64 candidate row (``8L``), the request to one owner (feature
-    ``d·itemsize`` + int32 ids ``4L`` + its position), a request of the same size received from another rank, and
-    the ``world·k`` packed merge keys plus the ``k`` returned."""
-    return 8 * L + 2 * (d * itemsize + 4 * L + 8) + 8 * world * k + 8 * k
+    """Chunk bytes per video: the int64 candidate row (``8L``) and the working set of splitting it by owner
+    (``48L``, see ``_SPLIT_BYTES_PER_CANDIDATE``), the request to one owner (feature ``d·itemsize`` + int32 ids
+    ``4L`` + its position), a request of the same size received from another rank, and the ``world·k`` packed merge
+    keys plus the ``k`` returned. (The owner's local re-rank adds its own bounded block on top:
+    ``rest_fast.ops.rerank.REF_BLOCK_BYTES`` on CPU, none in the Triton kernel.)"""
+    return (8 + _SPLIT_BYTES_PER_CANDIDATE) * L + 2 * (d * itemsize + 4 * L + 8) + 8 * world * k + 8 * k
 
 
 def chunk_videos(budget_bytes: int, L: int, d: int, itemsize: int, world: int, k: int) -> int:

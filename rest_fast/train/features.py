@@ -189,8 +189,10 @@ class CaptionFeatures:
     the compute device; rows ``[0, len(self))`` are valid. Memory at K400 scale (≈4M captions × 512): 4 GiB in fp16.
 
     * Growth: to ``max(needed, 1.25 × capacity)`` rows (:data:`GROWTH`), so at most 25 % stays unused; the one copy a
-      growth makes is of the old rows into the new buffer. :meth:`reserve` sizes the table ahead (the trainer reserves
-      N more rows before each round, so a round grows it at most once).
+      growth makes is of the old rows into the new buffer (old and new coexist during it: 2× the table for a
+      moment). :meth:`plan_capacity` avoids that: the trainer plans the captions its whole run can add (≤ N per
+      remaining round) at round 0 and on resume, so the table is allocated once, at its final size, and a run that
+      cannot hold its last round's table fails at round 0, not hours later.
     * New rows are written in place (each rank embeds the new captions it owns, see below), no concatenated copy.
     * On disk only new rows are written each round (:meth:`save_new`); :meth:`load_rows` streams the round files back
       into place.
@@ -210,6 +212,7 @@ class CaptionFeatures:
         self.feats = torch.zeros((0, self.dim), dtype=dtype, device=device)
         self.count = 0  # caption ids [0, count) are embedded (each on its owner rank)
         self.saved = 0  # ids [0, saved) are on disk
+        self.planned = 0  # caption ids every allocation makes room for (plan_capacity)
 
     def local_rows(self, ids: int) -> int:
         """How many of the caption ids ``[0, ids)`` this rank owns (its rows for them)."""
@@ -227,9 +230,17 @@ class CaptionFeatures:
         """This rank's rows of the ids embedded so far (all of them in one process)."""
         return self.feats[: self.local_rows(self.count)]
 
+    def plan_capacity(self, n: int) -> None:
+        """The caption ids (all ranks') this table will hold by the end of the run: make room for them now (one
+        allocation, one copy of the valid rows if any), and have every later allocation (:meth:`reserve`, the loads
+        of a resume) take at least that room, so the table never grows (never copies) again."""
+        self.planned = max(self.planned, int(n))
+        self.reserve(self.planned)
+
     def reserve(self, n: int) -> None:
-        """Make room for ``n`` caption ids in all (one allocation and one copy of the valid rows, when it grows)."""
-        rows = self.local_rows(n)
+        """Make room for ``n`` caption ids in all, at least :attr:`planned` (one allocation and one copy of the valid
+        rows, when it grows)."""
+        rows = self.local_rows(max(int(n), self.planned))
         if rows <= self.capacity:
             return
         have = self.local_rows(self.count)
@@ -297,8 +308,7 @@ class CaptionFeatures:
         n = sum(a.shape[0] for a in arrays)
         if max_rows is not None:
             n = min(n, self.local_rows(max_rows))
-        self.feats = torch.empty((0, self.dim), dtype=self.dtype, device=self.device)
-        self.count = 0
+        self.count = 0  # the rows are replaced: a buffer already large enough (planned) is reused, nothing copied
         self.reserve(n * self.world_size)
         pos = 0
         for arr in arrays:
@@ -320,8 +330,7 @@ class CaptionFeatures:
         the caption ids to keep (``len(cache)``). Returns the caption count after each round (``count_t``), from
         which :meth:`save_round_files` writes this world size's files. Raises ``ValueError`` when rows are missing.
         """
-        self.feats = torch.empty((0, self.dim), dtype=self.dtype, device=self.device)
-        self.count = 0
+        self.count = 0  # as in load_rows: replaced rows, a planned buffer reused
         self.reserve(total)
         base = [0] * old_world  # old local row where each old rank's file of this round starts
         filled, counts = 0, []

@@ -515,7 +515,7 @@ class Trainer(TrainingStateMixin):
             self.cache = CaptionCache(self.n, cfg.k)
             initial_ids = np.asarray(self.cache.intern(flat), dtype=np.int32).reshape(self.n, m)
         del flat, initial
-        self.text_feats.reserve(len(self.cache) + self.n)  # room for round 1's captions too: one growth at most
+        self._plan_caption_table(0)
         stats = caption_round(0, None, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours, cfg.k,
                               env, batch_size=cfg.eval_batch_size, amp=cfg.precision, initial_ids=initial_ids,
                               progress=_progress(cfg, env, "embed captions"),
@@ -535,11 +535,18 @@ class Trainer(TrainingStateMixin):
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
                                       amp=cfg.precision, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()),
                                       gather=not env.distributed)
-        self.text_feats.reserve(len(self.cache) + self.n)  # at most N new captions this round
+        self.text_feats.reserve(len(self.cache) + self.n)  # at most N new captions this round (planned: no growth)
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
                               cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.precision,
                               progress=_progress(cfg, env, "embed captions"), rerank_progress=_progress(cfg, env, "re-rank"))
         self._finish_round(r, stats, generated=generated, seconds=time.time() - t0, epoch=epoch)
+
+    def _plan_caption_table(self, r: int) -> None:
+        """Allocate the caption-feature table once for the rest of the run, after round ``r``'s cache exists: its
+        captions plus at most N new ones per caption round still to come (a growth would copy the table, 2× its
+        memory for a moment, and a run too big for its last round would fail only then)."""
+        later = max(0, self.cfg.caption_rounds - r)
+        self.text_feats.plan_capacity(len(self.cache) + later * self.n)
 
     def _finish_round(self, r: int, stats: dict, *, generated: list[str] | None, seconds: float, epoch: int) -> None:
         """Persist round ``r`` (cache, caption features, captions file, metrics), then the state."""
@@ -780,6 +787,7 @@ class Trainer(TrainingStateMixin):
         # a sharded save, or a one-process file: under torchrun each rank takes its share, on any world size
         self.cache = load_any(self.run_dir.path("cache"), rnd, distributed=env.distributed,
                               group=dist_utils.cpu_group(env))
+        self._plan_caption_table(rnd)  # the loads below allocate the run's final table once
         rows = [self.run_dir.path("features", _caption_rows_name(r, env.rank, env.world_size)) for r in range(rnd + 1)]
         legacy = self.run_dir.path("features", f"captions_{rnd:02d}.npy")
         old = _saved_world_size(self.run_dir.path("features"), rnd)
