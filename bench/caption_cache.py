@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Table, Timing, hardware_name, time_fn  # noqa: E402
 
 from rest_fast import cache  # noqa: E402
-from rest_fast.cache import PyCaptionCache, splitmix64  # noqa: E402
+from rest_fast.cache import PyCaptionCache  # noqa: E402
+from rest_fast.cache.sharded import sample_slots  # noqa: E402
 
 WORDS = ("a person is playing the guitar on stage while dog runs in park man woman child riding horse "
          "bike kitchen cooking pasta swimming pool ball football basketball Dancing Singing outdoors indoors "
@@ -59,22 +60,10 @@ def numpy_candidates(rows: np.ndarray, videos: np.ndarray, nb: np.ndarray) -> np
     return out
 
 
-def _splitmix64_np(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def numpy_sample(slots: np.ndarray, videos: np.ndarray, seed: int) -> np.ndarray:
-    s = slots[videos]
-    filled = s >= 0
-    cnt = filled.sum(1)
-    h = _splitmix64_np(np.uint64(splitmix64(seed % 2**64)) ^ videos.astype(np.uint64))
-    pick = (h % np.maximum(cnt, 1).astype(np.uint64)).astype(np.int64)
-    j = (filled & (np.cumsum(filled, 1) - 1 == pick[:, None])).argmax(1)
-    return np.where(cnt > 0, s[np.arange(len(videos)), j], -1).astype(np.int32)
+    """The package's vectorised numpy draw (``cache.sharded.sample_slots``, what the sharded cache runs) on the
+    videos' rows of the slot table."""
+    return sample_slots(slots[videos], videos, seed).astype(np.int32)
 
 
 # ---- workload --------------------------------------------------------------------------------------

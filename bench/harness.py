@@ -231,13 +231,34 @@ class Table:
 
 
 # --- memory and the code of a base commit (the scale benches: round.py, video_features.py) ---------------------------
-def rss_gb() -> float:
-    """This process's resident memory now (GB, from /proc)."""
+def _status_gb(key: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in GB; NaN where there is none."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+def rss_gb() -> float:
+    """This process's resident memory now (GB, from /proc)."""
+    return _status_gb("VmRSS")
+
+
+def peak_growth_gb(fn: Callable[[], object]) -> float:
+    """Peak resident growth (GB) during one ``fn()`` call (Linux): freed heap handed back first (``malloc_trim``),
+    then the high-water mark reset to the current RSS (``/proc/self/clear_refs``), so the figure is this call's."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = rss_gb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM
+    fn()
+    return _status_gb("VmHWM") - before
 
 
 def peak_rss_gb() -> float:

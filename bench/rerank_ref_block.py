@@ -16,7 +16,6 @@ and a later REST round at H = 2000 (L ≈ 4,000 candidates). Appends to ``bench/
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 from pathlib import Path
@@ -24,27 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OLD_BUDGET = 256 << 20  # the reference's block budget before this bench (all devices)
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_growth_mb(fn) -> float:
-    """Peak resident growth (MB) during one ``fn()`` call: freed heap returned first, then the high-water mark reset."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    before = _status_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    fn()
-    return _status_mb("VmHWM") - before
 
 
 def main() -> None:
@@ -57,7 +35,7 @@ def main() -> None:
     os.environ["TRITON_INTERPRET"] = "0"
 
     import torch
-    from harness import Table, hardware_name, time_fn
+    from harness import Table, hardware_name, peak_growth_gb, time_fn
 
     from rest_fast.ops.rerank import REF_BLOCK_BYTES, rerank_captions_ref
 
@@ -75,7 +53,7 @@ def main() -> None:
             block = max(1, min(1024, budget // max(1, L * args.d * 8)))
             fn = lambda b=block, v=video, c=cand: rerank_captions_ref(v, caps, c, 3, block=b, check=False)  # noqa: E731
             outs.append(fn())
-            peak = peak_growth_mb(fn)
+            peak = peak_growth_gb(fn) * 1024  # MB
             t = time_fn(fn, warmup=1, min_time_s=1.0, max_reps=10)
             rows.append(dict(shape=f"N={n} L={L} d={args.d} C={args.captions} fp16", budget=name, block=block,
                              **{"us/video": t.median_ms * 1000 / n, "peak MB": peak}))

@@ -49,7 +49,7 @@ from rest_fast.comm import comm_device, group_world
 from rest_fast.ops.rerank import rerank_captions
 from rest_fast.ops.topk import _KEY_MIN, pack_keys, unpack_indices, unpack_scores
 
-__all__ = ["ShardedIds", "sharded_rerank", "chunk_videos", "bytes_per_video"]
+__all__ = ["ShardedIds", "sharded_rerank", "chunk_videos", "bytes_per_video", "distinct_sorted_rows"]
 
 _MAX_ID = 1 << 32  # packed keys hold the id in 32 bits
 
@@ -90,16 +90,17 @@ def chunk_videos(budget_bytes: int, L: int, d: int, itemsize: int, world: int, k
     return max(1, budget_bytes // max(1, bytes_per_video(L, d, itemsize, world, k)))
 
 
-def _distinct_sorted(rows: Tensor) -> Tensor:
-    """Each row's distinct non-negative values, ascending, left-aligned, padded with -1 (int32 ``[n, W]``)."""
+def distinct_sorted_rows(rows: Tensor) -> Tensor:
+    """Each row's distinct non-negative values, ascending, left-aligned, padded with -1 to the widest row: int32
+    ``[n, W]`` from an int32 / int64 ``[n, L]`` tensor on any device (one sort per call: callers pass chunks)."""
     n, L = rows.shape
     if n == 0 or L == 0:
         return rows.new_full((n, 0), -1, dtype=torch.int32)
-    srt = torch.sort(rows, dim=1).values
+    srt = torch.sort(rows, dim=1).values  # -1 first, then ascending ids
     keep = srt >= 0
     keep[:, 1:] &= srt[:, 1:] != srt[:, :-1]
-    width = int(keep.sum(1).max())
-    col = torch.where(keep, torch.cumsum(keep, 1) - 1, width)
+    width = int(keep.sum(1).max())  # one host read per chunk (round code, not the training step)
+    col = torch.where(keep, torch.cumsum(keep, 1) - 1, width)  # dropped entries land in a spill column, cut below
     out = rows.new_full((n, width + 1), -1)
     out.scatter_(1, col, torch.where(keep, srt, -1))
     return out[:, :width].to(torch.int32).contiguous()
@@ -138,7 +139,7 @@ def _request(cand: Tensor, vfeats: Tensor, ids: ShardedIds, owner: int) -> tuple
     """(row positions int64 [m'], features [m', d], local ids int32 [m', W]) of the chunk's rows with a candidate
     owned by ``owner``."""
     mine = (cand >= 0) & (ids.owner(cand) == owner)
-    loc = _distinct_sorted(torch.where(mine, ids.local(cand), -1))
+    loc = distinct_sorted_rows(torch.where(mine, ids.local(cand), -1))
     pos = torch.nonzero(mine.any(1)).squeeze(1)
     return pos, vfeats[pos].contiguous(), loc[pos].contiguous()
 

@@ -535,7 +535,6 @@ class Trainer(TrainingStateMixin):
                                       num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
                                       amp=cfg.precision, progress=_progress(cfg, env, f"round {r} captions", self.inputs.eval_steps()),
                                       gather=not env.distributed)
-        self.text_feats.reserve(len(self.cache) + self.n)  # at most N new captions this round (planned: no growth)
         stats = caption_round(r, generated, self.cache, self.text_feats, self.clip, self.video_feats, self.neighbours,
                               cfg.k, env, batch_size=cfg.eval_batch_size, amp=cfg.precision,
                               progress=_progress(cfg, env, "embed captions"), rerank_progress=_progress(cfg, env, "re-rank"))

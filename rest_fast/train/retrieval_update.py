@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rest_fast.retrieval.sharded_rerank import distinct_sorted_rows, sharded_rerank
 from rest_fast.train.distributed import DistEnv, gather_rows
 
 
@@ -72,7 +73,7 @@ def distinct_rows(ids: np.ndarray, *, chunk_rows: int = 1 << 16) -> np.ndarray:
     width, step = 0, max(1, chunk_rows)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        block = _distinct_rows_t(torch.from_numpy(np.ascontiguousarray(ids[lo:hi], dtype=np.int32))).numpy()
+        block = distinct_sorted_rows(torch.from_numpy(np.ascontiguousarray(ids[lo:hi], dtype=np.int32))).numpy()
         out[lo:hi, : block.shape[1]] = block
         width = max(width, block.shape[1])
     return out if width == L else np.ascontiguousarray(out[:, :width])
@@ -86,23 +87,6 @@ def valid_per_row(ids: np.ndarray, *, chunk_rows: int = 1 << 16) -> np.ndarray:
     for lo in range(0, ids.shape[0], step):
         out[lo: lo + step] = np.count_nonzero(ids[lo: lo + step] >= 0, axis=1)
     return out
-
-
-def _distinct_rows_t(t: torch.Tensor) -> torch.Tensor:
-    """:func:`distinct_rows` on a tensor (any device); int32 in, int32 out."""
-    n, L = t.shape
-    if n == 0 or L == 0:
-        return t.new_full((n, 0), -1)
-    srt = torch.sort(t, dim=1).values  # −1 first, then ascending ids
-    keep = srt >= 0
-    keep[:, 1:] &= srt[:, 1:] != srt[:, :-1]
-    counts = keep.sum(1)
-    width = int(counts.max())  # one host read per block (round code, not the training step)
-    pos = torch.cumsum(keep, 1) - 1  # target column of each kept id
-    out = t.new_full((n, width + 1), -1)
-    col = torch.where(keep, pos, width)  # dropped entries land in a spill column, cut below
-    out.scatter_(1, col.to(torch.int64), torch.where(keep, srt, -1))
-    return out[:, :width].contiguous()
 
 
 def _check_table(video_feats: torch.Tensor, caption_feats: torch.Tensor, n_captions: int, chunk: int = 1 << 16) -> None:
@@ -204,7 +188,7 @@ def retrieval_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tens
         cands = np.asarray(cache.candidates(vids.astype(np.int64), nb))
         if initial_ids is not None:
             extra = initial_candidates(initial_ids, rows, vids - row0, self_ids=vids)
-            c = _distinct_rows_t(torch.from_numpy(np.concatenate([cands, extra], axis=1)).to(dev))
+            c = distinct_sorted_rows(torch.from_numpy(np.concatenate([cands, extra], axis=1)).to(dev))
             considered += int(per_video[vids].sum() + np.where(nb >= 0, per_video[np.maximum(nb, 0)], 0).sum())
             considered += int((cands >= 0).sum())
         else:
@@ -255,8 +239,6 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
     """:func:`retrieval_update` with this rank's shard of the caption features (rows of the ids ``c`` with
     ``c mod P == rank``): candidate rows are built chunk by chunk as in one process and re-ranked by
     :func:`rest_fast.retrieval.sharded_rerank.sharded_rerank`; ``budget_bytes`` bounds its chunk buffers."""
-    from rest_fast.retrieval.sharded_rerank import sharded_rerank
-
     n, P = num_videos_of(cache, video_feats), env.world_size
     mine = env.shard(n)
     video_feats = _local_video_feats(video_feats, n, mine)  # this rank's rows only (all N may be passed)
@@ -286,7 +268,7 @@ def _sharded_update(cache, video_feats: torch.Tensor, caption_feats: torch.Tenso
             c = torch.from_numpy(np.ascontiguousarray(cands, dtype=np.int32))
         else:
             extra = initial_candidates(initial_ids, rows, vids - row0, self_ids=vids)
-            c = _distinct_rows_t(torch.from_numpy(np.concatenate([cands, extra], axis=1)))
+            c = distinct_sorted_rows(torch.from_numpy(np.concatenate([cands, extra], axis=1)))
             counts[0] += int(per_video[vids].sum() + np.where(nb >= 0, per_video[np.maximum(nb, 0)], 0).sum())
         counts[1] += int(c.shape[0] * c.shape[1])
         return c
